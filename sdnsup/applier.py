@@ -1,0 +1,417 @@
+"""The applier: the one owner of sdnsup's kernel state.
+
+It turns a :class:`~sdnsup.state.DesiredState` into the kernel objects it implies
+(:func:`render`), compares them with what it last applied or read (:func:`diff`, pure), and
+executes the plan with the fewest writes: adding before deleting, so traffic always has a
+route; recording every step that succeeded, so a partial failure leaves an accurate picture
+and the next apply retries only what is missing.
+
+Error handling: a step the kernel refuses does not stop the other steps; the refusals are
+raised together as one :class:`~sdnsup.errors.KernelError` at the end. Reads happen only
+when the applier does not know the kernel (first apply, :meth:`Applier.resync`), so that an
+AP switch or a one-CIDR change costs one or a few messages whatever the number of CIDRs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sdnsup.errors import KernelError, NftError, RoutesError
+from sdnsup.nft import Element, NftBackend, NftTable, render_table
+from sdnsup.routes import (
+    RTPROT_SDNSUP,
+    Failure,
+    IPAddress,
+    Link,
+    Nexthop,
+    Route,
+    RoutesBackend,
+    Rule,
+)
+from sdnsup.state import NHID_V4, NHID_V6, DesiredState, Settings
+from sdnsup.sysctl import SysctlBackend, ValidMarkGuard, strict_rp_filter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelState:
+    """Kernel objects owned by sdnsup: what it wants, or what it found."""
+
+    nexthops: frozenset[Nexthop] = frozenset()
+    routes: frozenset[Route] = frozenset()
+    rules: frozenset[Rule] = frozenset()
+    table: NftTable | None = None
+    # Interfaces that need src_valid_mark=1 (only meaningful in a rendered state).
+    valid_mark: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to write, in execution order. Empty plan = nothing to do."""
+
+    replace_nexthops: tuple[Nexthop, ...] = ()
+    add_routes: tuple[Route, ...] = ()
+    replace_table: NftTable | None = None
+    # {set_name: (add, delete)}
+    set_changes: dict[str, tuple[frozenset[Element], frozenset[Element]]] = field(
+        default_factory=dict
+    )
+    add_rules: tuple[Rule, ...] = ()
+    delete_rules: tuple[Rule, ...] = ()
+    delete_table: str | None = None
+    delete_routes: tuple[Route, ...] = ()
+    delete_nexthops: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return any(
+            (
+                self.replace_nexthops,
+                self.add_routes,
+                self.replace_table,
+                self.set_changes,
+                self.add_rules,
+                self.delete_rules,
+                self.delete_table,
+                self.delete_routes,
+                self.delete_nexthops,
+            )
+        )
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What one apply did: kernel objects written by kind, time taken, and any problem."""
+
+    writes: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    ap_links: dict[int, Link] = field(default_factory=dict)
+
+    @property
+    def total_writes(self) -> int:
+        return sum(self.writes.values())
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.writes.items()))
+        return f"{parts or 'no changes'} in {self.seconds * 1000:.1f} ms"
+
+
+def _family(version: int) -> int:
+    return socket.AF_INET if version == 4 else socket.AF_INET6
+
+
+def render(
+    desired: DesiredState,
+    resolve: Callable[[IPAddress], Link | None],
+    strict_rpf: Callable[[str], bool] = lambda _ifname: False,
+) -> tuple[KernelState, ApplyResult]:
+    """The kernel objects ``desired`` implies.
+
+    Args:
+        desired: the state to reach; :data:`~sdnsup.state.EMPTY` renders to nothing at all.
+        resolve: route lookup for an AP address (``ip route get``).
+        strict_rpf: whether an interface has strict rp_filter.
+
+    Returns:
+        The rendered :class:`KernelState` and an :class:`ApplyResult` carrying the AP links
+        found and the problems met (an AP that is unreachable or not on-link is treated as
+        no AP, and said so).
+    """
+    result = ApplyResult()
+    if desired.empty:
+        return KernelState(), result
+    s = desired.settings
+    nexthops: set[Nexthop] = set()
+    routes: set[Route] = set()
+    rules: set[Rule] = set()
+    ap_ifnames: set[str] = set()
+    valid_mark: set[str] = set()
+    for version, cidrs, ap, nhid in (
+        (4, desired.cidrs4, desired.ap4, NHID_V4),
+        (6, desired.cidrs6, desired.ap6, NHID_V6),
+    ):
+        if not cidrs:
+            continue
+        family = _family(version)
+        link = resolve(ap) if ap is not None else None
+        if ap is not None and link is None:
+            result.problems.append(f"AP {ap} is unreachable: no route to it")
+        elif link is not None and link.gateway is not None:
+            result.problems.append(
+                f"AP {ap} is not on a directly connected network (the main table reaches it "
+                f"via {link.gateway} on {link.ifname}); sdnsup uses the AP as next hop"
+            )
+            link = None
+        if ap is not None and link is not None:
+            nexthops.add(Nexthop(nhid, family, ap, link.ifindex))
+            result.ap_links[version] = link
+            ap_ifnames.add(link.ifname)
+            if version == 4 and strict_rpf(link.ifname):
+                valid_mark.add(link.ifname)
+        else:
+            # Routes stay on a blackhole nexthop so that an AP coming back is one nexthop
+            # replace. Under "fallback" the rule goes, so nothing reaches the blackhole.
+            nexthops.add(Nexthop(nhid, family, None, 0))
+        routes.update(Route(c, s.table, nhid) for c in cidrs)
+        if link is not None or desired.no_ap == "blackhole":
+            rules.add(Rule(family, s.priority, s.mark, s.mask, s.table))
+    exempt4: frozenset[Element] = desired.exempt4 | {
+        n for n in _host_nets(desired.ap4) if n.version == 4
+    }
+    exempt6: frozenset[Element] = desired.exempt6 | {
+        n for n in _host_nets(desired.ap6) if n.version == 6
+    }
+    table = render_table(
+        s,
+        {
+            "dst4": frozenset(desired.cidrs4),
+            "dst6": frozenset(desired.cidrs6),
+            "exempt4": exempt4,
+            "exempt6": exempt6,
+            "apifs": frozenset(ap_ifnames),
+        },
+    )
+    state = KernelState(
+        nexthops=frozenset(nexthops),
+        routes=frozenset(routes),
+        rules=frozenset(rules),
+        table=table,
+        valid_mark=frozenset(valid_mark),
+    )
+    return state, result
+
+
+def _host_nets(addr: IPAddress | None) -> frozenset[Element]:
+    return frozenset() if addr is None else frozenset({ipaddress.ip_network(addr)})
+
+
+def _route_key(r: Route) -> tuple[int, int, int, int, int]:
+    # IPv4 and IPv6 networks do not compare with each other; sort by version first.
+    return (r.dst.version, int(r.dst.network_address), r.dst.prefixlen, r.table, r.nhid)
+
+
+def diff(actual: KernelState, target: KernelState) -> Plan:
+    """The writes that turn ``actual`` into ``target`` (pure; no kernel access)."""
+    by_id = {nh.id: nh for nh in actual.nexthops}
+    target_ids = {nh.id for nh in target.nexthops}
+    replace_nh = tuple(
+        sorted((nh for nh in target.nexthops if by_id.get(nh.id) != nh), key=lambda n: n.id)
+    )
+    delete_nh = tuple(sorted(i for i in by_id if i not in target_ids))
+
+    add_routes = tuple(sorted(target.routes - actual.routes, key=_route_key))
+    # An add replaces a route with the same (dst, table); deleting the old entry would then
+    # delete the new one. Routes on a nexthop being deleted go with it (the kernel removes
+    # them), which makes tearing down 100k routes one message.
+    replaced = {(r.dst, r.table) for r in add_routes}
+    delete_routes = tuple(
+        sorted(
+            (
+                r
+                for r in actual.routes - target.routes
+                if (r.dst, r.table) not in replaced and r.nhid not in delete_nh
+            ),
+            key=_route_key,
+        )
+    )
+
+    replace_table = None
+    set_changes: dict[str, tuple[frozenset[Element], frozenset[Element]]] = {}
+    delete_table = None
+    if target.table is None:
+        if actual.table is not None:
+            delete_table = actual.table.name
+    elif actual.table is None or actual.table.ruleset != target.table.ruleset:
+        replace_table = target.table
+    else:
+        for name in sorted(set(actual.table.elements) | set(target.table.elements)):
+            have, want = actual.table.set(name), target.table.set(name)
+            if have != want:
+                set_changes[name] = (want - have, have - want)
+
+    return Plan(
+        replace_nexthops=replace_nh,
+        add_routes=add_routes,
+        replace_table=replace_table,
+        set_changes=set_changes,
+        add_rules=tuple(sorted(target.rules - actual.rules)),
+        delete_rules=tuple(sorted(actual.rules - target.rules)),
+        delete_table=delete_table,
+        delete_routes=delete_routes,
+        delete_nexthops=delete_nh,
+    )
+
+
+class Applier:
+    """Reconciles the kernel to desired states. Not thread-safe: one task owns it.
+
+    Args:
+        routes: routes, nexthops and rules backend.
+        nft: nftables backend.
+        sysctl: sysctl backend for ``rp_filter``/``src_valid_mark``.
+        sysctl_record: file keeping original sysctl values across restarts (None: memory).
+        proto: the route protocol number marking sdnsup's objects.
+    """
+
+    def __init__(
+        self,
+        routes: RoutesBackend,
+        nft: NftBackend,
+        sysctl: SysctlBackend,
+        *,
+        sysctl_record: Path | None = None,
+        proto: int = RTPROT_SDNSUP,
+    ) -> None:
+        self._routes = routes
+        self._nft = nft
+        self._sysctl = sysctl
+        self._valid_mark = ValidMarkGuard(sysctl, sysctl_record)
+        self._proto = proto
+        self._applied: KernelState | None = None
+        self._settings = Settings()
+
+    @property
+    def applied(self) -> KernelState | None:
+        """What the applier believes the kernel holds (None: not read yet)."""
+        return self._applied
+
+    def read_kernel(self) -> KernelState:
+        """Read every object sdnsup owns from the kernel, leftovers of earlier runs included."""
+        return KernelState(
+            nexthops=frozenset(self._routes.nexthops(self._proto)),
+            routes=frozenset(self._routes.routes(self._proto)),
+            rules=frozenset(self._routes.rules(self._proto)),
+            table=self._nft.read(self._settings.nft_table),
+        )
+
+    def resync(self) -> None:
+        """Forget what was applied: the next :meth:`apply` reads the kernel first."""
+        self._applied = None
+
+    def apply(self, desired: DesiredState) -> ApplyResult:
+        """Make the kernel hold exactly what ``desired`` implies.
+
+        Raises:
+            KernelError: one or more writes failed (the others were done; the applied state
+                records exactly what succeeded, so the next apply retries the rest).
+        """
+        start = time.perf_counter()
+        self._settings = desired.settings
+        if self._applied is None:
+            self._applied = self.read_kernel()
+        target, result = render(
+            desired,
+            self._routes.resolve,
+            lambda ifname: strict_rp_filter(self._sysctl, ifname),
+        )
+        plan = diff(self._applied, target)
+        errors: list[str] = []
+        if plan:
+            self._execute(plan, result, errors)
+        sysctl_writes = self._valid_mark.ensure(target.valid_mark)
+        if sysctl_writes:
+            result.writes["sysctl"] += sysctl_writes
+        result.seconds = time.perf_counter() - start
+        if errors:
+            raise KernelError("; ".join(errors))
+        return result
+
+    def teardown(self) -> ApplyResult:
+        """Remove everything sdnsup owns (re-reading the kernel first) and restore sysctls."""
+        self.resync()
+        return self.apply(DesiredState(settings=self._settings))
+
+    def _execute(self, plan: Plan, result: ApplyResult, errors: list[str]) -> None:
+        applied = self._applied
+        assert applied is not None
+        nexthops = {nh.id: nh for nh in applied.nexthops}
+        routes = set(applied.routes)
+        rules = set(applied.rules)
+        table = applied.table
+
+        def failed(what: str, failures: Sequence[Failure]) -> set[object]:
+            for f in failures[:5]:
+                errors.append(f"{what} {f.item}: {f.error.strerror or f.error}")
+            if len(failures) > 5:
+                errors.append(f"... and {len(failures) - 5} more {what} failures")
+            return {f.item for f in failures}
+
+        def guarded(what: str, step: Callable[[], None]) -> bool:
+            try:
+                step()
+            except (RoutesError, NftError) as exc:
+                errors.append(f"{what}: {exc}")
+                return False
+            return True
+
+        for nh in plan.replace_nexthops:
+            bad = failed("replace nexthop", self._call(self._routes.replace_nexthop, nh))
+            if not bad:
+                nexthops[nh.id] = nh
+                result.writes["nexthop"] += 1
+        if plan.add_routes:
+            bad = failed("add route", self._call(self._routes.add_routes, plan.add_routes))
+            done = [r for r in plan.add_routes if r not in bad]
+            keys = {(r.dst, r.table) for r in done}
+            routes = {r for r in routes if (r.dst, r.table) not in keys} | set(done)
+            result.writes["route"] += len(done)
+        if plan.replace_table is not None:
+            new_table = plan.replace_table
+            if guarded("nftables", lambda: self._nft.replace(new_table)):
+                table = new_table
+                result.writes["nft table"] += 1
+                result.writes["nft element"] += sum(len(v) for v in new_table.elements.values())
+        if plan.set_changes and table is not None:
+            changes = plan.set_changes
+            if guarded("nftables", lambda: self._nft.update_elements(table.name, changes)):
+                elements = dict(table.elements)
+                for name, (add, delete) in changes.items():
+                    elements[name] = (elements.get(name, frozenset()) - delete) | add
+                    result.writes["nft element"] += len(add) + len(delete)
+                table = replace(table, elements={k: v for k, v in elements.items() if v})
+        if plan.add_rules:
+            bad = failed("add rule", self._call(self._routes.add_rules, plan.add_rules))
+            done_rules = [r for r in plan.add_rules if r not in bad]
+            rules |= set(done_rules)
+            result.writes["rule"] += len(done_rules)
+        if plan.delete_rules:
+            bad = failed("delete rule", self._routes.delete_rules(plan.delete_rules))
+            done_rules = [r for r in plan.delete_rules if r not in bad]
+            rules -= set(done_rules)
+            result.writes["rule"] += len(done_rules)
+        if plan.delete_table is not None:
+            name = plan.delete_table
+            if guarded("nftables", lambda: self._nft.delete(name) and None):
+                table = None
+                result.writes["nft table"] += 1
+        if plan.delete_routes:
+            bad = failed("delete route", self._routes.delete_routes(plan.delete_routes))
+            done = [r for r in plan.delete_routes if r not in bad]
+            routes -= set(done)
+            result.writes["route"] += len(done)
+        if plan.delete_nexthops:
+            bad = failed("delete nexthop", self._routes.delete_nexthops(plan.delete_nexthops))
+            bad_ids = {getattr(b, "id", b) for b in bad}
+            gone = [i for i in plan.delete_nexthops if i not in bad_ids]
+            for i in gone:
+                nexthops.pop(i, None)
+            # The kernel deletes every route using a deleted nexthop.
+            routes = {r for r in routes if r.nhid not in gone}
+            result.writes["nexthop"] += len(gone)
+        self._applied = KernelState(
+            nexthops=frozenset(nexthops.values()),
+            routes=frozenset(routes),
+            rules=frozenset(rules),
+            table=table,
+        )
+
+    def _call(self, fn: Callable[..., list[Failure]], arg: object) -> list[Failure]:
+        return fn(arg, self._proto)

@@ -1,0 +1,70 @@
+"""Access points: what sdnsup knows about one, and the static ``--ap`` syntax.
+
+``--ap 10.77.0.11`` names one IPv4 AP; ``--ap 10.77.0.11+fd77::11`` one dual-stack AP (its
+IPv4 and IPv6 addresses joined by ``+``); ``--ap 10.77.0.11,10.77.0.12`` several APs, in
+order of preference. An IPv6-only AP is written with its IPv6 address alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from sdnsup.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPoint:
+    """One AP. At least one of ``addr4``/``addr6`` is set."""
+
+    id: str
+    addr4: ipaddress.IPv4Address | None = None
+    addr6: ipaddress.IPv6Address | None = None
+
+    def __str__(self) -> str:
+        addrs = "+".join(str(a) for a in (self.addr4, self.addr6) if a is not None)
+        return addrs if addrs == self.id else f"{self.id} ({addrs})"
+
+
+def check_unicast(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, what: str) -> None:
+    """Refuse addresses no AP can have (loopback, multicast, unspecified, link-local v4...)."""
+    if addr.is_loopback or addr.is_multicast or addr.is_unspecified or addr.is_reserved:
+        raise ConfigError(f"{what} {addr} is not a unicast address an AP can have")
+    if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise ConfigError(f"{what} {addr} is the broadcast address")
+
+
+def parse_static_aps(spec: str) -> tuple[AccessPoint, ...]:
+    """Parse ``--ap``; see the module docstring for the syntax.
+
+    Raises:
+        ConfigError: malformed address, two addresses of one family in one AP, duplicates.
+    """
+    aps: list[AccessPoint] = []
+    for item in (p.strip() for p in spec.split(",")):
+        if not item:
+            continue
+        addr4 = addr6 = None
+        for text in item.split("+"):
+            try:
+                addr = ipaddress.ip_address(text.strip())
+            except ValueError:
+                raise ConfigError(
+                    f"--ap {item!r}: {text!r} is not an IP address "
+                    "(use ADDR, or ADDR4+ADDR6 for a dual-stack AP)"
+                ) from None
+            check_unicast(addr, "--ap")
+            if isinstance(addr, ipaddress.IPv4Address):
+                if addr4 is not None:
+                    raise ConfigError(f"--ap {item!r}: two IPv4 addresses for one AP")
+                addr4 = addr
+            else:
+                if addr6 is not None:
+                    raise ConfigError(f"--ap {item!r}: two IPv6 addresses for one AP")
+                addr6 = addr
+        aps.append(AccessPoint(id=item, addr4=addr4, addr6=addr6))
+    if not aps:
+        raise ConfigError("--ap needs at least one address")
+    if len({ap.id for ap in aps}) != len(aps):
+        raise ConfigError(f"--ap {spec!r} lists an AP twice")
+    return tuple(aps)

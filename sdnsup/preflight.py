@@ -1,0 +1,80 @@
+"""Checks before touching anything: privileges, and one instance per network namespace."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+from sdnsup.errors import LockError, PrivilegeError
+
+CAP_NET_ADMIN = 12
+
+
+def check_privileges(status: Path = Path("/proc/self/status")) -> None:
+    """Raise :class:`PrivilegeError` unless the process has CAP_NET_ADMIN.
+
+    Checking the effective capability set (not the uid) gives the right answer for root,
+    for a non-root user granted the capability, and for root inside a restricted container.
+    """
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+                break
+        else:
+            caps = 0
+    except OSError:
+        caps = 0
+    if not caps & (1 << CAP_NET_ADMIN):
+        raise PrivilegeError(
+            "sdnsup needs CAP_NET_ADMIN to change routes and nftables: run it as root "
+            "(sudo sdnsup ...) or grant the capability; nothing was changed"
+        )
+
+
+def netns_id() -> int:
+    """The inode of this process's network namespace: names per-namespace files."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+class InstanceLock:
+    """One sdnsup per network namespace.
+
+    The lock is an abstract Unix socket name. Abstract names belong to the network namespace
+    (so two lab namespaces do not collide, and a container has its own), and the kernel frees
+    them when the process dies, even by SIGKILL: there is no stale lock file to clean.
+    """
+
+    NAME = b"\0sdnsup.instance"
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+
+    def acquire(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.NAME)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise LockError(
+                    "another sdnsup is already running in this network namespace; "
+                    "stop it first (supervisorctl stop sdnsup, or sdnsup down)"
+                ) from exc
+            raise LockError(f"cannot take the instance lock: {exc}") from exc
+        sock.set_inheritable(False)
+        self._sock = sock
+
+    def release(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> InstanceLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

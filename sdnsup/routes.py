@@ -1,0 +1,124 @@
+"""Routes, nexthops and policy rules: the values sdnsup keeps in the kernel and the seam to it.
+
+sdnsup owns, per address family: one kernel nexthop object naming the active AP, one route per
+user CIDR in its table pointing at that nexthop (``nhid``), and one ``fwmark`` policy rule.
+Everything it writes carries sdnsup's own protocol number (:data:`RTPROT_SDNSUP`) so that a
+restarted process finds leftovers of an earlier run, and never touches anything else.
+
+:class:`RoutesBackend` is the narrow seam: plain values in, plain values out. The real one
+(:mod:`sdnsup.rtnl`) batches netlink messages; tests use a fake that records state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Route protocol number stamped on every route, nexthop and rule sdnsup writes. The kernel
+# ignores it; iproute2 names 0-4 and a few well-known daemons (bird 12, babel 42, bgp 186-192),
+# 0xF5 is unassigned in /etc/iproute2/rt_protos and in FRR/bird.
+RTPROT_SDNSUP = 0xF5
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Nexthop:
+    """A kernel nexthop object. ``gateway is None`` means a blackhole nexthop (fail closed)."""
+
+    id: int
+    family: int  # socket.AF_INET or socket.AF_INET6
+    gateway: IPAddress | None
+    ifindex: int  # 0 for a blackhole
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Route:
+    """``dst`` in ``table`` via nexthop object ``nhid``."""
+
+    dst: IPNetwork
+    table: int
+    nhid: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET if self.dst.version == 4 else socket.AF_INET6
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Rule:
+    """``fwmark MARK/MASK lookup TABLE priority PRIORITY`` for one family."""
+
+    family: int
+    priority: int
+    fwmark: int
+    fwmask: int
+    table: int
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """Where the kernel would send traffic for an address (``ip route get``)."""
+
+    ifindex: int
+    ifname: str
+    gateway: IPAddress | None  # None when the address is on-link
+    prefsrc: IPAddress | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One object a batch could not write, with the kernel's errno."""
+
+    item: Route | Nexthop | Rule
+    error: OSError
+
+
+class RoutesBackend(Protocol):
+    """The kernel's routing state, reduced to what sdnsup owns.
+
+    Reads return only objects tagged with ``proto``. Batch writes never raise for a single
+    object the kernel refused: they return one :class:`Failure` per refused object and carry on
+    with the rest. They raise :class:`sdnsup.errors.RoutesError` only when the netlink socket
+    itself fails.
+    """
+
+    def routes(self, proto: int) -> set[Route]:
+        """Every route tagged ``proto`` in any table, both families."""
+        ...
+
+    def nexthops(self, proto: int) -> set[Nexthop]:
+        """Every nexthop object tagged ``proto``."""
+        ...
+
+    def rules(self, proto: int) -> set[Rule]:
+        """Every policy rule tagged ``proto``, both families."""
+        ...
+
+    def resolve(self, addr: IPAddress) -> Link | None:
+        """Route lookup for ``addr`` in the main table, without any mark; None if unreachable."""
+        ...
+
+    def add_routes(self, routes: Sequence[Route], proto: int) -> list[Failure]:
+        """Add (create-or-replace) ``routes`` in as few netlink round trips as possible."""
+        ...
+
+    def delete_routes(self, routes: Sequence[Route]) -> list[Failure]:
+        """Delete ``routes``; a route that is already gone is not a failure."""
+        ...
+
+    def replace_nexthop(self, nexthop: Nexthop, proto: int) -> list[Failure]:
+        """Create or atomically replace the nexthop object with ``nexthop.id``."""
+        ...
+
+    def delete_nexthops(self, ids: Iterable[int]) -> list[Failure]:
+        """Delete nexthop objects (the kernel also drops the routes using them)."""
+        ...
+
+    def add_rules(self, rules: Sequence[Rule], proto: int) -> list[Failure]: ...
+
+    def delete_rules(self, rules: Sequence[Rule]) -> list[Failure]: ...

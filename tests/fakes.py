@@ -1,0 +1,157 @@
+"""Fake kernel backends: they keep state like the kernel does, count writes, print as text."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+
+from sdnsup.nft import Element, NftTable
+from sdnsup.routes import Failure, IPAddress, Link, Nexthop, Route, Rule
+
+
+class FakeRoutes:
+    """A RoutesBackend with kernel semantics that matter to sdnsup.
+
+    Routes need an existing nexthop; deleting a nexthop deletes its routes; adding a route
+    replaces one with the same (dst, table); rules are a set (no duplicates).
+    """
+
+    def __init__(self, links: Mapping[str, Link] | None = None) -> None:
+        self.nh: dict[int, tuple[Nexthop, int]] = {}
+        self.rt: dict[tuple[object, int], tuple[Route, int]] = {}
+        self.ru: dict[Rule, int] = {}
+        # address (as str) -> link; anything else is unreachable
+        self.links = dict(links or {})
+        self.writes = 0
+        self.calls: list[str] = []
+        self.fail_routes: set[object] = set()
+
+    # reads
+    def routes(self, proto: int) -> set[Route]:
+        return {r for r, p in self.rt.values() if p == proto}
+
+    def nexthops(self, proto: int) -> set[Nexthop]:
+        return {n for n, p in self.nh.values() if p == proto}
+
+    def rules(self, proto: int) -> set[Rule]:
+        return {r for r, p in self.ru.items() if p == proto}
+
+    def resolve(self, addr: IPAddress) -> Link | None:
+        return self.links.get(str(addr))
+
+    # writes
+    def add_routes(self, routes: Sequence[Route], proto: int) -> list[Failure]:
+        self.calls.append(f"add_routes {len(routes)}")
+        failures = []
+        for r in routes:
+            if r.dst in self.fail_routes or r.nhid not in self.nh:
+                failures.append(Failure(r, OSError(errno.EINVAL, "Invalid argument")))
+                continue
+            self.rt[(r.dst, r.table)] = (r, proto)
+            self.writes += 1
+        return failures
+
+    def delete_routes(self, routes: Sequence[Route]) -> list[Failure]:
+        self.calls.append(f"delete_routes {len(routes)}")
+        for r in routes:
+            if self.rt.get((r.dst, r.table), (None,))[0] == r:
+                del self.rt[(r.dst, r.table)]
+                self.writes += 1
+        return []
+
+    def replace_nexthop(self, nexthop: Nexthop, proto: int) -> list[Failure]:
+        self.calls.append(f"replace_nexthop {nexthop.id}")
+        self.nh[nexthop.id] = (nexthop, proto)
+        self.writes += 1
+        return []
+
+    def delete_nexthops(self, ids: Iterable[int]) -> list[Failure]:
+        ids = list(ids)
+        self.calls.append(f"delete_nexthops {len(ids)}")
+        for i in ids:
+            if self.nh.pop(i, None) is not None:
+                self.writes += 1
+                self.rt = {k: v for k, v in self.rt.items() if v[0].nhid != i}
+        return []
+
+    def add_rules(self, rules: Sequence[Rule], proto: int) -> list[Failure]:
+        self.calls.append(f"add_rules {len(rules)}")
+        for r in rules:
+            if r not in self.ru:
+                self.ru[r] = proto
+                self.writes += 1
+        return []
+
+    def delete_rules(self, rules: Sequence[Rule]) -> list[Failure]:
+        self.calls.append(f"delete_rules {len(rules)}")
+        for r in rules:
+            if self.ru.pop(r, None) is not None:
+                self.writes += 1
+        return []
+
+    def dump(self) -> str:
+        lines = [
+            f"nexthop {n.id:#x} {n.gateway or 'blackhole'} if{n.ifindex} proto {p}"
+            for n, p in sorted(self.nh.values(), key=lambda v: v[0].id)
+        ]
+        lines += [
+            f"route {r.dst} table {r.table} nhid {r.nhid:#x} proto {p}"
+            for r, p in sorted(self.rt.values(), key=lambda v: (str(v[0].dst), v[0].table))
+        ]
+        lines += [
+            f"rule fam{r.family} prio {r.priority} fwmark {r.fwmark:#x}/{r.fwmask:#x} "
+            f"lookup {r.table} proto {p}"
+            for r, p in sorted(self.ru.items())
+        ]
+        return "\n".join(lines)
+
+
+class FakeNft:
+    """An NftBackend holding tables in memory; counts transactions and element writes."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, NftTable] = {}
+        self.transactions = 0
+        self.element_writes = 0
+
+    def read(self, name: str) -> NftTable | None:
+        return self.tables.get(name)
+
+    def replace(self, table: NftTable) -> None:
+        self.tables[table.name] = table
+        self.transactions += 1
+        self.element_writes += sum(len(v) for v in table.elements.values())
+
+    def update_elements(
+        self, name: str, changes: Mapping[str, tuple[frozenset[Element], frozenset[Element]]]
+    ) -> None:
+        t = self.tables[name]
+        elements = dict(t.elements)
+        for set_name, (add, delete) in changes.items():
+            elements[set_name] = (elements.get(set_name, frozenset()) - delete) | add
+            self.element_writes += len(add) + len(delete)
+        self.tables[name] = NftTable(t.name, t.ruleset, {k: v for k, v in elements.items() if v})
+        self.transactions += 1
+
+    def delete(self, name: str) -> bool:
+        self.transactions += 1
+        return self.tables.pop(name, None) is not None
+
+
+class FakeSysctl:
+    def __init__(self, values: Mapping[str, int] | None = None) -> None:
+        self.values = dict(values or {})
+        self.writes = 0
+
+    def read(self, key: str) -> int | None:
+        return self.values.get(key)
+
+    def write(self, key: str, value: int) -> None:
+        self.values[key] = value
+        self.writes += 1
+
+
+def link(ifindex: int, ifname: str, gateway: str | None = None) -> Link:
+    gw = ipaddress.ip_address(gateway) if gateway else None
+    return Link(ifindex=ifindex, ifname=ifname, gateway=gw, prefsrc=None)

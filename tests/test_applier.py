@@ -1,0 +1,232 @@
+import ipaddress
+import itertools
+import random
+import socket
+
+import pytest
+
+from sdnsup.applier import Applier, KernelState, diff, render
+from sdnsup.errors import KernelError
+from sdnsup.routes import RTPROT_SDNSUP, Nexthop, Route, Rule
+from sdnsup.state import EMPTY, NHID_V4, NHID_V6, DesiredState, Settings
+from tests.fakes import FakeNft, FakeRoutes, FakeSysctl, link
+
+N = ipaddress.ip_network
+A = ipaddress.ip_address
+AP1, AP2, AP6 = A("10.77.0.11"), A("10.77.0.12"), A("fd77::11")
+FOREIGN = 4  # RTPROT_STATIC: somebody else's objects
+
+
+def make(links=None, sysctl=None):
+    routes = FakeRoutes(
+        links
+        or {
+            "10.77.0.11": link(2, "eth0"),
+            "10.77.0.12": link(2, "eth0"),
+            "10.77.0.13": link(3, "eth1"),
+            "fd77::11": link(2, "eth0"),
+        }
+    )
+    nft = FakeNft()
+    ctl = FakeSysctl(sysctl or {})
+    return Applier(routes, nft, ctl), routes, nft, ctl
+
+
+def state(cidrs="10.10.10.0/24,10.10.20.0/24", ap4=AP1, ap6=None, **kw):
+    nets = [N(c) for c in cidrs.split(",") if c]
+    return DesiredState(
+        cidrs4=frozenset(n for n in nets if n.version == 4),
+        cidrs6=frozenset(n for n in nets if n.version == 6),
+        ap4=ap4,
+        ap6=ap6,
+        **kw,
+    )
+
+
+def test_apply_builds_rule_routes_nexthop_and_table():
+    applier, routes, nft, _ = make()
+    result = applier.apply(state())
+    assert routes.dump().splitlines() == [
+        f"nexthop {NHID_V4:#x} 10.77.0.11 if2 proto {RTPROT_SDNSUP}",
+        f"route 10.10.10.0/24 table 7300 nhid {NHID_V4:#x} proto {RTPROT_SDNSUP}",
+        f"route 10.10.20.0/24 table 7300 nhid {NHID_V4:#x} proto {RTPROT_SDNSUP}",
+        f"rule fam2 prio 7300 fwmark 0x1000/0x1000 lookup 7300 proto {RTPROT_SDNSUP}",
+    ]
+    table = nft.tables["sdnsup"]
+    assert table.set("dst4") == {N("10.10.10.0/24"), N("10.10.20.0/24")}
+    assert table.set("exempt4") == {N("10.77.0.11/32")}
+    assert table.set("apifs") == {"eth0"}
+    assert result.writes["route"] == 2 and result.writes["nexthop"] == 1
+
+
+def test_same_state_twice_writes_nothing():
+    applier, routes, nft, ctl = make()
+    applier.apply(state())
+    before = (routes.writes, nft.transactions, ctl.writes)
+    result = applier.apply(state())
+    assert result.total_writes == 0
+    assert (routes.writes, nft.transactions, ctl.writes) == before
+
+
+def test_switching_ap_is_one_nexthop_replace():
+    applier, routes, nft, _ = make()
+    cidrs = ",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(1000))
+    applier.apply(state(cidrs))
+    routes.calls.clear()
+    before = nft.transactions
+    result = applier.apply(state(cidrs, ap4=AP2))
+    # the exempt set follows the AP, so nftables sees one element transaction
+    assert routes.calls == [f"replace_nexthop {NHID_V4}"]
+    assert nft.transactions == before + 1
+    assert result.writes == {"nexthop": 1, "nft element": 2}
+    assert f"nexthop {NHID_V4:#x} 10.77.0.12 if2" in routes.dump()
+
+
+def test_changing_one_cidr_touches_only_it():
+    applier, routes, nft, _ = make()
+    applier.apply(state("10.1.0.0/16,10.2.0.0/16,10.3.0.0/16"))
+    routes.calls.clear()
+    result = applier.apply(state("10.1.0.0/16,10.2.0.0/16,10.4.0.0/16"))
+    assert routes.calls == ["add_routes 1", "delete_routes 1"]
+    assert result.writes == {"route": 2, "nft element": 2}
+    assert nft.tables["sdnsup"].set("dst4") == {
+        N("10.1.0.0/16"),
+        N("10.2.0.0/16"),
+        N("10.4.0.0/16"),
+    }
+
+
+def test_teardown_removes_only_what_sdnsup_owns():
+    applier, routes, nft, _ = make()
+    foreign_nh = Nexthop(7, socket.AF_INET, A("10.77.0.1"), 2)
+    foreign_route = Route(N("192.168.0.0/16"), 7300, 7)
+    foreign_rule = Rule(socket.AF_INET, 100, 0x4000, 0x4000, 100)
+    routes.replace_nexthop(foreign_nh, FOREIGN)
+    routes.add_routes([foreign_route], FOREIGN)
+    routes.add_rules([foreign_rule], FOREIGN)
+    nft.tables["docker"] = object()  # type: ignore[assignment]
+    applier.apply(state("10.10.10.0/24,fd10::/64", ap6=AP6))
+    applier.teardown()
+    assert routes.nexthops(FOREIGN) == {foreign_nh}
+    assert routes.routes(FOREIGN) == {foreign_route}
+    assert routes.rules(FOREIGN) == {foreign_rule}
+    assert routes.nexthops(RTPROT_SDNSUP) == set()
+    assert routes.routes(RTPROT_SDNSUP) == set()
+    assert routes.rules(RTPROT_SDNSUP) == set()
+    assert set(nft.tables) == {"docker"}
+
+
+def test_leftovers_of_a_killed_run_are_adopted_without_duplicates():
+    applier, routes, nft, _ = make()
+    applier.apply(state("10.10.10.0/24,10.10.20.0/24"))
+    # Same kernel, new process with a changed CIDR list and table: reads, then fixes.
+    other = Applier(routes, nft, FakeSysctl())
+    wanted = state("10.10.10.0/24,10.10.30.0/24", settings=Settings(table=7400))
+    other.apply(wanted)
+    assert routes.routes(RTPROT_SDNSUP) == {
+        Route(N("10.10.10.0/24"), 7400, NHID_V4),
+        Route(N("10.10.30.0/24"), 7400, NHID_V4),
+    }
+    assert routes.rules(RTPROT_SDNSUP) == {Rule(socket.AF_INET, 7300, 0x1000, 0x1000, 7400)}
+    assert other.apply(wanted).total_writes == 0
+
+
+def test_no_ap_fallback_removes_rule_and_keeps_routes_on_blackhole():
+    applier, routes, _, _ = make()
+    applier.apply(state())
+    routes.calls.clear()
+    applier.apply(state(ap4=None))
+    assert routes.rules(RTPROT_SDNSUP) == set()
+    assert routes.nexthops(RTPROT_SDNSUP) == {Nexthop(NHID_V4, socket.AF_INET, None, 0)}
+    assert len(routes.routes(RTPROT_SDNSUP)) == 2
+    assert routes.calls == [f"replace_nexthop {NHID_V4}", "delete_rules 1"]
+
+
+def test_no_ap_blackhole_keeps_rule():
+    applier, routes, _, _ = make()
+    applier.apply(state(ap4=None, no_ap="blackhole"))
+    assert len(routes.rules(RTPROT_SDNSUP)) == 1
+    assert routes.nexthops(RTPROT_SDNSUP) == {Nexthop(NHID_V4, socket.AF_INET, None, 0)}
+
+
+def test_unreachable_or_routed_ap_is_reported_and_treated_as_no_ap():
+    applier, routes, _, _ = make(links={"10.77.0.11": link(2, "eth0", gateway="172.31.1.1")})
+    result = applier.apply(state())
+    assert "not on a directly connected network" in result.problems[0]
+    assert routes.rules(RTPROT_SDNSUP) == set()
+    result = applier.apply(state(ap4=A("10.99.0.1")))
+    assert "unreachable" in result.problems[0]
+
+
+def test_v6_without_ap6_follows_no_ap_policy_v4_unaffected():
+    applier, routes, _, _ = make()
+    applier.apply(state("10.10.10.0/24,fd10::/64"))
+    assert routes.rules(RTPROT_SDNSUP) == {Rule(socket.AF_INET, 7300, 0x1000, 0x1000, 7300)}
+    assert Nexthop(NHID_V6, socket.AF_INET6, None, 0) in routes.nexthops(RTPROT_SDNSUP)
+
+
+def test_strict_rp_filter_sets_src_valid_mark_and_teardown_restores():
+    sysctl = {
+        "net/ipv4/conf/all/rp_filter": 1,
+        "net/ipv4/conf/eth1/rp_filter": 0,
+        "net/ipv4/conf/eth1/src_valid_mark": 0,
+        "net/ipv4/conf/eth0/rp_filter": 2,
+        "net/ipv4/conf/eth0/src_valid_mark": 0,
+    }
+    applier, _, _, ctl = make(sysctl=sysctl)
+    applier.apply(state(ap4=A("10.77.0.13")))  # on eth1, strict via "all"
+    assert ctl.values["net/ipv4/conf/eth1/src_valid_mark"] == 1
+    assert ctl.values["net/ipv4/conf/eth0/src_valid_mark"] == 0  # never touched
+    applier.apply(state(ap4=AP1))  # eth0: loose (max(1, 2) = 2), eth1 restored
+    assert ctl.values["net/ipv4/conf/eth1/src_valid_mark"] == 0
+    applier.apply(state(ap4=A("10.77.0.13")))
+    applier.teardown()
+    assert ctl.values == sysctl
+
+
+def test_partial_failure_is_reported_and_retried_next_time():
+    applier, routes, _, _ = make()
+    routes.fail_routes.add(N("10.10.20.0/24"))
+    with pytest.raises(KernelError, match=r"10\.10\.20\.0/24"):
+        applier.apply(state())
+    assert len(routes.routes(RTPROT_SDNSUP)) == 1
+    routes.fail_routes.clear()
+    routes.calls.clear()
+    applier.apply(state())
+    assert routes.calls == ["add_routes 1"]
+
+
+def test_diff_is_pure_and_empty_for_equal_states():
+    target, _ = render(state(), lambda a: link(2, "eth0"))
+    assert not diff(target, target)
+    assert diff(KernelState(), target).add_routes
+
+
+STATES = [
+    EMPTY,
+    state(),
+    state(ap4=AP2),
+    state(ap4=A("10.77.0.13")),
+    state(ap4=None),
+    state(ap4=None, no_ap="blackhole"),
+    state("10.10.10.0/24"),
+    state("10.10.10.0/24,fd10:10:10::/64", ap6=AP6),
+    state("fd10:10:10::/64", ap4=None, ap6=AP6),
+    state(settings=Settings(mark=0x100, mask=0x300, table=100, priority=100)),
+]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_state_can_follow_every_other(seed):
+    """Replay states in random order; each must land exactly where a fresh apply lands."""
+    order = random.Random(seed).sample(list(itertools.product(STATES, repeat=1)) * 3, 12)
+    applier, routes, nft, _ = make()
+    for (s,) in order:
+        applier.apply(s)
+        fresh, fresh_routes, fresh_nft, _ = make()
+        fresh.apply(s)
+        assert routes.dump() == fresh_routes.dump()
+        assert nft.tables == fresh_nft.tables
+        assert applier.apply(s).total_writes == 0
+        # and what the applier believes equals what a re-read finds
+        assert applier.applied == applier.read_kernel()
