@@ -163,12 +163,10 @@ def render(
         routes.update(Route(c, s.table, nhid) for c in cidrs)
         if link is not None or desired.no_ap == "blackhole":
             rules.add(Rule(family, s.priority, s.mark, s.mask, s.table))
-    exempt4: frozenset[Element] = desired.exempt4 | {
-        n for n in _host_nets(desired.ap4) if n.version == 4
-    }
-    exempt6: frozenset[Element] = desired.exempt6 | {
-        n for n in _host_nets(desired.ap6) if n.version == 6
-    }
+    # The active AP is always exempt, even if the CIDRs cover it: its own traffic (probes,
+    # and the forwarded packets' next hop) must never be steered into itself.
+    exempt4: frozenset[Element] = desired.exempt4 | _host_nets(desired.ap4)
+    exempt6: frozenset[Element] = desired.exempt6 | _host_nets(desired.ap6)
     table = render_table(
         s,
         {
@@ -344,7 +342,7 @@ class Applier:
                 errors.append(f"... and {len(failures) - 5} more {what} failures")
             return {f.item for f in failures}
 
-        def guarded(what: str, step: Callable[[], None]) -> bool:
+        def guarded(what: str, step: Callable[[], object]) -> bool:
             try:
                 step()
             except (RoutesError, NftError) as exc:
@@ -370,8 +368,8 @@ class Applier:
                 result.writes["nft table"] += 1
                 result.writes["nft element"] += sum(len(v) for v in new_table.elements.values())
         if plan.set_changes and table is not None:
-            changes = plan.set_changes
-            if guarded("nftables", lambda: self._nft.update_elements(table.name, changes)):
+            changes, name = plan.set_changes, table.name
+            if guarded("nftables", lambda: self._nft.update_elements(name, changes)):
                 elements = dict(table.elements)
                 for name, (add, delete) in changes.items():
                     elements[name] = (elements.get(name, frozenset()) - delete) | add
@@ -388,8 +386,8 @@ class Applier:
             rules -= set(done_rules)
             result.writes["rule"] += len(done_rules)
         if plan.delete_table is not None:
-            name = plan.delete_table
-            if guarded("nftables", lambda: self._nft.delete(name) and None):
+            gone_table = plan.delete_table
+            if guarded("nftables", lambda: bool(self._nft.delete(gone_table))):
                 table = None
                 result.writes["nft table"] += 1
         if plan.delete_routes:

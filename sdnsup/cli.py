@@ -143,12 +143,8 @@ def _setup_logging(level: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from sdnsup.applier import Applier
     from sdnsup.daemon import RUN_DIR, RunConfig, serve
-    from sdnsup.nft import LibNftables
     from sdnsup.preflight import InstanceLock, check_privileges, netns_id
-    from sdnsup.rtnl import RtnlRoutes
-    from sdnsup.sysctl import ProcSysctl
 
     # Validate everything before touching anything.
     cidrs = parse_cidrs(args.routes, allow_default=args.allow_default)
@@ -164,6 +160,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = RunConfig(cidrs=cidrs, aps=aps, settings=settings, no_ap=args.no_ap)
     check_privileges()
     _setup_logging(args.log_level)
+    # Kernel backends load libnftables and open netlink sockets: only now.
+    from sdnsup.applier import Applier
+    from sdnsup.nft import LibNftables
+    from sdnsup.rtnl import RtnlRoutes
+    from sdnsup.sysctl import ProcSysctl
+
     with InstanceLock():
         applier = Applier(
             RtnlRoutes.from_system(),

@@ -159,7 +159,7 @@ def parse_element(value: Any) -> list[Element]:
         return [ipaddress.ip_network(f"{p['addr']}/{p['len']}")]
     if isinstance(value, dict) and "range" in value:
         lo, hi = (ipaddress.ip_address(a) for a in value["range"])
-        return list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[type-var]
+        return list(ipaddress.summarize_address_range(lo, hi))
     if isinstance(value, str):
         try:
             return [ipaddress.ip_network(value)]

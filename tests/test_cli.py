@@ -1,0 +1,76 @@
+import pytest
+
+from sdnsup import cli
+from sdnsup.aps import parse_static_aps
+from sdnsup.errors import ConfigError, LockError, PrivilegeError
+from sdnsup.preflight import InstanceLock, check_privileges
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-r", "10.0.0.1/24", "--ap", "10.77.0.11"], "host bits set"),
+        (["-r", "0.0.0.0/0", "--ap", "10.77.0.11"], "--allow-default"),
+        (["-r", "fd00::/64", "--ap", "10.77.0.11"], "no AP has an IPv6 address"),
+        (["-r", "10.0.0.0/24", "--ap", "127.0.0.1"], "not a unicast address"),
+        (["-r", "10.0.0.0/24", "--ap", "10.0.0.1+10.0.0.2"], "two IPv4 addresses"),
+        (["run", "-r", "10.0.0.0/24", "--ap", "nope"], "is not an IP address"),
+        (
+            ["-r", "10.0.0.0/24", "--ap", "10.7.0.1", "--mark", "0x2", "--mask", "0x1"],
+            "inside --mask",
+        ),
+        (["-r", "10.0.0.0/24", "--ap", "10.7.0.1", "--table", "254"], "reserved"),
+    ],
+)
+def test_bad_input_exits_64_before_touching_anything(argv, message, capsys, monkeypatch):
+    def touched():  # pragma: no cover - must not be reached
+        raise AssertionError("privileges checked / kernel touched before validation")
+
+    monkeypatch.setattr("sdnsup.preflight.check_privileges", touched)
+    code, err = run(argv, capsys)
+    assert code == 64
+    assert message in err
+
+
+def test_default_subcommand_is_run():
+    assert cli._with_default_command(["-r", "x"]) == ["run", "-r", "x"]
+    assert cli._with_default_command(["run", "-r", "x"]) == ["run", "-r", "x"]
+
+
+def test_help_teaches_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "0x1000" in out and "kube-proxy" in out and "7300" in out
+
+
+def test_without_cap_net_admin_clear_error(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tsdnsup\nCapEff:\t0000000000000000\n")
+    with pytest.raises(PrivilegeError, match="CAP_NET_ADMIN"):
+        check_privileges(status)
+    status.write_text("CapEff:\t0000000000001000\n")
+    check_privileges(status)
+
+
+def test_second_instance_is_refused():
+    with InstanceLock(), pytest.raises(LockError, match="already running"):
+        InstanceLock().acquire()
+    with InstanceLock():  # released: can be taken again
+        pass
+
+
+def test_static_aps():
+    aps = parse_static_aps("10.77.0.11+fd77::11,10.77.0.12,fd77::13")
+    assert [(str(a.addr4), str(a.addr6)) for a in aps] == [
+        ("10.77.0.11", "fd77::11"),
+        ("10.77.0.12", "None"),
+        ("None", "fd77::13"),
+    ]
+    with pytest.raises(ConfigError, match="twice"):
+        parse_static_aps("10.0.0.1,10.0.0.1")
