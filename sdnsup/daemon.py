@@ -87,6 +87,7 @@ async def applier_task(
     ``applied`` stays true to the kernel.
     """
     task_status.started()
+    first = True
     async for desired in states:
         delay = APPLY_RETRY_FIRST
         while True:
@@ -100,8 +101,11 @@ async def applier_task(
                 continue
             for problem in result.problems:
                 log.warning("%s", problem)
-            if result.total_writes or result.problems:
+            # The first apply is always logged: after a restart that adopts an intact state
+            # it writes nothing, and the operator still needs to see that sdnsup is serving.
+            if first or result.total_writes or result.problems:
                 log.info("applied: %s", describe(desired, result))
+            first = False
             if on_applied is not None:
                 on_applied(desired, result)
             break

@@ -1,0 +1,129 @@
+"""Run the lab's ``ip``/``nft``/``sysctl`` commands, one at a time or several at once.
+
+The lab is a test harness, so it shells out to the standard tools. Building a topology is a
+handful of *phases*; the commands inside one phase touch different namespaces and run in
+parallel (:func:`run_parallel`), which keeps a lab build well under a second.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or torn down, or a lab service misbehaved."""
+
+
+class CommandError(LabError):
+    """A lab command exited non-zero. The message carries its stderr (and batch input)."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int,
+        stdout: str = "",
+        stderr: str = "",
+        stdin: str | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.stdin = stdin
+        msg = f"`{shlex.join(self.argv)}` exited with {returncode}"
+        if stderr.strip():
+            msg += f": {stderr.strip()}"
+        if stdin:
+            msg += "\n--- input ---\n" + stdin.rstrip()
+        super().__init__(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One command of a parallel phase; ``stdin`` is fed to it (e.g. an ``ip -batch -`` script)."""
+
+    argv: tuple[str, ...]
+    stdin: str | None = None
+
+    @classmethod
+    def of(cls, *argv: str, stdin: str | None = None) -> Job:
+        return cls(tuple(argv), stdin)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    stdin: str | None = None,
+    check: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to completion with text output captured (``env``: the whole environment).
+
+    Raises :class:`CommandError` when ``check`` and the exit status is non-zero, and
+    :class:`subprocess.TimeoutExpired` (after killing it) when it outlives ``timeout``.
+    """
+    proc = subprocess.run(
+        list(argv),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        env=env,
+    )
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stdout, proc.stderr, stdin)
+    return proc
+
+
+def run_parallel(jobs: Sequence[Job], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Start every job at once and wait for all of them.
+
+    All jobs are waited for even when one fails, so nothing is left running; then the first
+    failure is raised as :class:`CommandError`. Jobs still running at ``timeout`` are killed.
+    """
+    started: list[tuple[Job, subprocess.Popen[str]]] = []
+    try:
+        for job in jobs:
+            proc = subprocess.Popen(
+                list(job.argv),
+                stdin=subprocess.PIPE if job.stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            started.append((job, proc))
+            if job.stdin is not None and proc.stdin is not None:
+                # Batch scripts are a few KiB at most: far below a pipe's buffer, never blocks.
+                proc.stdin.write(job.stdin)
+                proc.stdin.close()
+                proc.stdin = None  # so that communicate() below does not flush it again
+        deadline = time.monotonic() + timeout
+        failures: list[CommandError] = []
+        for job, proc in started:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                out, err = proc.communicate(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err = f"timed out after {timeout:.0f}s\n{err}"
+                failures.append(CommandError(job.argv, -9, out, err, job.stdin))
+                continue
+            if proc.returncode != 0:
+                failures.append(CommandError(job.argv, proc.returncode, out, err, job.stdin))
+        if failures:
+            raise failures[0]
+    finally:
+        for _, proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
