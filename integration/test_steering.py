@@ -80,7 +80,9 @@ def test_sigterm_leaves_nothing_and_kill9_restart_has_no_duplicates(make_lab):
     lab = make_lab(n_aps=1)
     # Foreign state that must survive: a table, a rule, a nexthop and a route of others.
     lab.exec(lab.ns_a, "nft", "add table inet foreign; add chain inet foreign c")
-    lab.exec(lab.ns_a, "ip", "rule", "add", "fwmark", "0x4000/0x4000", "lookup", "100", "pref", "100")
+    lab.exec(
+        lab.ns_a, "ip", "rule", "add", "fwmark", "0x4000/0x4000", "lookup", "100", "pref", "100"
+    )
     lab.exec(lab.ns_a, "ip", "nexthop", "add", "id", "7", "via", "172.31.1.1", "dev", lab.a_ifname)
     lab.exec(lab.ns_a, "ip", "route", "add", "192.0.2.0/24", "nhid", "7", "table", "7300")
     before_rules = lab.exec(lab.ns_a, "ip", "rule").stdout
@@ -103,7 +105,9 @@ def test_sigterm_leaves_nothing_and_kill9_restart_has_no_duplicates(make_lab):
     assert stop_sdnsup(lab, proc) == 0
     assert owned(lab) == {"rules": [], "routes": [], "nexthops": [], "tables": []}
     assert lab.exec(lab.ns_a, "ip", "rule").stdout == before_rules
-    assert "192.0.2.0/24 nhid 7" in lab.exec(lab.ns_a, "ip", "route", "show", "table", "7300").stdout
+    assert (
+        "192.0.2.0/24 nhid 7" in lab.exec(lab.ns_a, "ip", "route", "show", "table", "7300").stdout
+    )
     assert "table inet foreign" in lab.exec(lab.ns_a, "nft", "list", "tables").stdout
 
 
