@@ -19,7 +19,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from sdnsup.routes import (
     RTPROT_SDNSUP,
     Failure,
     IPAddress,
+    IPNetwork,
     Link,
     Nexthop,
     Route,
@@ -41,16 +42,34 @@ from sdnsup.sysctl import SysctlBackend, ValidMarkGuard, strict_rp_filter
 log = logging.getLogger(__name__)
 
 
+# Routes are kept grouped by (table, nhid) as frozensets of destinations, never as 100k
+# Route objects: a desired state derived from the previous one shares its frozensets, so set
+# differences run in C on cached hashes and identical groups are skipped by identity. That is
+# what makes an AP switch or a one-CIDR change cost the same with 100 or 100k CIDRs.
+RouteGroup = tuple[int, int]  # (table, nhid)
+RouteGroups = Mapping[RouteGroup, frozenset[IPNetwork]]
+
+
+def group_routes(routes: Iterable[Route]) -> dict[RouteGroup, frozenset[IPNetwork]]:
+    groups: dict[RouteGroup, set[IPNetwork]] = {}
+    for r in routes:
+        groups.setdefault((r.table, r.nhid), set()).add(r.dst)
+    return {k: frozenset(v) for k, v in groups.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class KernelState:
     """Kernel objects owned by sdnsup: what it wants, or what it found."""
 
     nexthops: frozenset[Nexthop] = frozenset()
-    routes: frozenset[Route] = frozenset()
+    routes: RouteGroups = field(default_factory=dict)
     rules: frozenset[Rule] = frozenset()
     table: NftTable | None = None
     # Interfaces that need src_valid_mark=1 (only meaningful in a rendered state).
     valid_mark: frozenset[str] = frozenset()
+
+    def route_count(self) -> int:
+        return sum(len(v) for v in self.routes.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +149,8 @@ def render(
         return KernelState(), result
     s = desired.settings
     nexthops: set[Nexthop] = set()
-    routes: set[Route] = set()
+    routes: dict[RouteGroup, frozenset[IPNetwork]] = {}
     rules: set[Rule] = set()
-    ap_ifnames: set[str] = set()
     valid_mark: set[str] = set()
     for version, cidrs, ap, nhid in (
         (4, desired.cidrs4, desired.ap4, NHID_V4),
@@ -153,14 +171,13 @@ def render(
         if ap is not None and link is not None:
             nexthops.add(Nexthop(nhid, family, ap, link.ifindex))
             result.ap_links[version] = link
-            ap_ifnames.add(link.ifname)
             if version == 4 and strict_rpf(link.ifname):
                 valid_mark.add(link.ifname)
         else:
             # Routes stay on a blackhole nexthop so that an AP coming back is one nexthop
             # replace. Under "fallback" the rule goes, so nothing reaches the blackhole.
             nexthops.add(Nexthop(nhid, family, None, 0))
-        routes.update(Route(c, s.table, nhid) for c in cidrs)
+        routes[(s.table, nhid)] = frozenset(cidrs)
         if link is not None or desired.no_ap == "blackhole":
             rules.add(Rule(family, s.priority, s.mark, s.mask, s.table))
     # The active AP is always exempt, even if the CIDRs cover it: its own traffic (probes,
@@ -174,12 +191,11 @@ def render(
             "dst6": frozenset(desired.cidrs6),
             "exempt4": exempt4,
             "exempt6": exempt6,
-            "apifs": frozenset(ap_ifnames),
         },
     )
     state = KernelState(
         nexthops=frozenset(nexthops),
-        routes=frozenset(routes),
+        routes=routes,
         rules=frozenset(rules),
         table=table,
         valid_mark=frozenset(valid_mark),
@@ -191,11 +207,6 @@ def _host_nets(addr: IPAddress | None) -> frozenset[Element]:
     return frozenset() if addr is None else frozenset({ipaddress.ip_network(addr)})
 
 
-def _route_key(r: Route) -> tuple[int, int, int, int, int]:
-    # IPv4 and IPv6 networks do not compare with each other; sort by version first.
-    return (r.dst.version, int(r.dst.network_address), r.dst.prefixlen, r.table, r.nhid)
-
-
 def diff(actual: KernelState, target: KernelState) -> Plan:
     """The writes that turn ``actual`` into ``target`` (pure; no kernel access)."""
     by_id = {nh.id: nh for nh in actual.nexthops}
@@ -205,21 +216,25 @@ def diff(actual: KernelState, target: KernelState) -> Plan:
     )
     delete_nh = tuple(sorted(i for i in by_id if i not in target_ids))
 
-    add_routes = tuple(sorted(target.routes - actual.routes, key=_route_key))
-    # An add replaces a route with the same (dst, table); deleting the old entry would then
+    add_routes: list[Route] = []
+    readded: dict[int, set[IPNetwork]] = {}
+    for (table, nhid), want in target.routes.items():
+        have = actual.routes.get((table, nhid), frozenset())
+        if want is have:
+            continue
+        new = want - have
+        add_routes.extend(Route(dst, table, nhid) for dst in new)
+        readded.setdefault(table, set()).update(new)
+    # An add replaces a route with the same (dst, table): deleting the old entry would then
     # delete the new one. Routes on a nexthop being deleted go with it (the kernel removes
     # them), which makes tearing down 100k routes one message.
-    replaced = {(r.dst, r.table) for r in add_routes}
-    delete_routes = tuple(
-        sorted(
-            (
-                r
-                for r in actual.routes - target.routes
-                if (r.dst, r.table) not in replaced and r.nhid not in delete_nh
-            ),
-            key=_route_key,
-        )
-    )
+    delete_routes: list[Route] = []
+    for (table, nhid), have in actual.routes.items():
+        want = target.routes.get((table, nhid), frozenset())
+        if want is have or nhid in delete_nh:
+            continue
+        again = readded.get(table, set())
+        delete_routes.extend(Route(dst, table, nhid) for dst in have - want if dst not in again)
 
     replace_table = None
     set_changes: dict[str, tuple[frozenset[Element], frozenset[Element]]] = {}
@@ -237,13 +252,13 @@ def diff(actual: KernelState, target: KernelState) -> Plan:
 
     return Plan(
         replace_nexthops=replace_nh,
-        add_routes=add_routes,
+        add_routes=tuple(add_routes),
         replace_table=replace_table,
         set_changes=set_changes,
         add_rules=tuple(sorted(target.rules - actual.rules)),
         delete_rules=tuple(sorted(actual.rules - target.rules)),
         delete_table=delete_table,
-        delete_routes=delete_routes,
+        delete_routes=tuple(delete_routes),
         delete_nexthops=delete_nh,
     )
 
@@ -281,13 +296,17 @@ class Applier:
         """What the applier believes the kernel holds (None: not read yet)."""
         return self._applied
 
-    def read_kernel(self) -> KernelState:
-        """Read every object sdnsup owns from the kernel, leftovers of earlier runs included."""
+    def read_kernel(self, *, elements: bool = True) -> KernelState:
+        """Read every object sdnsup owns from the kernel, leftovers of earlier runs included.
+
+        ``elements=False`` leaves set contents out (the table is still found), for teardown,
+        which deletes the table whatever it holds.
+        """
         return KernelState(
             nexthops=frozenset(self._routes.nexthops(self._proto)),
-            routes=frozenset(self._routes.routes(self._proto)),
+            routes=group_routes(self._routes.routes(self._proto)),
             rules=frozenset(self._routes.rules(self._proto)),
-            table=self._nft.read(self._settings.nft_table),
+            table=self._nft.read(self._settings.nft_table, elements=elements),
         )
 
     def resync(self) -> None:
@@ -311,9 +330,7 @@ class Applier:
             lambda ifname: strict_rp_filter(self._sysctl, ifname),
         )
         plan = diff(self._applied, target)
-        errors: list[str] = []
-        if plan:
-            self._execute(plan, result, errors)
+        errors = self._execute(plan, target, result) if plan else []
         sysctl_writes = self._valid_mark.ensure(target.valid_mark)
         if sysctl_writes:
             result.writes["sysctl"] += sysctl_writes
@@ -324,14 +341,17 @@ class Applier:
 
     def teardown(self) -> ApplyResult:
         """Remove everything sdnsup owns (re-reading the kernel first) and restore sysctls."""
-        self.resync()
+        self._applied = self.read_kernel(elements=False)
         return self.apply(DesiredState(settings=self._settings))
 
-    def _execute(self, plan: Plan, result: ApplyResult, errors: list[str]) -> None:
+    def _execute(self, plan: Plan, target: KernelState, result: ApplyResult) -> list[str]:
+        """Run ``plan``; record what succeeded in ``self._applied``; return the errors."""
         applied = self._applied
         assert applied is not None
+        errors: list[str] = []
         nexthops = {nh.id: nh for nh in applied.nexthops}
-        routes = set(applied.routes)
+        added: list[Route] = []
+        deleted: list[Route] = []
         rules = set(applied.rules)
         table = applied.table
 
@@ -350,17 +370,15 @@ class Applier:
                 return False
             return True
 
+        proto = self._proto
         for nh in plan.replace_nexthops:
-            bad = failed("replace nexthop", self._call(self._routes.replace_nexthop, nh))
-            if not bad:
+            if not failed("replace nexthop", self._routes.replace_nexthop(nh, proto)):
                 nexthops[nh.id] = nh
                 result.writes["nexthop"] += 1
         if plan.add_routes:
-            bad = failed("add route", self._call(self._routes.add_routes, plan.add_routes))
-            done = [r for r in plan.add_routes if r not in bad]
-            keys = {(r.dst, r.table) for r in done}
-            routes = {r for r in routes if (r.dst, r.table) not in keys} | set(done)
-            result.writes["route"] += len(done)
+            bad = failed("add route", self._routes.add_routes(plan.add_routes, proto))
+            added = [r for r in plan.add_routes if r not in bad]
+            result.writes["route"] += len(added)
         if plan.replace_table is not None:
             new_table = plan.replace_table
             if guarded("nftables", lambda: self._nft.replace(new_table)):
@@ -371,17 +389,17 @@ class Applier:
             changes, name = plan.set_changes, table.name
             if guarded("nftables", lambda: self._nft.update_elements(name, changes)):
                 elements = dict(table.elements)
-                for name, (add, delete) in changes.items():
-                    elements[name] = (elements.get(name, frozenset()) - delete) | add
+                for set_name, (add, delete) in changes.items():
+                    elements[set_name] = (elements.get(set_name, frozenset()) - delete) | add
                     result.writes["nft element"] += len(add) + len(delete)
                 table = replace(table, elements={k: v for k, v in elements.items() if v})
         if plan.add_rules:
-            bad = failed("add rule", self._call(self._routes.add_rules, plan.add_rules))
+            bad = failed("add rule", self._routes.add_rules(plan.add_rules, proto))
             done_rules = [r for r in plan.add_rules if r not in bad]
             rules |= set(done_rules)
             result.writes["rule"] += len(done_rules)
         if plan.delete_rules:
-            bad = failed("delete rule", self._routes.delete_rules(plan.delete_rules))
+            bad = failed("delete rule", self._routes.delete_rules(plan.delete_rules, proto=proto))
             done_rules = [r for r in plan.delete_rules if r not in bad]
             rules -= set(done_rules)
             result.writes["rule"] += len(done_rules)
@@ -391,25 +409,44 @@ class Applier:
                 table = None
                 result.writes["nft table"] += 1
         if plan.delete_routes:
-            bad = failed("delete route", self._routes.delete_routes(plan.delete_routes))
-            done = [r for r in plan.delete_routes if r not in bad]
-            routes -= set(done)
-            result.writes["route"] += len(done)
+            bad = failed(
+                "delete route", self._routes.delete_routes(plan.delete_routes, proto=proto)
+            )
+            deleted = [r for r in plan.delete_routes if r not in bad]
+            result.writes["route"] += len(deleted)
+        gone_nh: set[int] = set()
         if plan.delete_nexthops:
             bad = failed("delete nexthop", self._routes.delete_nexthops(plan.delete_nexthops))
             bad_ids = {getattr(b, "id", b) for b in bad}
-            gone = [i for i in plan.delete_nexthops if i not in bad_ids]
-            for i in gone:
+            gone_nh = {i for i in plan.delete_nexthops if i not in bad_ids}
+            for i in gone_nh:
                 nexthops.pop(i, None)
-            # The kernel deletes every route using a deleted nexthop.
-            routes = {r for r in routes if r.nhid not in gone}
-            result.writes["nexthop"] += len(gone)
+            result.writes["nexthop"] += len(gone_nh)
+
+        if not errors:
+            # Everything planned happened: the kernel now holds the target, and keeping the
+            # very same object lets the next diff skip unchanged route groups by identity.
+            self._applied = target
+            return errors
         self._applied = KernelState(
             nexthops=frozenset(nexthops.values()),
-            routes=frozenset(routes),
+            routes=_patch_routes(applied.routes, added, deleted, gone_nh),
             rules=frozenset(rules),
             table=table,
         )
+        return errors
 
-    def _call(self, fn: Callable[..., list[Failure]], arg: object) -> list[Failure]:
-        return fn(arg, self._proto)
+
+def _patch_routes(
+    groups: RouteGroups, added: Sequence[Route], deleted: Sequence[Route], gone_nh: set[int]
+) -> dict[RouteGroup, frozenset[IPNetwork]]:
+    """``groups`` after some adds and deletes succeeded and some nexthops were deleted."""
+    out = {k: set(v) for k, v in groups.items() if k[1] not in gone_nh}
+    for r in added:
+        for (table, _), dsts in out.items():  # an add replaces the same (dst, table)
+            if table == r.table:
+                dsts.discard(r.dst)
+        out.setdefault((r.table, r.nhid), set()).add(r.dst)
+    for r in deleted:
+        out.get((r.table, r.nhid), set()).discard(r.dst)
+    return {k: frozenset(v) for k, v in out.items() if v}

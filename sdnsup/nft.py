@@ -11,9 +11,10 @@ and masked so that other users of the packet and conntrack marks keep their bits
     output     (route,  mangle):  as prerouting for locally originated traffic; type ``route``
                                   because only a route chain makes the kernel re-route a
                                   packet whose mark it changed
-    postrouting (nat,   srcnat):  marked traffic leaving through an AP's interface takes that
-                                  interface's address, or a host whose default route uses
-                                  another interface sends a source the AP cannot answer
+    postrouting (nat,   srcnat):  marked traffic whose next hop is an AP, and whose source is
+                                  not an address of the interface it leaves by, takes that
+                                  interface's address: a host whose default route uses
+                                  another interface would send a source the AP cannot answer
 
 The non-element part of the table (sets' declarations, chains, rules) is compared as one
 canonical JSON string, in the exact form ``nft -j list`` prints, so a table changed by hand is
@@ -26,19 +27,19 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sdnsup.errors import NftError
 from sdnsup.state import Settings
 
 FAMILY = "inet"
-ADDRESS_SETS = {"dst4": "ipv4_addr", "dst6": "ipv6_addr", "exempt4": "ipv4_addr",
-                "exempt6": "ipv6_addr"}  # fmt: skip
-IFNAME_SET = "apifs"
+# set name -> (element type, address family version)
+ADDRESS_SETS = {"dst4": ("ipv4_addr", 4), "dst6": ("ipv6_addr", 6),
+                "exempt4": ("ipv4_addr", 4), "exempt6": ("ipv6_addr", 6)}  # fmt: skip
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Element = Network | str  # networks in address sets, interface names in the ifname set
+Element = Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +49,6 @@ class NftTable:
     name: str
     ruleset: str
     elements: Mapping[str, frozenset[Element]] = field(default_factory=dict)
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.ruleset, tuple(sorted(self.elements.items()))))
 
     def set(self, name: str) -> frozenset[Element]:
         return self.elements.get(name, frozenset())
@@ -101,12 +99,29 @@ def ruleset_objects(settings: Settings) -> list[dict[str, Any]]:
             {"mangle": {"key": ct_mark, "value": {"&": [ct_mark, _u32(~mask)]}}},
         ]
     ]
+    # The exempt sets hold every AP's address, so "next hop in @exempt" means "leaving
+    # through an AP" (and not the normal route, as when no AP is usable). "fib saddr . oif
+    # type != local" is true when the source is not an address of the outgoing interface.
     masquerade = [
         [
             has_mark(meta_mark),
-            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@apifs"}},
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"rt": {"key": "nexthop", "family": proto}},
+                    "right": f"@exempt{version}",
+                }
+            },
+            {
+                "match": {
+                    "op": "!=",
+                    "left": {"fib": {"result": "type", "flags": ["saddr", "oif"]}},
+                    "right": "local",
+                }
+            },
             {"masquerade": None},
         ]
+        for proto, version in (("ip", 4), ("ip6", 6))
     ]
     # Priorities: mangle (-150) runs before conntrack NAT and the routing decision, which is
     # what lets the mark choose the route; srcnat (100) is the usual masquerade slot.
@@ -118,9 +133,8 @@ def ruleset_objects(settings: Settings) -> list[dict[str, Any]]:
     ]
     objects: list[dict[str, Any]] = [
         {"set": {"name": name, "type": kind, "flags": ["interval"]}}
-        for name, kind in ADDRESS_SETS.items()
+        for name, (kind, _) in ADDRESS_SETS.items()
     ]
-    objects.append({"set": {"name": IFNAME_SET, "type": "ifname"}})
     # nft lists every chain before the first rule; keep that order so listings compare equal.
     for name, kind, hook, prio, _ in chains:
         objects.append(
@@ -145,13 +159,11 @@ def render_table(settings: Settings, elements: Mapping[str, frozenset[Element]])
 
 
 def element_json(elem: Element) -> Any:
-    if isinstance(elem, str):
-        return elem
     return {"prefix": {"addr": str(elem.network_address), "len": elem.prefixlen}}
 
 
 def parse_element(value: Any) -> list[Element]:
-    """One element of ``nft -j`` output back into networks (or an interface name)."""
+    """One element of ``nft -j`` output back into networks."""
     if isinstance(value, dict) and "elem" in value:  # elements with timeouts/counters
         value = value["elem"]["val"]
     if isinstance(value, dict) and "prefix" in value:
@@ -161,10 +173,7 @@ def parse_element(value: Any) -> list[Element]:
         lo, hi = (ipaddress.ip_address(a) for a in value["range"])
         return list(ipaddress.summarize_address_range(lo, hi))
     if isinstance(value, str):
-        try:
-            return [ipaddress.ip_network(value)]
-        except ValueError:
-            return [value]
+        return [ipaddress.ip_network(value)]
     raise NftError(f"unexpected set element in nft output: {value!r}")
 
 
@@ -215,8 +224,12 @@ def element_commands(
 class NftBackend(Protocol):
     """The seam to nftables. Every write is one kernel transaction; failures raise NftError."""
 
-    def read(self, name: str) -> NftTable | None:
-        """The table as the kernel has it, or None if there is none."""
+    def read(self, name: str, *, elements: bool = True) -> NftTable | None:
+        """The table as the kernel has it, or None if there is none.
+
+        ``elements=False`` skips reading set contents (seconds for 100k CIDRs) when only
+        the ruleset or the table's presence matters, as in teardown.
+        """
         ...
 
     def replace(self, table: NftTable) -> None:
@@ -258,7 +271,14 @@ def table_from_listing(name: str, listing: list[dict[str, Any]]) -> NftTable:
 
 
 class LibNftables:
-    """:class:`NftBackend` on the libnftables Python binding (JSON commands only)."""
+    """:class:`NftBackend`: the ruleset through libnftables JSON, set elements through nfnetlink.
+
+    libnftables 1.0.6 loads every set element into its cache before most commands: with 100k
+    CIDRs, listing tables or adding one element costs 1.5-2.5 s. Two commands escape that with
+    terse output: ``list ruleset`` (about 1 ms) and ``delete table``. So the ruleset is read and
+    deleted that way, whole-table loads stay one libnftables transaction (atomic, elements
+    included), and element deltas and reads go through :class:`sdnsup.nfnl.SetElements`.
+    """
 
     def __init__(self) -> None:
         try:
@@ -268,9 +288,16 @@ class LibNftables:
                 "the libnftables Python binding is missing: apt install libnftables1 and "
                 f"pip install pip-nftables ({exc})"
             ) from exc
+        from sdnsup.nfnl import SetElements
+
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
+        self._nft.set_terse_output(True)
+        self._elements = SetElements()
+
+    def close(self) -> None:
+        self._elements.close()
 
     def _run(self, cmds: list[dict[str, Any]], what: str) -> Any:
         rc, output, error = self._nft.json_cmd({"nftables": cmds})
@@ -278,15 +305,28 @@ class LibNftables:
             raise NftError(f"nftables refused to {what}: {str(error).strip()}")
         return output
 
-    def read(self, name: str) -> NftTable | None:
-        out = self._run([{"list": {"tables": {"family": FAMILY}}}], "list tables")
-        names = {o["table"]["name"] for o in out.get("nftables", []) if "table" in o}
-        if name not in names:
+    def _listing(self, name: str) -> list[dict[str, Any]] | None:
+        out = self._run([{"list": {"ruleset": {"family": FAMILY}}}], "list the inet ruleset")
+        objects = out.get("nftables", [])
+        if not any(o.get("table", {}).get("name") == name for o in objects):
             return None
-        out = self._run(
-            [{"list": {"table": {"family": FAMILY, "name": name}}}], f"list table {name}"
-        )
-        return table_from_listing(name, out.get("nftables", []))
+        return [o for o in objects if next(iter(o.values())).get("table") == name]
+
+    def read(self, name: str, *, elements: bool = True) -> NftTable | None:
+        listing = self._listing(name)
+        if listing is None:
+            return None
+        table = table_from_listing(name, listing)
+        if not elements:
+            return table
+        found: dict[str, frozenset[Element]] = {}
+        declared = {o["set"]["name"] for o in listing if "set" in o}
+        for set_name, (_, version) in ADDRESS_SETS.items():
+            if set_name in declared:
+                members = self._elements.list(name, set_name, version)  # type: ignore[arg-type]
+                if members:
+                    found[set_name] = frozenset(members)
+        return replace(table, elements=found)
 
     def replace(self, table: NftTable) -> None:
         self._run(table_commands(table), f"load table {FAMILY} {table.name}")
@@ -294,14 +334,18 @@ class LibNftables:
     def update_elements(
         self, name: str, changes: Mapping[str, tuple[frozenset[Element], frozenset[Element]]]
     ) -> None:
-        cmds = element_commands(name, changes)
-        if cmds:
-            self._run(cmds, f"update set elements of {FAMILY} {name}")
+        from sdnsup.nfnl import Change
+
+        self._elements.update(
+            name,
+            {
+                set_name: Change(ADDRESS_SETS[set_name][1], add=tuple(add), delete=tuple(delete))
+                for set_name, (add, delete) in changes.items()
+            },
+        )
 
     def delete(self, name: str) -> bool:
-        tbl = {"family": FAMILY, "name": name}
-        out = self._run([{"list": {"tables": {"family": FAMILY}}}], "list tables")
-        if name not in {o["table"]["name"] for o in out.get("nftables", []) if "table" in o}:
+        if self._listing(name) is None:
             return False
-        self._run([{"delete": {"table": tbl}}], f"delete table {FAMILY} {name}")
+        self._run([{"delete": {"table": {"family": FAMILY, "name": name}}}], f"delete {name}")
         return True

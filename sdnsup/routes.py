@@ -28,7 +28,12 @@ RTPROT_SDNSUP = 0xF5
 
 @dataclass(frozen=True, slots=True, order=True)
 class Nexthop:
-    """A kernel nexthop object. ``gateway is None`` means a blackhole nexthop (fail closed)."""
+    """A kernel nexthop object.
+
+    ``gateway`` with ``ifindex``: via the gateway on that interface (the kernel requires the
+    interface). ``gateway is None`` with ``ifindex == 0``: a blackhole (fail closed).
+    ``gateway is None`` with an ``ifindex``: a device-only nexthop (sdnsup never writes one).
+    """
 
     id: int
     family: int  # socket.AF_INET or socket.AF_INET6
@@ -107,8 +112,12 @@ class RoutesBackend(Protocol):
         """Add (create-or-replace) ``routes`` in as few netlink round trips as possible."""
         ...
 
-    def delete_routes(self, routes: Sequence[Route]) -> list[Failure]:
-        """Delete ``routes``; a route that is already gone is not a failure."""
+    def delete_routes(self, routes: Sequence[Route], *, proto: int | None = None) -> list[Failure]:
+        """Delete ``routes``; a route that is already gone is not a failure.
+
+        With ``proto``, only a route carrying that protocol matches: an identical route of
+        another owner is never removed in sdnsup's place.
+        """
         ...
 
     def replace_nexthop(self, nexthop: Nexthop, proto: int) -> list[Failure]:
@@ -121,4 +130,6 @@ class RoutesBackend(Protocol):
 
     def add_rules(self, rules: Sequence[Rule], proto: int) -> list[Failure]: ...
 
-    def delete_rules(self, rules: Sequence[Rule]) -> list[Failure]: ...
+    def delete_rules(self, rules: Sequence[Rule], *, proto: int | None = None) -> list[Failure]:
+        """Delete ``rules``; with ``proto``, only rules carrying that protocol match."""
+        ...

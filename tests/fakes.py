@@ -52,10 +52,11 @@ class FakeRoutes:
             self.writes += 1
         return failures
 
-    def delete_routes(self, routes: Sequence[Route]) -> list[Failure]:
+    def delete_routes(self, routes: Sequence[Route], *, proto: int | None = None) -> list[Failure]:
         self.calls.append(f"delete_routes {len(routes)}")
         for r in routes:
-            if self.rt.get((r.dst, r.table), (None,))[0] == r:
+            have = self.rt.get((r.dst, r.table))
+            if have is not None and have[0] == r and proto in (None, have[1]):
                 del self.rt[(r.dst, r.table)]
                 self.writes += 1
         return []
@@ -83,10 +84,11 @@ class FakeRoutes:
                 self.writes += 1
         return []
 
-    def delete_rules(self, rules: Sequence[Rule]) -> list[Failure]:
+    def delete_rules(self, rules: Sequence[Rule], *, proto: int | None = None) -> list[Failure]:
         self.calls.append(f"delete_rules {len(rules)}")
         for r in rules:
-            if self.ru.pop(r, None) is not None:
+            if r in self.ru and proto in (None, self.ru[r]):
+                del self.ru[r]
                 self.writes += 1
         return []
 
@@ -115,8 +117,11 @@ class FakeNft:
         self.transactions = 0
         self.element_writes = 0
 
-    def read(self, name: str) -> NftTable | None:
-        return self.tables.get(name)
+    def read(self, name: str, *, elements: bool = True) -> NftTable | None:
+        table = self.tables.get(name)
+        if table is None or elements:
+            return table
+        return NftTable(table.name, table.ruleset, {})
 
     def replace(self, table: NftTable) -> None:
         self.tables[table.name] = table

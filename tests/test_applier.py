@@ -55,7 +55,6 @@ def test_apply_builds_rule_routes_nexthop_and_table():
     table = nft.tables["sdnsup"]
     assert table.set("dst4") == {N("10.10.10.0/24"), N("10.10.20.0/24")}
     assert table.set("exempt4") == {N("10.77.0.11/32")}
-    assert table.set("apifs") == {"eth0"}
     assert result.writes["route"] == 2 and result.writes["nexthop"] == 1
 
 
