@@ -37,9 +37,9 @@ def sh(*argv: str, input: str | None = None) -> None:
     subprocess.run(argv, check=True, input=input, text=True, capture_output=True)
 
 
-def timed(fn) -> float:  # type: ignore[no-untyped-def]
+def timed(*argv: str) -> float:
     t0 = time.perf_counter()
-    fn()
+    sh(*argv)
     return time.perf_counter() - t0
 
 
@@ -57,6 +57,7 @@ def inner() -> None:
         return DesiredState(cidrs4=frozenset(nets), ap4=ipaddress.IPv4Address(ap))
 
     rows: list[tuple[str, ...]] = []
+    incremental: list[tuple[str, ...]] = []
     tmp = Path(tempfile.mkdtemp(prefix="sdnsup-bench-"))
     try:
         for n in SIZES:
@@ -65,18 +66,17 @@ def inner() -> None:
             result = a.apply(state(nets, AP1))
             ours = result.seconds
             written = result.summary().rsplit(" in ", 1)[0]
-            nft_text = subprocess.run(
-                ["nft", "list", "table", "inet", "sdnsup"], check=True, capture_output=True, text=True
-            ).stdout
+            listing = ["nft", "list", "table", "inet", "sdnsup"]
+            nft_text = subprocess.run(listing, check=True, capture_output=True, text=True).stdout
             a.teardown()
 
             # Floor: the same routes with ip -batch, the same table with nft -f.
             batch = tmp / "routes.batch"
-            batch.write_text("".join(f"route add {c} via {AP1} table 7300 proto 245\n" for c in nets))
+            batch.write_text("".join(f"route add {c} via {AP1} table 7300\n" for c in nets))
             table = tmp / "table.nft"
             table.write_text(nft_text)
-            t_ip = timed(lambda: sh("ip", "-batch", str(batch)))
-            t_nft = timed(lambda: sh("nft", "-f", str(table)))
+            t_ip = timed("ip", "-batch", str(batch))
+            t_nft = timed("nft", "-f", str(table))
             sh("ip", "route", "flush", "table", "7300")
             sh("nft", "delete", "table", "inet", "sdnsup")
             floor = t_ip + t_nft
@@ -84,13 +84,12 @@ def inner() -> None:
             # The seed's way: a subprocess per route and per iptables rule.
             k = min(n, NAIVE_MAX)
 
-            def naive(subset=nets[:k]) -> None:  # type: ignore[no-untyped-def]
-                for c in subset:
-                    sh("ip", "route", "add", str(c), "via", AP1, "table", "100")
-                    sh("iptables", "-t", "mangle", "-A", "OUTPUT", "-d", str(c), "-m", "conntrack",
-                       "--ctstate", "NEW", "-j", "MARK", "--set-mark", "100")  # fmt: skip
-
-            t_naive = timed(naive) * n / k
+            t0 = time.perf_counter()
+            for c in nets[:k]:
+                sh("ip", "route", "add", str(c), "via", AP1, "table", "100")
+                sh("iptables", "-t", "mangle", "-A", "OUTPUT", "-d", str(c), "-m", "conntrack",
+                   "--ctstate", "NEW", "-j", "MARK", "--set-mark", "100")  # fmt: skip
+            t_naive = (time.perf_counter() - t0) * n / k
             sh("ip", "route", "flush", "table", "100")
             sh("iptables", "-t", "mangle", "-F", "OUTPUT")
             naive_note = "" if k == n else f" (extrapolated from {k})"
@@ -106,26 +105,43 @@ def inner() -> None:
                 )
             )
 
-        nets = cidrs(SIZES[-1])
-        a = applier()
-        a.apply(state(nets, AP1))
-        changed = [*nets[1:], ipaddress.IPv4Network("11.0.0.0/24")]
-        for label, desired in (
-            ("change 1 CIDR in 100k", state(changed, AP1)),
-            ("switch AP, 100k CIDRs", state(changed, AP2)),
-            ("same state again, 100k", state(changed, AP2)),
-        ):
-            r = a.apply(desired)
-            rows.append((label, f"{r.seconds * 1000:9.1f} ms", "", "", "", "",
-                         r.summary().rsplit(" in ", 1)[0]))  # fmt: skip
-        r = a.teardown()
-        rows.append(("teardown, 100k CIDRs", f"{r.seconds * 1000:9.1f} ms", "", "", "", "",
-                     r.summary().rsplit(" in ", 1)[0]))  # fmt: skip
+        # Incremental changes at each size: what an AP switch or a CIDR edit costs once
+        # 1k/10k/100k CIDRs are in place. "ip nexthop replace" is the same kernel operation
+        # as sdnsup's AP switch, done by iproute2: the kernel's own cost of re-pointing the
+        # routes, which grows with their number.
+        for n in SIZES:
+            nets = cidrs(n)
+            a = applier()
+            a.apply(state(nets, AP1))
+            changed = [*nets[1:], ipaddress.IPv4Network("11.0.0.0/24")]
+            steps = []
+            for label, desired in (
+                ("change 1 CIDR", state(changed, AP1)),
+                ("switch AP", state(changed, AP2)),
+                ("same state again", state(changed, AP2)),
+            ):
+                r = a.apply(desired)
+                steps.append((label, r))
+            nhid = f"{next(iter(a.applied.nexthops)).id}" if a.applied else "0"
+            t_ip_nh = timed(
+                "ip", "nexthop", "replace", "id", nhid, "via", AP1, "dev", DEV, "proto", "245"
+            )
+            steps.append(("teardown", a.teardown()))
+            for label, r in steps:
+                ref = f"ip nexthop replace: {t_ip_nh * 1000:.1f} ms" if label == "switch AP" else ""
+                incremental.append((f"{n:>7,} CIDRs: {label}", f"{r.seconds * 1000:8.1f} ms",
+                                    r.summary().rsplit(" in ", 1)[0], ref))  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     head = ("case", "sdnsup", "floor (ip -batch + nft -f)", "vs floor", "naive (seed)",
             "speedup", "kernel objects written")  # fmt: skip
+    print_table(head, rows)
+    print()
+    print_table(("case", "sdnsup", "kernel objects written", "reference"), incremental)
+
+
+def print_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
