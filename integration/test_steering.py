@@ -72,6 +72,11 @@ def test_private_ap_interface_with_strict_rp_filter(make_lab):
     assert lab.whoami(lab.ns_b, lab.a_addr) == str(lab.b_addr)
     assert lab.whoami(lab.ns_b, lab.a_addr6) == str(lab.b_addr6)
     assert lab.whoami(lab.ns_c, lab.b_addr) == str(ap.overlay_addr)
+    # After kill -9 the successor still knows the original value and restores it on stop.
+    proc.kill()
+    proc.wait(5)
+    proc = start_sdnsup(lab, "-r", CIDRS, "--ap", ap_arg(lab))
+    assert sysctl(lab, lab.ns_a, key) == 1
     assert stop_sdnsup(lab, proc) == 0
     assert sysctl(lab, lab.ns_a, key) == 0
 

@@ -8,9 +8,25 @@ order of preference. An IPv6-only AP is written with its IPv6 address alone.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from sdnsup.errors import ConfigError
+
+ProbeKind = Literal["udp", "tcp", "icmp", "http"]
+PROBE_KINDS: tuple[ProbeKind, ...] = ("udp", "tcp", "icmp", "http")
+# The lab's AP agent and the CC protocol's example use these; a CC may name others per AP.
+DEFAULT_PROBE_PORT = {"udp": 7300, "tcp": 7301, "http": 7301, "icmp": 0}
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSpec:
+    """How to probe an AP: ``udp`` echo with a nonce, ``tcp`` connect time, ``icmp`` echo,
+    ``http`` GET of ``path``. ``port`` is unused for icmp."""
+
+    kind: ProbeKind = "udp"
+    port: int = 7300
+    path: str = "/health"
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +36,15 @@ class AccessPoint:
     id: str
     addr4: ipaddress.IPv4Address | None = None
     addr6: ipaddress.IPv6Address | None = None
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    weight: int = 1
+
+    @property
+    def addr(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The address probes go to: IPv4 if the AP has one, else IPv6."""
+        addr = self.addr4 or self.addr6
+        assert addr is not None
+        return addr
 
     def __str__(self) -> str:
         addrs = "+".join(str(a) for a in (self.addr4, self.addr6) if a is not None)

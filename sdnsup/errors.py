@@ -7,6 +7,8 @@ boundary, ``raise X(...) from exc``, so callers handle one tree::
     ├── ConfigError          bad user input (CIDRs, flags, files); exit code 64 (EX_USAGE)
     ├── PrivilegeError       not root / no CAP_NET_ADMIN; nothing was touched
     ├── LockError            another sdnsup owns this network namespace
+    ├── DiscoveryError       the CC could not be asked, or its answer was unusable
+    │   └── BadAnswerError   the CC answered, but not with a valid AP list
     └── KernelError          a netlink or nftables operation failed
         ├── RoutesError      routes, nexthops, policy rules, sysctls
         └── NftError         the nftables table
@@ -44,6 +46,16 @@ class LockError(SdnsupError):
     """Another sdnsup instance already runs in this network namespace."""
 
     exit_code = EX_TEMPFAIL
+
+
+class DiscoveryError(SdnsupError):
+    """Asking the CC for the AP list failed (connection, TLS, timeout, HTTP status)."""
+
+    exit_code = EX_TEMPFAIL
+
+
+class BadAnswerError(DiscoveryError):
+    """The CC answered with something that is not a valid AP list (untrusted input)."""
 
 
 class KernelError(SdnsupError):

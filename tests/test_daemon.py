@@ -1,0 +1,76 @@
+import ipaddress
+import os
+import signal
+
+import trio
+import trio.testing
+
+from sdnsup.applier import Applier
+from sdnsup.aps import parse_static_aps
+from sdnsup.cidrs import parse_cidrs
+from sdnsup.daemon import RunConfig, applier_task, desired_for, serve
+from sdnsup.errors import RoutesError
+from sdnsup.routes import RTPROT_SDNSUP
+from tests.fakes import FakeNft, FakeRoutes, FakeSysctl, link
+
+CONFIG = RunConfig(
+    cidrs=parse_cidrs(["10.10.10.0/24,fd10::/64"]),
+    aps=parse_static_aps("10.77.0.11+fd77::11,10.77.0.12"),
+)
+
+
+def make():
+    routes = FakeRoutes({"10.77.0.11": link(2, "eth0"), "fd77::11": link(2, "eth0")})
+    return Applier(routes, FakeNft(), FakeSysctl()), routes
+
+
+def test_desired_state_exempts_every_ap():
+    d = desired_for(CONFIG, CONFIG.aps[0])
+    assert d.ap4 == ipaddress.ip_address("10.77.0.11")
+    assert d.exempt4 == {
+        ipaddress.ip_network("10.77.0.11/32"),
+        ipaddress.ip_network("10.77.0.12/32"),
+    }
+
+
+def test_sigterm_tears_down_and_returns():
+    applier, routes = make()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, CONFIG, applier)
+            # wait until applied, then deliver SIGTERM to ourselves
+            with trio.fail_after(5):
+                while not routes.rules(RTPROT_SDNSUP):  # noqa: ASYNC110 - state in a thread
+                    await trio.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trio.run(main)
+    assert routes.dump() == ""
+
+
+def test_failed_apply_is_retried_with_backoff_from_a_fresh_read():
+    applier, routes = make()
+    calls = []
+    real_apply = applier.apply
+
+    def flaky(desired):
+        calls.append(trio.from_thread.run_sync(trio.current_time))
+        if len(calls) < 3:
+            raise RoutesError("netlink socket failed")
+        return real_apply(desired)
+
+    applier.apply = flaky  # type: ignore[method-assign]
+
+    async def main():
+        send, receive = trio.open_memory_channel(1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier_task, applier, receive)
+            await send.send(desired_for(CONFIG, CONFIG.aps[0]))
+            await send.aclose()
+
+    # applier_task runs the applier in a thread; MockClock autojump still skips the sleeps
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(calls) == 3
+    assert calls[1] - calls[0] >= 0.5 and calls[2] - calls[1] >= 1.0
+    assert len(routes.rules(RTPROT_SDNSUP)) == 2  # one per family
