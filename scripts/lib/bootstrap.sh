@@ -3,7 +3,8 @@
 # Installs the Debian packages sdnsup and its tests use (only those missing), and a .venv with
 # sdnsup and its test dependencies. Runs as root without sudo (CI has no sudo binary).
 
-APT_PACKAGES=(nftables libnftables1 iproute2 conntrack supervisor procps python3 python3-venv)
+APT_PACKAGES=(nftables libnftables1 iproute2 conntrack supervisor procps iputils-ping util-linux
+              python3 python3-venv)
 
 bootstrap_apt() {
     local missing=()
@@ -37,8 +38,12 @@ bootstrap_venv() {
     fi
     # Reinstall when pyproject.toml changed since the last install.
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        .venv/bin/python -m pip install -q --upgrade pip >&2
-        .venv/bin/python -m pip install -q -e '.[test]' >&2
+        # pip's own chatter goes to a log, shown only when the install fails.
+        if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+               .venv/bin/python -m pip install -q -e '.[test]'; } >.venv/install.log 2>&1; then
+            cat .venv/install.log >&2
+            return 1
+        fi
         touch "$stamp"
     fi
 }
