@@ -1,8 +1,14 @@
 """The daemon: one trio nursery, one applier task that owns the kernel, structured shutdown.
 
-Every other task only sends desired states to the applier through a channel. SIGTERM/SIGINT
-cancel the nursery; teardown then runs shielded with a deadline, because it runs inside a
-cancelled scope and must finish well inside supervisord's ``stopwaitsecs`` (10 s).
+Tasks: the applier (the only one that writes to the kernel), the supervisor (discovery,
+probing, keepalive, failover: :mod:`sdnsup.supervisor`), the netlink monitor (heal triggers:
+:mod:`sdnsup.netmon`), a slow periodic verification, and the signal watcher. Every task but
+the applier only posts messages to the applier's :class:`Mailbox`.
+
+A task that crashes is logged and restarted with backoff; one that keeps crashing takes the
+process down (exit 70) so supervisord restarts it: never a silent hang. SIGTERM/SIGINT cancel
+the nursery; teardown then runs shielded with a deadline, because it runs inside a cancelled
+scope and must finish well inside supervisord's ``stopwaitsecs`` (10 s).
 """
 
 from __future__ import annotations
@@ -11,27 +17,37 @@ import ipaddress
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from sdnsup.applier import Applier, ApplyResult
 from sdnsup.aps import AccessPoint
 from sdnsup.cidrs import CidrSet
-from sdnsup.errors import KernelError
+from sdnsup.errors import KernelError, SdnsupError
 from sdnsup.state import DesiredState, NoApPolicy, Settings
 
 log = logging.getLogger("sdnsup")
 
 # Teardown deletes one rule, one table and one nexthop per family (the kernel drops the
-# routes with their nexthop), which takes milliseconds; 2 s leaves room for a loaded host
-# and stays far inside supervisord's default stopwaitsecs of 10 s.
+# routes with their nexthop), which takes milliseconds even with 100k CIDRs (~150 ms); 2 s
+# leaves room for a loaded host and stays far inside supervisord's stopwaitsecs of 10 s.
 TEARDOWN_TIMEOUT = 2.0
 # A failed apply is retried from a fresh read of the kernel, backing off up to this.
-APPLY_RETRY_MAX = 30.0
 APPLY_RETRY_FIRST = 0.5
+APPLY_RETRY_MAX = 30.0
+# Netlink events cover what the kernel reports; this slow pass catches anything it does not
+# (and events lost to a full socket buffer). Reading 100k CIDRs back costs ~3 s, hence slow.
+VERIFY_INTERVAL = 120.0
+# A crashed task is restarted after 1, 2, 4 ... 30 s; 5 crashes within 5 minutes end the
+# process instead (supervisord then restarts it from a clean slate).
+RESTART_FIRST = 1.0
+RESTART_MAX = 30.0
+CRASH_LIMIT = 5
+CRASH_WINDOW = 300.0
 RUN_DIR = Path("/run/sdnsup")
 
 
@@ -40,22 +56,31 @@ class RunConfig:
     """Everything ``sdnsup run`` was asked to do."""
 
     cidrs: CidrSet
-    aps: tuple[AccessPoint, ...]
+    aps: tuple[AccessPoint, ...] = ()  # static APs; empty when the CC is asked
     settings: Settings = field(default_factory=Settings)
     no_ap: NoApPolicy = "fallback"
+    # CC addresses: never steered, so control traffic cannot loop into the overlay
+    exempt: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    verify_interval: float = VERIFY_INTERVAL
 
 
-def desired_for(config: RunConfig, ap: AccessPoint | None) -> DesiredState:
-    """The state that steers the configured CIDRs through ``ap`` (None: no AP)."""
-    exempt4 = frozenset(ipaddress.IPv4Network(a.addr4) for a in config.aps if a.addr4)
-    exempt6 = frozenset(ipaddress.IPv6Network(a.addr6) for a in config.aps if a.addr6)
+def desired_for(
+    config: RunConfig, ap: AccessPoint | None, known: Sequence[AccessPoint] = ()
+) -> DesiredState:
+    """The state that steers the configured CIDRs through ``ap`` (None: no AP).
+
+    Every known AP and the CC are exempt from steering.
+    """
+    known = tuple(known) or config.aps
+    addrs = [a for ap_ in known for a in (ap_.addr4, ap_.addr6) if a is not None]
+    addrs += config.exempt
     return DesiredState(
         cidrs4=config.cidrs.v4,
         cidrs6=config.cidrs.v6,
         ap4=ap.addr4 if ap else None,
         ap6=ap.addr6 if ap else None,
-        exempt4=exempt4,
-        exempt6=exempt6,
+        exempt4=frozenset(ipaddress.IPv4Network(a) for a in addrs if a.version == 4),
+        exempt6=frozenset(ipaddress.IPv6Network(a) for a in addrs if a.version == 6),
         no_ap=config.no_ap,
         settings=config.settings,
     )
@@ -73,42 +98,126 @@ def describe(desired: DesiredState, result: ApplyResult) -> str:
     return "; ".join(paths) + f" [{result.summary()}]"
 
 
+class Mailbox:
+    """The applier's inbox: a 1-slot, latest-wins channel of desired states, plus heal
+    requests. Posting never blocks, so a decision or a netlink burst can never stall the
+    task that sends it; the applier always works on the newest state, once per wake-up."""
+
+    def __init__(self) -> None:
+        self._desired: DesiredState | None = None
+        self._heals: list[str] = []
+        self._wake = trio.Event()
+
+    def post(self, desired: DesiredState) -> None:
+        self._desired = desired
+        self._wake.set()
+
+    def heal(self, cause: str) -> None:
+        if len(self._heals) < 100:
+            self._heals.append(cause)
+        self._wake.set()
+
+    async def take(self) -> tuple[DesiredState | None, list[str]]:
+        """Wait for news: the newest desired state (None if unchanged) and heal causes."""
+        await self._wake.wait()
+        self._wake = trio.Event()
+        desired, heals = self._desired, self._heals
+        self._desired, self._heals = None, []
+        return desired, heals
+
+
 async def applier_task(
     applier: Applier,
-    states: trio.MemoryReceiveChannel[DesiredState],
+    mailbox: Mailbox,
     *,
     on_applied: Callable[[DesiredState, ApplyResult], None] | None = None,
+    quiet: Callable[[], Any] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Apply each desired state received, retrying failures with backoff.
+    """Apply the newest desired state whenever there is news; heal on request.
 
-    The applier's netlink calls block, so they run in a worker thread; trio's default
-    (not abandoning the thread on cancel) means a write in progress always completes and
-    ``applied`` stays true to the kernel.
+    A heal re-reads the kernel (someone else changed it) before applying. A failed apply is
+    retried with backoff from a fresh read. The applier's netlink calls block, so they run
+    in a worker thread; trio's default (not abandoning the thread on cancel) means a write
+    in progress always completes and ``applied`` stays true to the kernel. ``quiet()``, if
+    given, is a context manager the writes run under (it mutes the netlink monitor's echoes
+    of sdnsup's own writes).
     """
     task_status.started()
+    current: DesiredState | None = None
     first = True
-    async for desired in states:
+    delay = APPLY_RETRY_FIRST
+    while True:
+        desired, heals = await mailbox.take()
+        if desired is not None:
+            current = desired
+        if current is None:
+            continue
+        if heals:
+            applier.resync()
+        state = current
+        try:
+            if quiet is not None:
+                with quiet():
+                    result = await trio.to_thread.run_sync(applier.apply, state)
+            else:
+                result = await trio.to_thread.run_sync(applier.apply, state)
+        except KernelError as exc:
+            log.error("apply failed, retrying in %.1f s: %s", delay, exc)
+            applier.resync()
+            await trio.sleep(delay)
+            delay = min(delay * 2, APPLY_RETRY_MAX)
+            mailbox.heal("retry after a failed apply")
+            continue
         delay = APPLY_RETRY_FIRST
-        while True:
-            try:
-                result = await trio.to_thread.run_sync(applier.apply, desired)
-            except KernelError as exc:
-                log.error("apply failed, retrying in %.1f s: %s", delay, exc)
-                applier.resync()
-                await trio.sleep(delay)
-                delay = min(delay * 2, APPLY_RETRY_MAX)
-                continue
-            for problem in result.problems:
-                log.warning("%s", problem)
-            # The first apply is always logged: after a restart that adopts an intact state
-            # it writes nothing, and the operator still needs to see that sdnsup is serving.
-            if first or result.total_writes or result.problems:
-                log.info("applied: %s", describe(desired, result))
-            first = False
-            if on_applied is not None:
-                on_applied(desired, result)
-            break
+        for problem in result.problems:
+            log.warning("%s", problem)
+        if heals and result.total_writes:
+            more = f" (+{len(heals) - 1} more)" if len(heals) > 1 else ""
+            log.info("healed after %s%s: %s", heals[0], more, describe(state, result))
+        elif first or (result.total_writes and not heals):
+            log.log(
+                logging.INFO if first else logging.DEBUG, "applied: %s", describe(state, result)
+            )
+        first = False
+        if on_applied is not None:
+            on_applied(state, result)
+
+
+async def verify_loop(mailbox: Mailbox, interval: float) -> None:
+    """Ask for a full re-read now and then: catches what no netlink event reported."""
+    while True:
+        await trio.sleep(interval)
+        mailbox.heal("periodic verification")
+
+
+async def supervised(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+    """Run ``fn`` forever: restart it with backoff when it crashes, give up when it keeps
+    crashing. SdnsupError that means "stop" (discovery exhausted) is not caught here: the
+    caller passes only tasks for which any exception is a crash."""
+    crashes: list[float] = []
+    delay = RESTART_FIRST
+    while True:
+        try:
+            await fn()
+        except Exception as exc:  # a crash: log, then restart or give up
+            now = trio.current_time()
+            crashes = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
+            if len(crashes) >= CRASH_LIMIT:
+                log.critical(
+                    "task %s crashed %d times in %.0f s, exiting: %r",
+                    name,
+                    len(crashes),
+                    CRASH_WINDOW,
+                    exc,
+                )
+                raise
+            log.error("task %s crashed, restarting in %.0f s: %r", name, delay, exc, exc_info=exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX)
+        else:
+            log.error("task %s returned unexpectedly; restarting", name)
+            await trio.sleep(delay)
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
@@ -119,22 +228,51 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
-async def serve(config: RunConfig, applier: Applier) -> None:
+async def serve(
+    config: RunConfig,
+    applier: Applier,
+    *,
+    mailbox: Mailbox | None = None,
+    supervisor: Any = None,
+    monitor: Any = None,
+) -> None:
     """Run until SIGTERM/SIGINT, then remove everything sdnsup owns.
 
+    Args:
+        mailbox: the applier's inbox (the supervisor posts to it).
+        supervisor: an object with ``async run()`` deciding the AP and posting desired
+            states to ``mailbox`` (None: steer through the first
+            static AP, without probing; used by tests of the kernel side alone).
+        monitor: an object with ``async run(trigger, task_status=...)`` calling ``trigger(
+            cause)`` when the kernel state may need healing, ``watch_applied(desired, result)``
+            and ``quiet()`` (None: only periodic verification).
+
     Raises:
+        DiscoveryError: initial discovery exhausted its retries.
         KernelError: teardown failed or did not finish in time (the kernel may still hold
             sdnsup's objects; ``sdnsup down`` or a restart removes them).
     """
     started = time.monotonic()
-    send, receive = trio.open_memory_channel[DesiredState](1)
+    mailbox = mailbox or Mailbox()
+    on_applied = monitor.watch_applied if monitor is not None else None
+    quiet = monitor.quiet if monitor is not None else None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            await nursery.start(applier_task, applier, receive)
-            # Discovery and probing (the next step of the supervisor) will pick the AP; for
-            # now the first static AP is the active one.
-            await send.send(desired_for(config, config.aps[0] if config.aps else None))
+            nursery.start_soon(
+                supervised,
+                "applier",
+                lambda: applier_task(applier, mailbox, on_applied=on_applied, quiet=quiet),
+            )
+            nursery.start_soon(
+                supervised, "verify", lambda: verify_loop(mailbox, config.verify_interval)
+            )
+            if monitor is not None:
+                await nursery.start(monitor.run, mailbox.heal)
+            if supervisor is not None:
+                await supervisor.run()
+            else:
+                mailbox.post(desired_for(config, config.aps[0] if config.aps else None))
     finally:
         with trio.move_on_after(TEARDOWN_TIMEOUT, shield=True) as scope:
             t0 = time.monotonic()
@@ -149,3 +287,15 @@ async def serve(config: RunConfig, applier: Applier) -> None:
                 f"teardown did not finish within {TEARDOWN_TIMEOUT:.0f} s; "
                 "run 'sdnsup down' to remove what is left"
             )
+
+
+def first_sdnsup_error(exc: BaseException) -> SdnsupError | None:
+    """The SdnsupError inside an exception group raised by the nursery, if any."""
+    if isinstance(exc, SdnsupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = first_sdnsup_error(sub)
+            if found is not None:
+                return found
+    return None

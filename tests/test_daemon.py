@@ -8,7 +8,7 @@ import trio.testing
 from sdnsup.applier import Applier
 from sdnsup.aps import parse_static_aps
 from sdnsup.cidrs import parse_cidrs
-from sdnsup.daemon import RunConfig, applier_task, desired_for, serve
+from sdnsup.daemon import Mailbox, RunConfig, applier_task, desired_for, serve
 from sdnsup.errors import RoutesError
 from sdnsup.routes import RTPROT_SDNSUP
 from tests.fakes import FakeNft, FakeRoutes, FakeSysctl, link
@@ -63,11 +63,13 @@ def test_failed_apply_is_retried_with_backoff_from_a_fresh_read():
     applier.apply = flaky  # type: ignore[method-assign]
 
     async def main():
-        send, receive = trio.open_memory_channel(1)
+        mailbox = Mailbox()
         async with trio.open_nursery() as nursery:
-            await nursery.start(applier_task, applier, receive)
-            await send.send(desired_for(CONFIG, CONFIG.aps[0]))
-            await send.aclose()
+            await nursery.start(applier_task, applier, mailbox)
+            mailbox.post(desired_for(CONFIG, CONFIG.aps[0]))
+            while len(calls) < 3 or not routes.rules(RTPROT_SDNSUP):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
 
     # applier_task runs the applier in a thread; MockClock autojump still skips the sleeps
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -1,0 +1,373 @@
+"""The supervisor: finds the APs, picks the fastest, keeps it under keepalive, fails over.
+
+It owns the *decision* (which AP is active) and nothing in the kernel: every decision becomes
+a desired state posted to the applier's mailbox. Its tasks, all in one nursery:
+
+- directory: the static ``--ap`` list, or the CC's list (initial discovery with retries,
+  then a refresh every ``ttl``; a failed refresh keeps the current AP);
+- prober: probes every AP concurrently; the first AP to answer is taken at once when there is
+  none (selection does not wait for the slowest AP's deadline); the full ranking then decides
+  whether a clearly better AP is worth a switch (:func:`sdnsup.probe.should_switch`);
+- keepalive: races probes of the active AP against their deadline; after K misses it fails
+  over straight to the next live AP of the last ranking (no CC round trip on the critical
+  path), then asks for a re-probe and a CC refresh in the background. With no live AP, the
+  no-AP policy applies and sdnsup keeps looking (the seed's "run the access flow again").
+
+An AP declared dead comes back only after :data:`HOLD_DOWN` and a probe round in which every
+probe to it answered: fail-back flaps without a hold-down (mwan3 asks for several good rounds).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from sdnsup import keepalive
+from sdnsup.aps import AccessPoint
+from sdnsup.errors import DiscoveryError, SdnsupError
+from sdnsup.state import DesiredState
+
+log = logging.getLogger("sdnsup")
+
+# A full probe round every 30 s (±20% so a fleet does not probe in step) finds a faster AP
+# within a minute; while no AP is usable, every 2 s.
+REPROBE_INTERVAL = 30.0
+NO_AP_REPROBE_INTERVAL = 2.0
+JITTER = 0.2
+# Ranking probes: 3 per AP (loss is meaningful), each with a 1 s deadline: an AP slower
+# than that is useless for interactive traffic.
+PROBE_COUNT = 3
+PROBE_TIMEOUT = 1.0
+# A dead AP must stay quiet this long, then answer a whole probe round, before reuse.
+HOLD_DOWN = 10.0
+# A failed CC refresh is retried with full-jitter backoff up to this, keeping the current AP.
+REFRESH_RETRY_CAP = 60.0
+
+
+class Phase(enum.Enum):
+    DISCOVERING = "discovering"
+    CONNECTED = "connected"
+    FAILING_OVER = "failing over"
+    NO_AP = "no AP"
+
+
+class ProbeResultLike(Protocol):
+    """What the supervisor needs of a probe result (see :class:`sdnsup.probe.ProbeResult`)."""
+
+    @property
+    def ap(self) -> AccessPoint: ...
+    @property
+    def rtt(self) -> float | None: ...
+    @property
+    def sent(self) -> int: ...
+    @property
+    def received(self) -> int: ...
+
+
+ProbeAll = Callable[..., Awaitable[Sequence[Any]]]
+ProbeOnce = Callable[..., Awaitable[float]]
+ShouldSwitch = Callable[[Any, Any], bool]
+
+
+@dataclass
+class Status:
+    """What the supervisor knows, for ``sdnsup status`` and logs. Times are wall clock."""
+
+    phase: Phase = Phase.DISCOVERING
+    active: AccessPoint | None = None
+    active_since: float | None = None
+    aps: tuple[AccessPoint, ...] = ()
+    ranking: tuple[Any, ...] = ()
+    last_rtt: dict[str, float] = field(default_factory=dict)
+    failovers: int = 0
+    last_failover: str | None = None
+    last_failover_at: float | None = None
+    cc_last_refresh: float | None = None
+    cc_error: str | None = None
+
+
+def jittered(seconds: float) -> float:
+    return seconds * random.uniform(1 - JITTER, 1 + JITTER)
+
+
+def _ms(seconds: float | None) -> str:
+    return "dead" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+class Supervisor:
+    """Decides the active AP. Posts desired states with ``post(desired)``; never blocks on it.
+
+    Args:
+        aps: the static AP list, or None to ask the CC.
+        desired_for: builds the desired state for an active AP (None: no AP) and the
+            currently known APs (all of them are exempt from steering).
+        post: hands a desired state to the applier (latest wins).
+        cc: the CC client (with ``fetch()``) when there is no static list.
+        discover: initial discovery with retries: ``await discover(cc)``; raises
+            :class:`~sdnsup.errors.DiscoveryError` when the retries are exhausted.
+        probe_all / probe_once / should_switch: see :mod:`sdnsup.probe`.
+    """
+
+    def __init__(
+        self,
+        *,
+        aps: Sequence[AccessPoint] | None,
+        desired_for: Callable[[AccessPoint | None, Sequence[AccessPoint]], DesiredState],
+        post: Callable[[DesiredState], None],
+        probe_all: ProbeAll,
+        probe_once: ProbeOnce,
+        should_switch: ShouldSwitch,
+        cc: Any = None,
+        discover: Callable[[Any], Awaitable[Any]] | None = None,
+        keepalive_interval: float = keepalive.KEEPALIVE_INTERVAL,
+        keepalive_timeout: float = keepalive.KEEPALIVE_TIMEOUT,
+        keepalive_misses: int = keepalive.KEEPALIVE_MISSES,
+        reprobe_interval: float = REPROBE_INTERVAL,
+    ) -> None:
+        self.status = Status()
+        self._static = tuple(aps) if aps is not None else None
+        self._desired_for = desired_for
+        self._post = post
+        self._probe_all = probe_all
+        self._probe_once = probe_once
+        self._should_switch = should_switch
+        self._cc = cc
+        self._discover = discover
+        self._ka = (keepalive_interval, keepalive_timeout, keepalive_misses)
+        self._reprobe_interval = reprobe_interval
+        self._ttl = 60.0
+        self._dead: dict[str, float] = {}  # ap.id -> trio time it was declared dead
+        self._reprobe = trio.Event()
+        self._refresh = trio.Event()
+        self._active_changed = trio.Event()
+        self._ka_scope: trio.CancelScope | None = None
+
+    # --- decisions ---------------------------------------------------------------------------
+
+    @property
+    def active(self) -> AccessPoint | None:
+        return self.status.active
+
+    def _set_active(self, ap: AccessPoint | None, phase: Phase, line: str) -> None:
+        st = self.status
+        changed = ap != st.active
+        st.phase = phase
+        if changed:
+            st.active = ap
+            st.active_since = time.time() if ap else None
+            if self._ka_scope is not None:
+                self._ka_scope.cancel()
+            self._active_changed.set()
+            self._active_changed = trio.Event()
+        log.info("%s", line)
+        self._post(self._desired_for(ap, st.aps))
+
+    def _result_for(self, ap: AccessPoint | None) -> Any:
+        return next((r for r in self.status.ranking if r.ap == ap), None)
+
+    def _eligible(self, result: Any, now: float) -> bool:
+        if result.rtt is None or result.received == 0:
+            return False
+        died = self._dead.get(result.ap.id)
+        if died is None:
+            return True
+        if now - died >= HOLD_DOWN and result.received == result.sent:
+            del self._dead[result.ap.id]
+            log.info("AP %s is back: answered every probe after %.0f s", result.ap.id, now - died)
+            return True
+        return False
+
+    def _first_answer(self, result: Any) -> None:
+        if self.active is None and result.ap.id not in self._dead:
+            self._set_active(
+                result.ap,
+                Phase.CONNECTED,
+                f"AP chosen: {result.ap} (first to answer, {_ms(result.rtt)})",
+            )
+
+    def consider(self, ranking: Sequence[Any]) -> None:
+        """Take a completed probe ranking into account (best first)."""
+        now = trio.current_time()
+        st = self.status
+        st.ranking = tuple(ranking)
+        for r in ranking:
+            if r.rtt is not None:
+                st.last_rtt[r.ap.id] = r.rtt
+        log.info(
+            "probe ranking: %s",
+            ", ".join(f"{r.ap.id} {_ms(r.rtt)}" + (f" {r.sent - r.received}/{r.sent} lost"
+                      if r.received < r.sent and r.rtt is not None else "") for r in ranking),
+        )  # fmt: skip
+        eligible = [r for r in ranking if self._eligible(r, now)]
+        current = self._result_for(self.active)
+        if not eligible:
+            if self.active is None and st.phase is not Phase.NO_AP:
+                self._set_active(None, Phase.NO_AP, "no AP answers: traffic takes the no-AP path")
+                self._refresh.set()
+            return
+        best = eligible[0]
+        if self.active is None:
+            self._set_active(best.ap, Phase.CONNECTED, f"AP chosen: {best.ap} ({_ms(best.rtt)})")
+        elif self.active not in st.aps:
+            self._set_active(
+                best.ap,
+                Phase.CONNECTED,
+                f"AP {self.active} is no longer listed; switched to {best.ap} ({_ms(best.rtt)})",
+            )
+        elif best.ap != self.active and (current is None or self._should_switch(current, best)):
+            self._set_active(
+                best.ap,
+                Phase.CONNECTED,
+                f"switched to faster AP {best.ap} ({_ms(best.rtt)}) from {self.active} "
+                f"({_ms(current.rtt if current else None)})",
+            )
+
+    def on_death(self, death: keepalive.Death) -> None:
+        """The active AP missed K probes: fail over to the next live AP of the last ranking."""
+        now = trio.current_time()
+        st = self.status
+        self._dead[death.ap.id] = now
+        st.failovers += 1
+        st.last_failover_at = time.time()
+        st.phase = Phase.FAILING_OVER
+        cause = (
+            f"AP {death.ap} dead: {death.misses} probes missed, detected "
+            f"{death.detection * 1000:.0f} ms after its last answer ({death.last_error})"
+        )
+        st.last_failover = cause
+        nxt = next(
+            (
+                r
+                for r in st.ranking
+                if r.ap != death.ap and r.ap in st.aps and self._eligible(r, now)
+            ),
+            None,
+        )
+        if nxt is not None:
+            self._set_active(
+                nxt.ap, Phase.CONNECTED, f"failover: {cause}; now via {nxt.ap} ({_ms(nxt.rtt)})"
+            )
+        else:
+            self._set_active(
+                None,
+                Phase.NO_AP,
+                f"failover: {cause}; no other live AP, traffic takes the no-AP path",
+            )
+        # Confirm the choice and learn what changed, off the critical path.
+        self._reprobe.set()
+        self._refresh.set()
+
+    def set_directory(self, aps: Sequence[AccessPoint], ttl: float | None = None) -> None:
+        st = self.status
+        old = {a.id for a in st.aps}
+        new = {a.id for a in aps}
+        st.aps = tuple(aps)
+        if ttl is not None:
+            self._ttl = ttl
+        if old != new:
+            added, removed = sorted(new - old), sorted(old - new)
+            log.info(
+                "AP list: %d APs%s%s",
+                len(aps),
+                f", new {', '.join(added)}" if added and old else "",
+                f", gone {', '.join(removed)}" if removed else "",
+            )
+            self._reprobe.set()
+        if st.active is not None:
+            # the exempt set follows the list of known APs
+            self._post(self._desired_for(st.active, st.aps))
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Discover, then probe, watch and refresh until cancelled.
+
+        Raises:
+            DiscoveryError: initial discovery exhausted ``--retries``.
+        """
+        if self._static is not None:
+            self.set_directory(self._static)
+        else:
+            assert self._discover is not None
+            directory = await self._discover(self._cc)
+            self.status.cc_last_refresh = time.time()
+            self.set_directory(directory.aps, directory.ttl)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._probe_loop)
+            nursery.start_soon(self._keepalive_loop)
+            if self._cc is not None:
+                nursery.start_soon(self._refresh_loop)
+            task_status.started()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            self._reprobe = trio.Event()
+            ranking = await self._probe_all(
+                self.status.aps,
+                timeout=PROBE_TIMEOUT,
+                count=PROBE_COUNT,
+                on_first=self._first_answer,
+            )
+            self.consider(ranking)
+            interval = NO_AP_REPROBE_INTERVAL if self.active is None else self._reprobe_interval
+            with trio.move_on_after(jittered(interval)):
+                await self._reprobe.wait()
+
+    async def _keepalive_loop(self) -> None:
+        interval, timeout, misses = self._ka
+        while True:
+            ap = self.active
+            if ap is None:
+                await self._active_changed.wait()
+                continue
+            with trio.CancelScope() as scope:
+                self._ka_scope = scope
+
+                def seen(rtt: float, ap: AccessPoint = ap) -> None:
+                    self.status.last_rtt[ap.id] = rtt
+
+                death = await keepalive.watch(
+                    ap,
+                    self._probe_once,
+                    interval=interval,
+                    probe_timeout=timeout,
+                    misses=misses,
+                    on_rtt=seen,
+                )
+            self._ka_scope = None
+            if not scope.cancelled_caught and self.active == ap:
+                self.on_death(death)
+
+    async def _refresh_loop(self) -> None:
+        failures = 0
+        while True:
+            if failures:
+                delay = random.uniform(0, min(REFRESH_RETRY_CAP, 2.0**failures))
+            else:
+                delay = jittered(self._ttl)
+            with trio.move_on_after(delay):
+                await self._refresh.wait()
+            self._refresh = trio.Event()
+            try:
+                directory = await self._cc.fetch()
+            except DiscoveryError as exc:
+                failures += 1
+                self.status.cc_error = str(exc)
+                keep = f"keeping AP {self.active.id}" if self.active else "no AP in use"
+                log.warning("CC refresh failed (%s): %s", keep, exc)
+                continue
+            except SdnsupError as exc:  # pragma: no cover - defensive: never kill the loop
+                failures += 1
+                log.warning("CC refresh failed: %s", exc)
+                continue
+            failures = 0
+            self.status.cc_error = None
+            self.status.cc_last_refresh = time.time()
+            self.set_directory(directory.aps, directory.ttl)
