@@ -40,7 +40,7 @@ def test_outbound_through_ap_inbound_and_others_normal(make_lab, family):
     before = lab.open_session(lab.ns_a, b)  # opened before sdnsup starts
     assert before.greeting.strip() == str(a)
 
-    proc = start_sdnsup(lab, "-r", CIDRS, "--ap", ap_arg(lab))
+    proc = start_sdnsup(lab, "-r", CIDRS, "--ap", ap_arg(lab), "--probe", "icmp")
     # A -> B (in the CIDRs) leaves through the AP: B sees the AP's overlay address.
     assert lab.whoami(lab.ns_a, b) == ap_overlay
     # A -> an address outside the CIDRs takes the normal route: B sees A.
@@ -64,7 +64,7 @@ def test_private_ap_interface_with_strict_rp_filter(make_lab):
     key = f"net.ipv4.conf.{ap.ifname_in_a}.src_valid_mark"
     assert sysctl(lab, lab.ns_a, key) == 0
 
-    proc = start_sdnsup(lab, "-r", CIDRS, "--ap", ap_arg(lab))
+    proc = start_sdnsup(lab, "-r", CIDRS, "--ap", ap_arg(lab), "--probe", "icmp")
     assert sysctl(lab, lab.ns_a, key) == 1
     assert sysctl(lab, lab.ns_a, f"net.ipv4.conf.{lab.a_ifname}.src_valid_mark") == 0
     assert lab.whoami(lab.ns_a, lab.b_addr) == str(ap.overlay_addr)
@@ -75,7 +75,7 @@ def test_private_ap_interface_with_strict_rp_filter(make_lab):
     # After kill -9 the successor still knows the original value and restores it on stop.
     proc.kill()
     proc.wait(5)
-    proc = start_sdnsup(lab, "-r", CIDRS, "--ap", ap_arg(lab))
+    proc = start_sdnsup(lab, "-r", CIDRS, "--ap", ap_arg(lab), "--probe", "icmp")
     assert sysctl(lab, lab.ns_a, key) == 1
     assert stop_sdnsup(lab, proc) == 0
     assert sysctl(lab, lab.ns_a, key) == 0
@@ -93,12 +93,12 @@ def test_sigterm_leaves_nothing_and_kill9_restart_has_no_duplicates(make_lab):
     before_rules = lab.exec(lab.ns_a, "ip", "rule").stdout
 
     cidrs = "10.10.10.0/24,10.10.20.0/24,fd10:10:10::/64"
-    proc = start_sdnsup(lab, "-r", cidrs, "--ap", ap_arg(lab))
+    proc = start_sdnsup(lab, "-r", cidrs, "--ap", ap_arg(lab), "--probe", "icmp")
     state = owned(lab)
     assert (len(state["rules"]), len(state["routes"]), len(state["nexthops"])) == (2, 3, 2)
     proc.kill()
     proc.wait(5)
-    proc = start_sdnsup(lab, "-r", cidrs, "--ap", ap_arg(lab))
+    proc = start_sdnsup(lab, "-r", cidrs, "--ap", ap_arg(lab), "--probe", "icmp")
     state = owned(lab)
     assert len(state["rules"]) == 2, state["rules"]  # one per family
     assert sorted(r["dst"] for r in state["routes"]) == [
@@ -127,7 +127,7 @@ def test_foreign_mark_bit_survives(make_lab):
         "add chain inet foreign out { type route hook output priority -200; }; "
         f"add rule inet foreign out ip daddr {lab.b_addr} ct mark set ct mark | 0x4000",
     )
-    proc = start_sdnsup(lab, "-r", "10.10.10.0/24", "--ap", ap_arg(lab))
+    proc = start_sdnsup(lab, "-r", "10.10.10.0/24", "--ap", ap_arg(lab), "--probe", "icmp")
     assert lab.whoami(lab.ns_a, lab.b_addr) == str(lab.ap(1).overlay_addr)
     entries = lab.exec(lab.ns_a, "conntrack", "-L", "-p", "tcp", "-d", str(lab.b_addr)).stdout
     marks = {int(f.split("=")[1]) for f in entries.split() if f.startswith("mark=")}
@@ -137,11 +137,11 @@ def test_foreign_mark_bit_survives(make_lab):
 
 def test_second_instance_refused_and_bad_input_exit_64(make_lab):
     lab = make_lab(n_aps=1)
-    proc = start_sdnsup(lab, "-r", "10.10.10.0/24", "--ap", ap_arg(lab))
-    second = lab.run_sdnsup(lab.ns_a, "-r", "10.10.10.0/24", "--ap", ap_arg(lab))
+    proc = start_sdnsup(lab, "-r", "10.10.10.0/24", "--ap", ap_arg(lab), "--probe", "icmp")
+    second = lab.run_sdnsup(lab.ns_a, "-r", "10.10.10.0/24", "--ap", ap_arg(lab), "--probe", "icmp")
     assert second.wait(10) == 75
     assert "already running" in lab.logs(second)
-    bad = lab.run_sdnsup(lab.ns_a, "-r", "10.10.10.1/24", "--ap", ap_arg(lab))
+    bad = lab.run_sdnsup(lab.ns_a, "-r", "10.10.10.1/24", "--ap", ap_arg(lab), "--probe", "icmp")
     assert bad.wait(10) == 64
     assert "did you mean 10.10.10.0/24" in lab.logs(bad)
     assert stop_sdnsup(lab, proc) == 0
@@ -154,7 +154,7 @@ def test_without_cap_net_admin_nothing_is_touched(make_lab):
         "setpriv",
         "--bounding-set=-net_admin",
         "--inh-caps=-net_admin",
-        *_python_cli("-r", "10.10.10.0/24", "--ap", ap_arg(lab)),
+        *_python_cli("-r", "10.10.10.0/24", "--ap", ap_arg(lab), "--probe", "icmp"),
         label="a-sdnsup-nocap",
     )
     assert proc.wait(10) == 77
@@ -172,7 +172,7 @@ def test_stop_within_two_seconds(make_lab):
     import time
 
     lab = make_lab(n_aps=1)
-    proc = start_sdnsup(lab, "-r", "10.10.10.0/24", "--ap", ap_arg(lab))
+    proc = start_sdnsup(lab, "-r", "10.10.10.0/24", "--ap", ap_arg(lab), "--probe", "icmp")
     t0 = time.monotonic()
     assert stop_sdnsup(lab, proc) == 0
     assert time.monotonic() - t0 < 2.0

@@ -44,7 +44,9 @@ def main() -> int:
 
         say("")
         say(f"== Starting: sdnsup -r {CIDRS} --ap {ap.addr}+{ap.addr6}")
-        proc = lab.run_sdnsup(lab.ns_a, "-r", CIDRS, "--ap", f"{ap.addr}+{ap.addr6}")
+        proc = lab.run_sdnsup(
+            lab.ns_a, "-r", CIDRS, "--ap", f"{ap.addr}+{ap.addr6}", "--probe", "icmp"
+        )
         deadline = time.monotonic() + 15
         while "applied:" not in lab.logs(proc):
             if proc.poll() is not None or time.monotonic() > deadline:

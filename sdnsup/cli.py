@@ -8,12 +8,17 @@ Exit codes: 0 clean stop, 64 bad usage (nothing applied), 75 another instance ru
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
+import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 
-from sdnsup import __version__
-from sdnsup.aps import parse_static_aps
+from sdnsup import __version__, keepalive
+from sdnsup.aps import PROBE_KINDS, AccessPoint, ProbeSpec, parse_static_aps
 from sdnsup.cidrs import parse_cidrs
 from sdnsup.errors import ConfigError, SdnsupError
 from sdnsup.state import (
@@ -25,6 +30,10 @@ from sdnsup.state import (
 )
 
 log = logging.getLogger("sdnsup")
+
+# Mirrored here so --help shows them without importing the daemon.
+REPROBE_INTERVAL = 30.0
+VERIFY_INTERVAL = 120.0
 
 SUBCOMMANDS = ("run",)
 
@@ -43,7 +52,17 @@ defaults and why:
   --table {DEFAULT_TABLE}       not Tailscale's 52, wg-quick's 51820 or the seed's 100.
   --priority {DEFAULT_PRIORITY}    before main (32766), after Tailscale's rules (5210-5270).
 
+choosing and keeping the AP:
+  With --cc, sdnsup asks the control center for its AP list (GET URL/v1/aps), retrying with
+  exponential backoff and full jitter (1 s doubling to 60 s; unlimited unless --retries),
+  and refreshes it every 'ttl' the CC gives. It probes every AP concurrently and takes the
+  first to answer; a later probe round switches only to an AP >10 ms and >33% faster. The
+  active AP is probed every --keepalive-interval; after --keepalive-misses misses in a row it
+  is dead and traffic moves at once to the next live AP of the last ranking (with the
+  defaults, within 0.6-0.8 s). A dead AP is reused only after 10 s and a clean probe round.
+
 examples:
+  sdnsup -r 10.10.10.0/24 --cc https://cc.example.net --cc-token-file /etc/sdnsup/cc.token
   sdnsup -r 10.10.10.0/24,10.10.20.0/24 --ap 10.77.0.11
   sdnsup -r @/etc/sdnsup/cidrs.txt --ap 10.77.0.11+fd77::11   (dual-stack AP)
   sdnsup -r 10.0.0.0/8 --ap 10.77.0.11,10.77.0.12 --no-ap blackhole
@@ -84,12 +103,75 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated CIDRs to steer (IPv4 and IPv6), or @FILE with one CIDR per line "
         "('#' comments); repeatable",
     )
-    run.add_argument(
+    where = run.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--cc",
+        metavar="URL",
+        help="control center base URL (https://...); the AP list comes from URL/v1/aps",
+    )
+    where.add_argument(
         "--ap",
-        required=True,
         metavar="APS",
-        help="static AP list, in order of preference: ADDR, or ADDR4+ADDR6 for a dual-stack AP, "
+        help="static AP list instead of a CC: ADDR, or ADDR4+ADDR6 for a dual-stack AP, "
         "comma-separated. IPv6 CIDRs need an AP with an IPv6 address.",
+    )
+    run.add_argument(
+        "--cc-token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the CC bearer token (or set SDNSUP_CC_TOKEN); never pass the token "
+        "itself on the command line, where every user can read it",
+    )
+    run.add_argument("--cc-ca", type=Path, metavar="FILE", help="CA certificate (PEM) for the CC")
+    run.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help="give up (exit 75) after N failed attempts to reach the CC at start "
+        "(default: retry forever, as the seed does)",
+    )
+    run.add_argument(
+        "--probe",
+        default="udp:7300",
+        metavar="KIND[:PORT]",
+        help="how to probe static APs: udp (echo, default udp:7300), tcp, icmp or http "
+        "(http:PORT/PATH); APs from a CC say it themselves",
+    )
+    run.add_argument(
+        "--keepalive-interval",
+        type=float,
+        default=keepalive.KEEPALIVE_INTERVAL,
+        metavar="S",
+        help="seconds between keepalive probes of the active AP (%(default)s)",
+    )
+    run.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=keepalive.KEEPALIVE_TIMEOUT,
+        metavar="S",
+        help="deadline of one keepalive probe (%(default)s s)",
+    )
+    run.add_argument(
+        "--keepalive-misses",
+        type=int,
+        default=keepalive.KEEPALIVE_MISSES,
+        metavar="K",
+        help="missed probes in a row that make the AP dead (%(default)s)",
+    )
+    run.add_argument(
+        "--reprobe-interval",
+        type=float,
+        default=REPROBE_INTERVAL,
+        metavar="S",
+        help="seconds between probe rounds of all APs, +-20%% jitter (%(default)s)",
+    )
+    run.add_argument(
+        "--verify-interval",
+        type=float,
+        default=VERIFY_INTERVAL,
+        metavar="S",
+        help="seconds between full re-reads of the kernel state, which catch changes no "
+        "netlink event reported (%(default)s)",
     )
     run.add_argument(
         "--allow-default",
@@ -140,30 +222,103 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def parse_probe(spec: str) -> ProbeSpec:
+    """``udp:7300``, ``tcp:22``, ``icmp``, ``http:7301/health`` -> :class:`ProbeSpec`."""
+    kind, _, rest = spec.partition(":")
+    if kind not in PROBE_KINDS:
+        raise ConfigError(f"--probe {spec!r}: kind must be one of {', '.join(PROBE_KINDS)}")
+    port_text, _, path = rest.partition("/")
+    default = ProbeSpec()
+    try:
+        port = int(port_text) if port_text else (7301 if kind in ("tcp", "http") else default.port)
+    except ValueError:
+        raise ConfigError(f"--probe {spec!r}: {port_text!r} is not a port") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"--probe {spec!r}: port must be 1-65535")
+    return ProbeSpec(kind=kind, port=port, path="/" + path if path else default.path)  # type: ignore[arg-type]
+
+
+def read_token(path: Path | None) -> str | None:
+    """The CC token from ``--cc-token-file`` or ``SDNSUP_CC_TOKEN``; never from argv."""
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --cc-token-file {path}: {exc.strerror}") from exc
+        if not token:
+            raise ConfigError(f"--cc-token-file {path} is empty")
+        if path.stat().st_mode & 0o004:
+            log.warning("%s is readable by every user; chmod 600 it", path)
+        return token
+    return os.environ.get("SDNSUP_CC_TOKEN") or None
+
+
+def cc_addresses(url: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """The CC's addresses, exempt from steering so control traffic never enters the overlay."""
+    host = urllib.parse.urlsplit(url).hostname
+    if not host:
+        raise ConfigError(f"--cc {url!r} is not a URL like https://cc.example.net")
+    try:
+        return (ipaddress.ip_address(host),)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        # Not fatal: the CC may resolve later; until then its address is not exempt.
+        log.warning("cannot resolve CC host %s (%s); its traffic is not exempt", host, exc)
+        return ()
+    return tuple(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from sdnsup.daemon import RUN_DIR, RunConfig, serve
+    from sdnsup.daemon import RUN_DIR, Mailbox, RunConfig, desired_for, first_sdnsup_error, serve
     from sdnsup.preflight import InstanceLock, check_privileges, netns_id
 
     # Validate everything before touching anything.
     cidrs = parse_cidrs(args.routes, allow_default=args.allow_default)
-    aps = parse_static_aps(args.ap)
-    if cidrs.v6 and not any(ap.addr6 for ap in aps):
-        raise ConfigError(
-            f"{len(cidrs.v6)} IPv6 CIDRs given but no AP has an IPv6 address; "
-            "write a dual-stack AP as --ap 10.77.0.11+fd77::11"
+    aps: tuple[AccessPoint, ...] = ()
+    if args.ap is not None:
+        probe = parse_probe(args.probe)
+        aps = tuple(
+            AccessPoint(a.id, a.addr4, a.addr6, probe=probe) for a in parse_static_aps(args.ap)
         )
-    if cidrs.v4 and not any(ap.addr4 for ap in aps):
-        raise ConfigError(f"{len(cidrs.v4)} IPv4 CIDRs given but no AP has an IPv4 address")
+        if cidrs.v6 and not any(ap.addr6 for ap in aps):
+            raise ConfigError(
+                f"{len(cidrs.v6)} IPv6 CIDRs given but no AP has an IPv6 address; "
+                "write a dual-stack AP as --ap 10.77.0.11+fd77::11"
+            )
+        if cidrs.v4 and not any(ap.addr4 for ap in aps):
+            raise ConfigError(f"{len(cidrs.v4)} IPv4 CIDRs given but no AP has an IPv4 address")
+    if args.retries is not None and args.retries < 0:
+        raise ConfigError("--retries must be 0 or more")
+    for name in ("keepalive_interval", "keepalive_timeout", "reprobe_interval", "verify_interval"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if args.keepalive_misses < 1:
+        raise ConfigError("--keepalive-misses must be 1 or more")
     settings = Settings(mark=args.mark, mask=args.mask, table=args.table, priority=args.priority)
-    config = RunConfig(cidrs=cidrs, aps=aps, settings=settings, no_ap=args.no_ap)
+    token = read_token(args.cc_token_file) if args.cc else None
     check_privileges()
     _setup_logging(args.log_level)
+    exempt = cc_addresses(args.cc) if args.cc else ()
+    config = RunConfig(
+        cidrs=cidrs,
+        aps=aps,
+        settings=settings,
+        no_ap=args.no_ap,
+        exempt=exempt,
+        verify_interval=args.verify_interval,
+    )
     # Kernel backends load libnftables and open netlink sockets: only now.
+    from sdnsup import discovery, probe
     from sdnsup.applier import Applier
+    from sdnsup.netmon import Monitor, Watch
     from sdnsup.nft import LibNftables
     from sdnsup.rtnl import RtnlRoutes
+    from sdnsup.supervisor import Supervisor
     from sdnsup.sysctl import ProcSysctl
 
     with InstanceLock():
@@ -173,17 +328,55 @@ def cmd_run(args: argparse.Namespace) -> int:
             ProcSysctl(),
             sysctl_record=RUN_DIR / f"sysctl-{netns_id()}.json",
         )
+        cc = (
+            discovery.CCClient(args.cc, token=token, ca_file=args.cc_ca)
+            if args.cc is not None
+            else None
+        )
+        mailbox = Mailbox()
+        supervisor = Supervisor(
+            aps=aps if args.ap is not None else None,
+            desired_for=lambda ap, known: desired_for(config, ap, known),
+            post=mailbox.post,
+            probe_all=probe.probe_all,
+            probe_once=probe.probe_once,
+            should_switch=probe.should_switch,
+            cc=cc,
+            discover=lambda client: discovery.discover(client, retries=args.retries),
+            keepalive_interval=args.keepalive_interval,
+            keepalive_timeout=args.keepalive_timeout,
+            keepalive_misses=args.keepalive_misses,
+            reprobe_interval=args.reprobe_interval,
+        )
+        monitor = Monitor(Watch.for_settings(settings))
         log.info(
-            "starting: %d IPv4 + %d IPv6 CIDRs, APs %s, mark %#x/%#x table %d priority %d",
+            "starting: %d IPv4 + %d IPv6 CIDRs, %s, mark %#x/%#x table %d priority %d",
             len(cidrs.v4),
             len(cidrs.v6),
-            ", ".join(str(ap) for ap in aps),
+            f"CC {args.cc}" if args.cc else "APs " + ", ".join(str(ap) for ap in aps),
             settings.mark,
             settings.mask,
             settings.table,
             settings.priority,
         )
-        trio.run(serve, config, applier)
+
+        async def main() -> None:
+            try:
+                await serve(
+                    config, applier, mailbox=mailbox, supervisor=supervisor, monitor=monitor
+                )
+            finally:
+                if cc is not None:
+                    with trio.CancelScope(shield=True):
+                        await cc.aclose()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            found = first_sdnsup_error(exc)
+            if found is None:
+                raise
+            raise found from exc
     log.info("stopped")
     return 0
 

@@ -243,9 +243,10 @@ async def serve(
         supervisor: an object with ``async run()`` deciding the AP and posting desired
             states to ``mailbox`` (None: steer through the first
             static AP, without probing; used by tests of the kernel side alone).
-        monitor: an object with ``async run(trigger, task_status=...)`` calling ``trigger(
-            cause)`` when the kernel state may need healing, ``watch_applied(desired, result)``
-            and ``quiet()`` (None: only periodic verification).
+        monitor: a :class:`sdnsup.netmon.Monitor` calling ``trigger(cause)`` when the kernel
+            state may need healing (None: only periodic verification). Its watch follows the
+            AP interfaces after every apply, and the applier's writes run under its
+            ``own_writes()`` so that their echoes do not trigger a heal.
 
     Raises:
         DiscoveryError: initial discovery exhausted its retries.
@@ -254,8 +255,18 @@ async def serve(
     """
     started = time.monotonic()
     mailbox = mailbox or Mailbox()
-    on_applied = monitor.watch_applied if monitor is not None else None
-    quiet = monitor.quiet if monitor is not None else None
+    on_applied = None
+    quiet = None
+    if monitor is not None:
+        from sdnsup.netmon import Watch
+
+        def on_applied(desired: DesiredState, result: ApplyResult) -> None:
+            links = [link.ifindex for link in result.ap_links.values()]
+            # No AP interface known (AP unreachable): watch every interface, so that the
+            # link that brings it back triggers a re-check.
+            monitor.watch = Watch.for_settings(desired.settings, links or None)
+
+        quiet = monitor.own_writes
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
