@@ -220,6 +220,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s sdnsup %(levelname)s %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S%z",
     )
+    # httpx logs every request at INFO: one line per CC refresh is chatter, not a state change.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def parse_probe(spec: str) -> ProbeSpec:
@@ -300,7 +302,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.keepalive_misses < 1:
         raise ConfigError("--keepalive-misses must be 1 or more")
     settings = Settings(mark=args.mark, mask=args.mask, table=args.table, priority=args.priority)
+    from sdnsup import discovery
+
     token = read_token(args.cc_token_file) if args.cc else None
+    cc = (
+        discovery.CCClient(args.cc, token=token, ca_file=args.cc_ca)
+        if args.cc is not None
+        else None
+    )
     check_privileges()
     _setup_logging(args.log_level)
     exempt = cc_addresses(args.cc) if args.cc else ()
@@ -313,7 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         verify_interval=args.verify_interval,
     )
     # Kernel backends load libnftables and open netlink sockets: only now.
-    from sdnsup import discovery, probe
+    from sdnsup import probe
     from sdnsup.applier import Applier
     from sdnsup.netmon import Monitor, Watch
     from sdnsup.nft import LibNftables
@@ -327,11 +336,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             LibNftables(),
             ProcSysctl(),
             sysctl_record=RUN_DIR / f"sysctl-{netns_id()}.json",
-        )
-        cc = (
-            discovery.CCClient(args.cc, token=token, ca_file=args.cc_ca)
-            if args.cc is not None
-            else None
         )
         mailbox = Mailbox()
         supervisor = Supervisor(
