@@ -131,7 +131,6 @@ async def applier_task(
     mailbox: Mailbox,
     *,
     on_applied: Callable[[DesiredState, ApplyResult], None] | None = None,
-    quiet: Callable[[], Any] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Apply the newest desired state whenever there is news; heal on request.
@@ -139,9 +138,7 @@ async def applier_task(
     A heal re-reads the kernel (someone else changed it) before applying. A failed apply is
     retried with backoff from a fresh read. The applier's netlink calls block, so they run
     in a worker thread; trio's default (not abandoning the thread on cancel) means a write
-    in progress always completes and ``applied`` stays true to the kernel. ``quiet()``, if
-    given, is a context manager the writes run under (it mutes the netlink monitor's echoes
-    of sdnsup's own writes).
+    in progress always completes and ``applied`` stays true to the kernel.
     """
     task_status.started()
     current: DesiredState | None = None
@@ -157,11 +154,7 @@ async def applier_task(
             applier.resync()
         state = current
         try:
-            if quiet is not None:
-                with quiet():
-                    result = await trio.to_thread.run_sync(applier.apply, state)
-            else:
-                result = await trio.to_thread.run_sync(applier.apply, state)
+            result = await trio.to_thread.run_sync(applier.apply, state)
         except KernelError as exc:
             log.error("apply failed, retrying in %.1f s: %s", delay, exc)
             applier.resync()
@@ -245,8 +238,8 @@ async def serve(
             static AP, without probing; used by tests of the kernel side alone).
         monitor: a :class:`sdnsup.netmon.Monitor` calling ``trigger(cause)`` when the kernel
             state may need healing (None: only periodic verification). Its watch follows the
-            AP interfaces after every apply, and the applier's writes run under its
-            ``own_writes()`` so that their echoes do not trigger a heal.
+            AP interfaces after every apply; it recognises the echoes of sdnsup's own writes
+            by the port id of the netlink socket that caused them.
 
     Raises:
         DiscoveryError: initial discovery exhausted its retries.
@@ -256,7 +249,6 @@ async def serve(
     started = time.monotonic()
     mailbox = mailbox or Mailbox()
     on_applied = None
-    quiet = None
     if monitor is not None:
         from sdnsup.netmon import Watch
 
@@ -265,15 +257,13 @@ async def serve(
             # No AP interface known (AP unreachable): watch every interface, so that the
             # link that brings it back triggers a re-check.
             monitor.watch = Watch.for_settings(desired.settings, links or None)
-
-        quiet = monitor.own_writes
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
             nursery.start_soon(
                 supervised,
                 "applier",
-                lambda: applier_task(applier, mailbox, on_applied=on_applied, quiet=quiet),
+                lambda: applier_task(applier, mailbox, on_applied=on_applied),
             )
             nursery.start_soon(
                 supervised, "verify", lambda: verify_loop(mailbox, config.verify_interval)

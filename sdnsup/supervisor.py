@@ -13,8 +13,8 @@ a desired state posted to the applier's mailbox. Its tasks, all in one nursery:
   path), then asks for a re-probe and a CC refresh in the background. With no live AP, the
   no-AP policy applies and sdnsup keeps looking (the seed's "run the access flow again").
 
-An AP declared dead comes back only after :data:`HOLD_DOWN` and a probe round in which every
-probe to it answered: fail-back flaps without a hold-down (mwan3 asks for several good rounds).
+An AP declared dead comes back only after a hold-down and several good probes in a row
+(:class:`sdnsup.probe.Hysteresis`): fail-back flaps without one (mwan3 asks for 5 good rounds).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import trio
 from sdnsup import keepalive
 from sdnsup.aps import AccessPoint
 from sdnsup.errors import DiscoveryError, SdnsupError
+from sdnsup.probe import Hysteresis
 from sdnsup.state import DesiredState
 
 log = logging.getLogger("sdnsup")
@@ -45,8 +46,6 @@ JITTER = 0.2
 # than that is useless for interactive traffic.
 PROBE_COUNT = 3
 PROBE_TIMEOUT = 1.0
-# A dead AP must stay quiet this long, then answer a whole probe round, before reuse.
-HOLD_DOWN = 10.0
 # A failed CC refresh is retried with full-jitter backoff up to this, keeping the current AP.
 REFRESH_RETRY_CAP = 60.0
 
@@ -143,7 +142,7 @@ class Supervisor:
         self._ka = (keepalive_interval, keepalive_timeout, keepalive_misses)
         self._reprobe_interval = reprobe_interval
         self._ttl = 60.0
-        self._dead: dict[str, float] = {}  # ap.id -> trio time it was declared dead
+        self._hysteresis = Hysteresis()
         self._reprobe = trio.Event()
         self._refresh = trio.Event()
         self._active_changed = trio.Event()
@@ -173,19 +172,24 @@ class Supervisor:
         return next((r for r in self.status.ranking if r.ap == ap), None)
 
     def _eligible(self, result: Any, now: float) -> bool:
-        if result.rtt is None or result.received == 0:
-            return False
-        died = self._dead.get(result.ap.id)
-        if died is None:
-            return True
-        if now - died >= HOLD_DOWN and result.received == result.sent:
-            del self._dead[result.ap.id]
-            log.info("AP %s is back: answered every probe after %.0f s", result.ap.id, now - died)
-            return True
-        return False
+        live = result.rtt is not None and result.received > 0
+        return live and self._hysteresis.usable(result.ap.id, now)
+
+    def _count_probes(self, ranking: Sequence[Any], now: float) -> None:
+        """Feed a round's probes of held-down APs to the hysteresis (once per round)."""
+        for r in ranking:
+            key = r.ap.id
+            if not self._hysteresis.is_held(key):
+                continue
+            if r.received < r.sent:
+                self._hysteresis.record(key, False, now)
+            for _ in range(r.received):
+                self._hysteresis.record(key, True, now)
+            if self._hysteresis.usable(key, now):
+                log.info("AP %s is back: held down, then answered every probe", key)
 
     def _first_answer(self, result: Any) -> None:
-        if self.active is None and result.ap.id not in self._dead:
+        if self.active is None and not self._hysteresis.is_held(result.ap.id):
             self._set_active(
                 result.ap,
                 Phase.CONNECTED,
@@ -196,11 +200,17 @@ class Supervisor:
         """Take a completed probe ranking into account (best first)."""
         now = trio.current_time()
         st = self.status
+        # Log a ranking when its order or the set of live APs changed: a steady network
+        # makes no noise, every 30 s, forever.
+        shape = [(r.ap.id, r.rtt is not None) for r in ranking]
+        changed = shape != [(r.ap.id, r.rtt is not None) for r in st.ranking]
         st.ranking = tuple(ranking)
         for r in ranking:
             if r.rtt is not None:
                 st.last_rtt[r.ap.id] = r.rtt
-        log.info(
+        self._count_probes(ranking, now)
+        log.log(
+            logging.INFO if changed else logging.DEBUG,
             "probe ranking: %s",
             ", ".join(f"{r.ap.id} {_ms(r.rtt)}" + (f" {r.sent - r.received}/{r.sent} lost"
                       if r.received < r.sent and r.rtt is not None else "") for r in ranking),
@@ -233,7 +243,7 @@ class Supervisor:
         """The active AP missed K probes: fail over to the next live AP of the last ranking."""
         now = trio.current_time()
         st = self.status
-        self._dead[death.ap.id] = now
+        self._hysteresis.mark_dead(death.ap.id, now)
         st.failovers += 1
         st.last_failover_at = time.time()
         st.phase = Phase.FAILING_OVER
@@ -347,9 +357,15 @@ class Supervisor:
 
     async def _refresh_loop(self) -> None:
         failures = 0
+        idle = 0  # refreshes in a row that found no usable AP
         while True:
             if failures:
                 delay = random.uniform(0, min(REFRESH_RETRY_CAP, 2.0**failures))
+            elif self.active is None and idle:
+                # No usable AP: ask the CC again soon (the seed's "run the access flow
+                # again"), backing off with full jitter so a fleet in trouble does not
+                # hammer the CC in step.
+                delay = random.uniform(0, min(REFRESH_RETRY_CAP, 2.0**idle))
             else:
                 delay = jittered(self._ttl)
             with trio.move_on_after(delay):
@@ -368,6 +384,7 @@ class Supervisor:
                 log.warning("CC refresh failed: %s", exc)
                 continue
             failures = 0
+            idle = idle + 1 if self.active is None else 0
             self.status.cc_error = None
             self.status.cc_last_refresh = time.time()
             self.set_directory(directory.aps, directory.ttl)

@@ -10,7 +10,8 @@ import trio.testing
 
 from sdnsup.aps import AccessPoint
 from sdnsup.errors import SdnsupError
-from sdnsup.supervisor import HOLD_DOWN, Phase, Supervisor
+from sdnsup.probe import HOLD_DOWN
+from sdnsup.supervisor import Phase, Supervisor
 
 
 @dataclass(frozen=True)

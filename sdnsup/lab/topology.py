@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from sdnsup.lab import apagent as _apagent
+from sdnsup.lab import cc as _cc
 from sdnsup.lab import teardown as _teardown
 from sdnsup.lab.commands import DEFAULT_TIMEOUT, Job, LabError, run, run_parallel
 from sdnsup.lab.services import (
@@ -625,6 +628,215 @@ class Lab:
         """Restore AP ``index``'s uplink (its addresses were kept)."""
         ap = self.ap(index)
         run(["ip", "-n", self._resolve(ap.ns), "link", "set", ap.uplink_ifname, "up"])
+
+    # --- probe agents and the control center (sdnsup.lab.apagent, sdnsup.lab.cc) -----------
+
+    # Set by start_cc (class defaults, so that labs built before it runs need no new state).
+    _cc_proc: subprocess.Popen[bytes] | None = None
+    _cc_url: str | None = None
+
+    def _lab_file(self, name: str) -> Path:
+        if self._state != "up" or self.tmpdir is None:
+            raise LabError(f"lab {self.prefix} is not up")
+        return self.tmpdir / name
+
+    def _agent_control(self, index: int) -> Path:
+        return self._lab_file(f"apagent-ap{self.ap(index).index}.json")
+
+    def _wait_ready(
+        self, proc: subprocess.Popen[bytes], ready: Path, deadline: float, what: str
+    ) -> None:
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(proc, grace=0.5)
+                raise LabError(f"{what} did not start:\n{self.logs(proc)}")
+            time.sleep(0.01)
+
+    def start_ap_agents(
+        self, delays: Mapping[int, float] | None = None, timeout: float = 5.0
+    ) -> list[subprocess.Popen[bytes]]:
+        """Start a probe agent (:mod:`~sdnsup.lab.apagent`) in every AP namespace.
+
+        Each answers udp echo on 7300 and tcp/``GET /health`` on 7301 after its delay
+        (``delays``: AP index -> seconds, default 0). Returns once every agent answered a
+        udp echo and an http probe from A, on IPv4 and IPv6. Call it once per lab.
+
+        Raises:
+            LabError: an agent did not start or did not answer within ``timeout`` seconds.
+            IndexError: ``delays`` names an AP this lab does not have.
+        """
+        delays = dict(delays or {})
+        for index in delays:
+            self.ap(index)
+        deadline = time.monotonic() + timeout
+        started = []
+        for ap in self.aps:
+            control = self._agent_control(ap.index)
+            _apagent.write_control(control, delays.get(ap.index, 0.0))
+            ready = self._lab_file(f"apagent-ap{ap.index}.ready")
+            ready.unlink(missing_ok=True)
+            argv = lab_script(
+                "apagent", "serve", "--control", str(control), "--ready-file", str(ready)
+            )
+            proc = self.popen(ap.ns, *argv, label=f"ap{ap.index}-apagent")
+            started.append((proc, ready))
+        for index, (proc, ready) in enumerate(started, 1):
+            self._wait_ready(proc, ready, deadline, f"the agent in AP {index}")
+        addrs = [str(a) for ap in self.aps for a in (ap.addr, ap.addr6)]
+        remaining = max(0.5, deadline - time.monotonic())
+        argv = lab_script("apagent", "check", *addrs, "--timeout", str(remaining))
+        result = self.exec(self.ns_a, *argv, check=False, timeout=remaining + 10)
+        if result.returncode != 0:
+            raise LabError(f"AP agents do not answer from A: {result.stderr.strip()}")
+        return [proc for proc, _ in started]
+
+    def _agent_settings(self, index: int) -> dict[str, Any]:
+        control = self._agent_control(index)
+        try:
+            settings: dict[str, Any] = json.loads(control.read_text())
+        except FileNotFoundError:
+            raise LabError(f"no agent runs in AP {index}: call start_ap_agents()") from None
+        return settings
+
+    def set_ap_delay(self, index: int, seconds: float) -> None:
+        """Make AP ``index``'s agent answer probes after ``seconds`` (from its next probe)."""
+        settings = self._agent_settings(index)
+        _apagent.write_control(self._agent_control(index), seconds, bool(settings.get("drop")))
+
+    def set_ap_drop(self, index: int, drop: bool, firewall: bool = True) -> None:
+        """Make AP ``index`` stop (or resume) answering probes, its sockets left open.
+
+        Its agent reads and ignores udp and http probes. With ``firewall`` (the default), an
+        nftables table ``inet labdrop`` in the AP's namespace also drops tcp connects to the
+        agent's port and ICMP echo requests to the AP, so every probe kind sees it dead;
+        forwarded traffic through the AP is not affected.
+        """
+        settings = self._agent_settings(index)
+        delay = float(settings.get("delay", 0.0))
+        _apagent.write_control(self._agent_control(index), delay, drop)
+        if firewall:
+            ruleset = "table inet labdrop {}\ndelete table inet labdrop\n"
+            if drop:
+                ruleset += (
+                    "table inet labdrop {\n"
+                    "  chain input {\n"
+                    "    type filter hook input priority filter; policy accept;\n"
+                    f"    tcp dport {_apagent.TCP_PORT} drop\n"
+                    "    icmp type echo-request drop\n"
+                    "    icmpv6 type echo-request drop\n"
+                    "  }\n"
+                    "}\n"
+                )
+            run(in_namespace(self._resolve(self.ap(index).ns), ["nft", "-f", "-"]), stdin=ruleset)
+
+    def cc_answer(
+        self,
+        aps: Sequence[int] | None = None,
+        ttl: float = 60,
+        probe: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A CC answer listing this lab's APs ``aps`` (indexes, default all) as ``ap1``...
+
+        Each entry has ``addr``/``addr6`` (the AP's uplink addresses), ``probe`` (default
+        udp to the lab agent's port 7300) and weight 1.
+        """
+        spec = dict(probe) if probe is not None else {"kind": "udp", "port": _apagent.UDP_PORT}
+        indexes = list(aps) if aps is not None else [ap.index for ap in self.aps]
+        entries = []
+        for index in indexes:
+            ap = self.ap(index)
+            entries.append(
+                {
+                    "id": f"ap{ap.index}",
+                    "addr": str(ap.addr),
+                    "addr6": str(ap.addr6),
+                    "probe": dict(spec),
+                    "weight": 1,
+                }
+            )
+        return {"aps": entries, "ttl": ttl}
+
+    def set_cc(
+        self,
+        mode: str = "ok",
+        answer: Mapping[str, Any] | None = None,
+        aps: Sequence[int] | None = None,
+        ttl: float = 60,
+        slow_seconds: float = _cc.DEFAULT_SLOW_SECONDS,
+        probe: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Set what the lab CC answers from its next request (see :mod:`sdnsup.lab.cc`).
+
+        ``mode``: ``ok``, ``500``, ``garbage``, ``slow`` (after ``slow_seconds``) or
+        ``oversize``. ``answer`` defaults to :meth:`cc_answer` ``(aps, ttl, probe)``. The
+        control file is replaced atomically; this may be called before :meth:`start_cc`.
+        """
+        if answer is None:
+            answer = self.cc_answer(aps, ttl, probe)
+        _cc.write_control(self._lab_file("cc.json"), mode, answer, slow_seconds)
+
+    def _address_in(self, ns: str) -> str:
+        """The address of namespace ``ns`` that A reaches it at."""
+        if ns == self.ns_r:
+            return str(self.router_addr)
+        if ns == self.ns_a:
+            return "127.0.0.1"
+        if ns == self.ns_b:
+            return str(self.b_addr)
+        if ns == self.ns_c:
+            return str(self.c_addr)
+        return str(next(ap.addr for ap in self.aps if ap.ns == ns))
+
+    def start_cc(
+        self,
+        ns: str | None = None,
+        port: int = 8000,
+        token: str | None = None,
+        host: str | None = None,
+        timeout: float = 5.0,
+    ) -> str:
+        """Start the lab CC (:mod:`~sdnsup.lab.cc`) and return its URL as seen from A.
+
+        By default it runs in R on its br-lan address (``http://172.31.1.1:8000``): A
+        reaches it on its LAN, never through an AP. ``host`` overrides the address it
+        binds and the URL names. With ``token``, requests need ``Authorization: Bearer``
+        that token. It serves what :meth:`set_cc` wrote (``ok`` with every AP if nothing).
+
+        Raises:
+            LabError: a CC already runs, or it did not start within ``timeout``.
+        """
+        if self._cc_proc is not None and self._cc_proc.poll() is None:
+            raise LabError("the lab CC already runs: stop_cc() first")
+        ns = self._resolve(ns or self.ns_r)
+        host = host or self._address_in(ns)
+        control = self._lab_file("cc.json")
+        if not control.exists():
+            self.set_cc()
+        argv = ["--host", host, "--port", str(port), "--control", str(control)]
+        if token is not None:
+            token_file = self._lab_file("cc-token")
+            token_file.touch(mode=0o600)
+            token_file.write_text(token)
+            argv += ["--token-file", str(token_file)]
+        ready = self._lab_file("cc.ready")
+        ready.unlink(missing_ok=True)
+        label = f"{ns.removeprefix(self.prefix)}-cc-{port}"
+        proc = self.popen(ns, *lab_script("cc", *argv, "--ready-file", str(ready)), label=label)
+        self._wait_ready(proc, ready, time.monotonic() + timeout, f"the CC in {ns}")
+        self._cc_proc = proc
+        self._cc_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return self._cc_url
+
+    @property
+    def cc_process(self) -> subprocess.Popen[bytes] | None:
+        """The running lab CC's process (for :meth:`logs`), None when it is not running."""
+        return self._cc_proc
+
+    def stop_cc(self) -> None:
+        """Stop the lab CC: connections to its URL are refused from now on. Idempotent."""
+        if self._cc_proc is not None:
+            self.stop(self._cc_proc, grace=2.0)
+            self._cc_proc = None
 
     # --- presentation ---------------------------------------------------------------------
 
