@@ -237,7 +237,7 @@ def parse_probe(spec: str) -> ProbeSpec:
         raise ConfigError(f"--probe {spec!r}: {port_text!r} is not a port") from None
     if not 0 < port < 65536:
         raise ConfigError(f"--probe {spec!r}: port must be 1-65535")
-    return ProbeSpec(kind=kind, port=port, path="/" + path if path else default.path)  # type: ignore[arg-type]
+    return ProbeSpec(kind=kind, port=port, path="/" + path if path else default.path)
 
 
 def read_token(path: Path | None) -> str | None:
@@ -283,9 +283,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cidrs = parse_cidrs(args.routes, allow_default=args.allow_default)
     aps: tuple[AccessPoint, ...] = ()
     if args.ap is not None:
-        probe = parse_probe(args.probe)
+        probe_spec = parse_probe(args.probe)
         aps = tuple(
-            AccessPoint(a.id, a.addr4, a.addr6, probe=probe) for a in parse_static_aps(args.ap)
+            AccessPoint(a.id, a.addr4, a.addr6, probe=probe_spec) for a in parse_static_aps(args.ap)
         )
         if cidrs.v6 and not any(ap.addr6 for ap in aps):
             raise ConfigError(

@@ -257,6 +257,7 @@ async def serve(
             # No AP interface known (AP unreachable): watch every interface, so that the
             # link that brings it back triggers a re-check.
             monitor.watch = Watch.for_settings(desired.settings, links or None)
+
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)

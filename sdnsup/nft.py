@@ -28,15 +28,17 @@ import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from sdnsup.errors import NftError
 from sdnsup.state import Settings
 
 FAMILY = "inet"
 # set name -> (element type, address family version)
-ADDRESS_SETS = {"dst4": ("ipv4_addr", 4), "dst6": ("ipv6_addr", 6),
-                "exempt4": ("ipv4_addr", 4), "exempt6": ("ipv6_addr", 6)}  # fmt: skip
+ADDRESS_SETS: dict[str, tuple[str, Literal[4, 6]]] = {
+    "dst4": ("ipv4_addr", 4), "dst6": ("ipv6_addr", 6),
+    "exempt4": ("ipv4_addr", 4), "exempt6": ("ipv6_addr", 6),
+}  # fmt: skip
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Element = Network
@@ -323,7 +325,7 @@ class LibNftables:
         declared = {o["set"]["name"] for o in listing if "set" in o}
         for set_name, (_, version) in ADDRESS_SETS.items():
             if set_name in declared:
-                members = self._elements.list(name, set_name, version)  # type: ignore[arg-type]
+                members = self._elements.list(name, set_name, version)
                 if members:
                     found[set_name] = frozenset(members)
         return replace(table, elements=found)
