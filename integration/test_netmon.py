@@ -5,8 +5,10 @@ every ``ip``/``nft`` command and the monitor itself under ``ip netns exec`` in i
 it at the end, also on failure.
 
 The monitor runs as a small script (below) that prints each trigger as a JSON line with its
-``time.monotonic()`` (one clock for all processes), and obeys ``mute``/``unmute``/``stats``
-on stdin. The test makes sdnsup-like state by hand, then for each action checks that exactly
+``time.monotonic()`` (one clock for all processes), and obeys commands on stdin: ``stats``,
+and sdnsup's own kernel writes made through sdnsup's backends in the monitor's process
+(``route-del``, ``nft-replace``, ``nft-delete``, ``churn``), whose echoes it must mute by
+port id. The test makes sdnsup-like state by hand, then for each action checks that exactly
 one trigger with the right cause follows -- or none -- and measures the latency from the
 action to the trigger. Every restore between checks re-adds our own objects with proto 245,
 so each one is also an echo check: it must trigger nothing.
@@ -38,16 +40,58 @@ SETTLE = 0.3
 
 MONITOR = textwrap.dedent(
     """
-    import contextlib, json, os, sys, time
+    import ipaddress, json, os, sys, time
     import trio
     from sdnsup.netmon import Monitor, Watch
+    from sdnsup.nft import LibNftables, render_table
+    from sdnsup.routes import Route
+    from sdnsup.rtnl import RtnlRoutes
+    from sdnsup.state import Settings
 
     def say(**kw):
         print(json.dumps({"t": time.monotonic(), **kw}), flush=True)
 
+    # sdnsup's own writers, opened on first use: after the monitor started, so that the
+    # monitor learns their ports from an echo, as it does for the daemon's libnftables socket.
+    writers = {}
+
+    def rtnl():
+        return writers.setdefault("rtnl", RtnlRoutes())
+
+    def nft():
+        return writers.setdefault("nft", LibNftables())
+
+    TABLE = render_table(Settings(), {"dst4": frozenset({ipaddress.ip_network("10.10.10.0/24")})})
+
+    def write(words):
+        if words[0] == "route-del":  # route-del CIDR: delete our route from table 7300
+            route = Route(ipaddress.ip_network(words[1]), 7300, 0)
+            failures = rtnl().delete_routes([route], proto=245)
+            assert not failures, failures
+        elif words[0] == "nft-replace":  # sdnsup's whole-table load: add; delete; add...
+            nft().replace(TABLE)
+        elif words[0] == "nft-delete":
+            assert nft().delete(TABLE.name)
+
+    def churn(seconds):
+        # Replace the table back to back, as an applier busy with heals would.
+        count, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            nft().replace(TABLE)
+            count += 1
+            time.sleep(0.002)
+        return count
+
+    async def churning(monitor, seconds):
+        try:
+            count = await trio.to_thread.run_sync(churn, seconds)
+        except Exception as exc:
+            say(churned=0, error=repr(exc))
+        else:
+            say(churned=count, muted=monitor.muted)
+
     async def main():
         monitor = Monitor(Watch(ifindexes=frozenset({int(sys.argv[1])})))
-        muted = contextlib.ExitStack()
         stdin = trio.lowlevel.FdStream(os.dup(0))
         async with trio.open_nursery() as nursery:
             await nursery.start(monitor.run, lambda cause: say(cause=cause))
@@ -57,11 +101,17 @@ MONITOR = textwrap.dedent(
                 pending += chunk
                 *lines, pending = pending.split(b"\\n")
                 for line in lines:
-                    if line == b"mute":
-                        muted.enter_context(monitor.own_writes())
-                    elif line == b"unmute":
-                        muted.close()
-                    say(ack=line.decode(), events=monitor.events, muted=monitor.muted)
+                    words = line.decode().split()
+                    error = None
+                    try:
+                        if words[0] == "churn":
+                            nursery.start_soon(churning, monitor, float(words[1]))
+                        elif words[0] != "stats":
+                            write(words)
+                    except Exception as exc:
+                        error = repr(exc)
+                    say(ack=line.decode(), events=monitor.events, muted=monitor.muted,
+                        error=error)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -149,6 +199,7 @@ class MonitorProcess:
         self.proc.stdin.flush()
         line = self.next(5)
         assert line is not None and line.get("ack") == cmd, f"no ack for {cmd}: {line}"
+        assert line["error"] is None, f"{cmd}: {line['error']}"
         return line
 
     def stop(self) -> str:
@@ -214,6 +265,20 @@ def check(
     latencies.append((cmd.split("&&")[0].strip()[:48], got[0]["t"] - start, got[0]["t"] - end))
 
 
+def own(monitor: MonitorProcess, cmd: str, muted: int, *, exact: bool = True) -> None:
+    """Make the monitor's process write ``cmd``; expect ``muted`` echoes muted (or at least
+    ``muted``, if not ``exact``) and no trigger."""
+    stray = monitor.until(time.monotonic())
+    assert stray == [], f"unexpected output before {cmd!r}: {stray}"
+    before = monitor.command("stats")
+    monitor.command(cmd)
+    got = monitor.until(time.monotonic() + SETTLE)
+    assert got == [], f"our own {cmd!r} should trigger nothing, got {got}"
+    after = monitor.command("stats")
+    count = after["muted"] - before["muted"]
+    assert count == muted if exact else count >= muted, (cmd, before, after)
+
+
 def test_monitor_heals_on_what_matters_and_ignores_the_rest(
     lab: tuple[str, MonitorProcess],
 ) -> None:
@@ -273,13 +338,10 @@ def test_monitor_heals_on_what_matters_and_ignores_the_rest(
     check(ns, monitor, f"{NH} && {ROUTES}", None, lat)
     check(ns, monitor, "ip addr add 192.0.2.7/24 dev v0", "address 192.0.2.7/24 added on v0", lat)
 
-    # Our own deletion, inside own_writes(): muted.
-    before = monitor.command("mute")
-    check(ns, monitor, "ip route del 10.10.10.0/24 table 7300", None, lat)
-    after = monitor.command("unmute")
-    assert after["muted"] == before["muted"] + 1
+    # Our own deletions, made through netlink sockets of the monitor's process: muted. The
+    # same deletions by the ip/nft CLI right after trigger.
+    own(monitor, "route-del 10.10.10.0/24", muted=1)
     check(ns, monitor, ROUTES, None, lat)
-    # ...and the same deletion after the block is somebody else's again.
     check(
         ns,
         monitor,
@@ -287,6 +349,14 @@ def test_monitor_heals_on_what_matters_and_ignores_the_rest(
         "route 10.10.10.0/24 deleted from table 7300",
         lat,
     )
+    check(ns, monitor, ROUTES, None, lat)
+    own(monitor, "nft-delete", muted=4)  # rule, set, chain, table
+    own(monitor, "nft-replace", muted=1)  # the table it adds and deletes again
+    check(ns, monitor, "nft delete table inet sdnsup", "nftables table inet sdnsup deleted", lat)
+    own(monitor, "nft-replace", muted=1)
+    # The whole table now: its rules, sets and chains, and the table.
+    own(monitor, "nft-replace", muted=5, exact=False)
+    check(ns, monitor, "nft flush ruleset", "nftables table inet sdnsup deleted (+", lat)
 
     print(f"\nlatency from action to trigger (COALESCE = {COALESCE * 1000:.0f} ms):")
     print(f"  {'action':48}  from start   from end")
@@ -315,3 +385,37 @@ def test_a_burst_of_102_route_deletions_is_one_trigger(lab: tuple[str, MonitorPr
         lat,
     )
     print(f"\n102 route deletions -> one trigger {lat[0][1] * 1000:.1f} ms after the start")
+
+
+def test_cli_deletions_of_our_table_trigger_while_we_recreate_it(
+    lab: tuple[str, MonitorProcess],
+) -> None:
+    # Regression: with a time window for echoes, an operator's ``nft flush ruleset`` run while
+    # (or right after) sdnsup re-created its table was muted as "own write?" and never healed
+    # (9 of 12 in a lab loop). The monitor's process re-creates ``inet sdnsup`` the way sdnsup
+    # does (one libnftables transaction: add table; delete table; add table ...), and every
+    # deletion by the CLI in between must trigger.
+    ns, monitor = lab
+    lat: list[Any] = []
+    cli = ["nft flush ruleset", "nft delete table inet sdnsup"]
+    # Back to back: our write, then at once theirs.
+    for i in range(12):
+        own(monitor, "nft-replace", muted=4 if i == 0 else 1)
+        check(ns, monitor, cli[i % 2], "nftables table inet sdnsup deleted", lat)
+    # Concurrently: our replacements run in a worker thread of the monitor's process every
+    # 2 ms (like the applier under trio.to_thread) while the CLI deletes the table.
+    monitor.command("nft-replace")  # the table exists when the first CLI deletion runs
+    before = monitor.command("stats")
+    monitor.command("churn 5")
+    deadline = time.monotonic() + 4
+    done = 0
+    while time.monotonic() < deadline:
+        check(ns, monitor, cli[done % 2], "nftables table inet sdnsup deleted", lat)
+        done += 1
+    end = monitor.next(5)
+    assert end is not None and "churned" in end, f"churn did not end: {end}"
+    assert end.get("error") is None, end["error"]
+    assert done >= 8
+    # Every replacement's echoes were muted (at least its own delete table), none triggered.
+    assert end["muted"] - before["muted"] >= end["churned"] > 50
+    print(f"\n{done} CLI deletions during {end['churned']} replacements: {done} triggers")

@@ -28,13 +28,20 @@ the fixtures of ``tests/test_netmon.py``):
   ruleset`` report DELRULE, DELSET, DELCHAIN, then DELTABLE for each table; the elements of
   a deleted set get no DELSETELEM.
 * A notification's ``nlmsg_pid`` is the port id of the socket whose request caused it
-  (0 for the kernel's own changes), and it is queued on every listener before that request's
-  ``sendmsg`` returns.
+  (0 for the kernel's own changes): the ``ip``/``nft`` process's socket, or one of ours.
 
 Echoes of our own writes: additions tagged with our protocol are never relevant, and the
 kernel drops them before they reach us (a socket filter, :func:`rtnl_filter`) so that a 100k
-route apply does not flood the monitor. Deletions by the applier itself (a CIDR removed, the
-table replaced) are muted with :meth:`Monitor.own_writes` -- see there for the race.
+route apply does not flood the monitor. Deletions made by sdnsup itself (a CIDR removed, the
+nftables table replaced) are muted by port id: an event is an echo exactly when its
+``nlmsg_pid`` is the port of one of this process's netlink sockets. Anyone else's change
+carries another port (the ``ip``/``nft`` process's) or 0 (the kernel), and triggers, however
+close in time to ours it comes. Why ``/proc`` (:func:`own_netlink_ports`) rather than
+asking each socket (``getsockname``): one of sdnsup's writing sockets is opened by libnftables
+inside the Python binding, which does not expose it. The process's socket inodes
+(``/proc/self/fd``) matched against the namespace's netlink table (``net/netlink``: inode ->
+port id) cover it, the rtnetlink and nfnetlink sockets of :mod:`sdnsup.rtnl` and
+:mod:`sdnsup.nfnl`, and any socket opened later, without the writers exposing anything.
 
 Errors: opening or reading a socket fails with :class:`~sdnsup.errors.RoutesError`
 (rtnetlink) or :class:`~sdnsup.errors.NftError` (nfnetlink), which ends :meth:`Monitor.run`.
@@ -52,10 +59,9 @@ import errno
 import ipaddress
 import logging
 import math
+import os
 import socket
 import struct
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -109,11 +115,14 @@ COALESCE = 0.020
 # the applier two re-checks a second instead of one every 20 ms.
 SETTLE_MAX = 0.5
 OVERFLOW_CAUSE = "netlink overflow, events lost"
-# How long after an own_writes() block an event queued before its end may still be read and
-# taken for an echo. An idle reader reads a notification within ~1 ms of the write that
-# queued it; 100 ms leaves room for a busy event loop (GIL, a large parse) and bounds how long
-# someone else's deletion right after our write can go unnoticed until the next verification.
-ECHO_GRACE = 0.100
+# Where own_netlink_ports() looks: the process's descriptors, and the netlink sockets of the
+# calling thread's network namespace (port ids are per namespace; thread-self, not self, in
+# case a thread was moved with setns).
+PROC_FDS = "/proc/self/fd"
+PROC_NETLINK = "/proc/thread-self/net/netlink"
+# Foreign ports remembered so that a storm from one ``ip`` process costs one /proc read, not
+# one per event; forgotten when this many accumulate (every ip/nft run has a new one).
+_FOREIGN_MAX = 1024
 
 # The kernel doubles the value and charges each notification's skb truesize (~0.5-1.5 KiB)
 # against it: 8 MiB holds several thousand unread events (same size as sdnsup.rtnl).
@@ -198,7 +207,7 @@ BPF_RET_K = 0x06
 _ACCEPT = 0xFFFFFFFF  # "keep the whole packet"
 _SOCK_FILTER = struct.Struct("=HBBI")  # code, jt, jf, k
 
-# Event kinds the applier's own writes can cause; only these are muted by own_writes().
+# Event kinds the applier's own writes can cause; only these are ever muted as echoes.
 _ECHO_KINDS = frozenset(
     {"route", "rule", "nexthop", "nft-table", "nft-chain", "nft-rule", "nft-set", "nft-setelem"}
 )
@@ -626,12 +635,51 @@ def _attach_filter(sock: socket.socket, program: Sequence[tuple[int, int, int, i
     )
 
 
+# --- our own sockets ----------------------------------------------------------------------
+
+
+def own_netlink_ports(fds: str = PROC_FDS, netlink: str = PROC_NETLINK) -> frozenset[int]:
+    """The port ids of this process's netlink sockets in the current network namespace.
+
+    Every one counts, whoever opened it: sdnsup's rtnetlink and nfnetlink sockets, the one
+    libnftables opens inside its Python binding, the monitor's own. ``fds`` is read for the
+    socket inodes the process holds (``socket:[INODE]`` links), ``netlink`` (columns ``sk
+    Eth Pid Groups Rmem Wmem Dump Locks Drops Inode``, ``Pid`` being the port id) for their
+    ports. Sockets of other namespaces are not in that table (their ports mean nothing
+    here), and unbound sockets (port 0) are left out: 0 is the kernel's port. One set for
+    all protocols: a port id is unique only within its protocol, but an autobound one is the
+    process's pid or comes from the kernel's count-down below -4096, so another process's
+    socket shares one with ours only if it binds that id explicitly.
+
+    Args:
+        fds: the descriptor directory (tests pass their own).
+        netlink: the netlink socket table (tests pass their own).
+
+    Raises:
+        OSError: ``fds`` or ``netlink`` cannot be read.
+    """
+    inodes = set()
+    for name in os.listdir(fds):
+        try:
+            target = os.readlink(os.path.join(fds, name))
+        except OSError:
+            continue  # closed meanwhile (or the directory's own descriptor)
+        if target.startswith("socket:[") and target.endswith("]"):
+            inodes.add(target[8:-1])
+    ports = set()
+    with open(netlink, encoding="ascii", errors="replace") as table:
+        next(table, None)  # the header
+        for line in table:
+            cols = line.split()
+            if len(cols) >= 10 and cols[9] in inodes and cols[2].isdigit() and cols[2] != "0":
+                ports.add(int(cols[2]))
+    return frozenset(ports)
+
+
 # --- event sources ------------------------------------------------------------------------
 
-Offer = Callable[[Event, float], None]
-"""``offer(event, queued_after)``: hand one event to the monitor. ``queued_after`` is a
-:func:`time.monotonic` time before which the event cannot have been queued: when the
-source's queue was last seen empty."""
+Offer = Callable[[Event], None]
+"""``offer(event)``: hand one event to the monitor."""
 
 
 class EventSource(Protocol):
@@ -653,10 +701,9 @@ class EventSource(Protocol):
 class NetlinkSource:
     """A non-blocking netlink socket subscribed to its groups, and its parser.
 
-    Not :func:`trio.socket.from_stdlib_socket`: echo muting needs to see the moment the
-    receive queue is empty (EAGAIN), which trio's ``recv`` hides by waiting. This reads
-    with the plain socket and waits with :func:`trio.lowlevel.wait_readable`, exactly what
-    ``trio.socket`` does inside.
+    Not :func:`trio.socket.from_stdlib_socket`: its ``recv`` is a scheduling point per
+    datagram. This reads a batch of datagrams with the plain non-blocking socket per wake-up
+    and waits with :func:`trio.lowlevel.wait_readable`, what ``trio.socket`` does inside.
     """
 
     def __init__(
@@ -725,27 +772,25 @@ class NetlinkSource:
         """
         sock = self.sock
         buf = bytearray(_RECV_BYTES)
-        queued_after = time.monotonic()  # subscribed just before: nothing older is queued
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(_READ_BATCH):
                 try:
                     size = sock.recv_into(buf, len(buf), socket.MSG_TRUNC)
                 except BlockingIOError:
-                    queued_after = time.monotonic()
                     break
                 except OSError as exc:
                     if exc.errno != errno.ENOBUFS:
                         raise self.error(f"reading {self.name} events failed: {exc}") from exc
                     log.warning("%s events were lost: the receive queue overflowed", self.name)
-                    offer(Event("overflow", f"{self.name}: ENOBUFS"), queued_after)
+                    offer(Event("overflow", f"{self.name}: ENOBUFS"))
                     continue
                 if size > len(buf):
                     log.warning("%s event of %d bytes truncated", self.name, size)
-                    offer(Event("overflow", f"{self.name}: truncated"), queued_after)
+                    offer(Event("overflow", f"{self.name}: truncated"))
                     size = len(buf)
                 for event in self.parse(bytes(buf[:size]), size):
-                    offer(event, queued_after)
+                    offer(event)
 
     def close(self) -> None:
         self.sock.close()
@@ -782,8 +827,18 @@ class Monitor:
     interface changes; the next event is judged by the new value. The kernel-side echo
     filter keeps the protocol of the watch that :meth:`run` started with.
 
-    Counters for tests and diagnostics: ``events`` (parsed), ``muted`` (relevant but muted
-    as possible echoes), ``triggers`` (calls of ``trigger``).
+    Echoes: a relevant route, rule, nexthop or nftables event whose port id (``nlmsg_pid``)
+    is one of this process's netlink sockets is sdnsup's own write, and is muted. The ports
+    are read when :meth:`run` starts and again whenever an event brings a non-zero port not
+    known yet (a socket opened since); a port found foreign is remembered, so a storm from
+    one ``ip`` process costs one read. Port 0 (the kernel's own changes) never is ours, and
+    link, address and lost events are never muted, whatever their port. Both ways of being
+    wrong are harmless: a socket of ours closed before its echo is read (sdnsup keeps its
+    sockets open) makes that echo trigger one needless re-check; if the ports cannot be read
+    at all, nothing is muted and every echo costs one re-check, which writes nothing.
+
+    Counters for tests and diagnostics: ``events`` (parsed), ``muted`` (relevant but echoes
+    of our own writes), ``triggers`` (calls of ``trigger``).
     """
 
     def __init__(
@@ -791,18 +846,21 @@ class Monitor:
         watch: Watch | None = None,
         *,
         sources: Callable[[Watch], Sequence[EventSource]] = open_kernel_sources,
+        own_ports: Callable[[], frozenset[int]] = own_netlink_ports,
     ) -> None:
         """Create a monitor; nothing is opened before :meth:`run`.
 
         Args:
             watch: what to watch; default ``Watch()`` (sdnsup's defaults, every interface).
             sources: opens the event sources when :meth:`run` starts (tests pass fakes).
+            own_ports: the port ids of this process's netlink sockets, called from the trio
+                thread (tests pass fakes); it may raise :class:`OSError`.
         """
         self.watch = watch if watch is not None else Watch()
         self._sources = sources
-        self._lock = threading.Lock()  # own_writes() may be used from worker threads
-        self._writers = 0
-        self._own_until = -math.inf
+        self._own_ports = own_ports
+        self._ours: frozenset[int] = frozenset()
+        self._foreign: set[int] = set()
         self._wake: trio.MemorySendChannel[None] | None = None
         self._cause: str | None = None
         self._rank = 0
@@ -812,53 +870,38 @@ class Monitor:
         self.muted = 0
         self.triggers = 0
 
-    @contextlib.contextmanager
-    def own_writes(self) -> Iterator[None]:
-        """Mute the echoes of sdnsup's own writes made inside this block.
-
-        Wrap every kernel write of the applier (from the trio thread around
-        ``trio.to_thread.run_sync(applier.apply, ...)``, or inside the worker thread).
-        Blocks may nest and overlap.
-
-        What is muted: relevant route, rule, nexthop and nftables events read while a block
-        is open, or read less than :data:`ECHO_GRACE` after the last block closed when they
-        may have been queued before it closed (the receive queue was not seen empty since).
-        The kernel queues a write's notifications before the write returns, and an idle
-        reader reads them within a millisecond, so echoes are read inside that window.
-        Never muted: link and address events and lost events, which no sdnsup write causes.
-
-        The race: someone else's deletion made while a block is open, or up to ECHO_GRACE
-        after it closes (or before it opened, if the monitor had not read it yet), is muted
-        too. The daemon's periodic verification catches it (an applier run reads the whole
-        state anyway). The other way round, an echo read later than ECHO_GRACE (the event
-        loop stalled) causes one needless re-check, which finds nothing to write.
-        """
-        with self._lock:
-            self._writers += 1
+    def _read_ports(self) -> bool:
         try:
-            yield
-        finally:
-            with self._lock:
-                self._writers -= 1
-                if not self._writers:
-                    self._own_until = time.monotonic()
+            self._ours = self._own_ports()
+        except OSError as exc:
+            log.warning("cannot list our netlink sockets, echoes are not muted: %s", exc)
+            return False
+        return True
 
-    def _maybe_own(self, queued_after: float) -> bool:
-        with self._lock:
-            if self._writers:
-                return True
-            own_until = self._own_until
-        return queued_after < own_until and time.monotonic() < own_until + ECHO_GRACE
+    def _is_ours(self, port: int) -> bool:
+        """Whether ``port`` is one of our sockets' (re-reading the ports for a new one)."""
+        if port == 0 or port in self._foreign:
+            return False
+        if port in self._ours:
+            return True
+        if not self._read_ports():
+            return False  # not remembered: the next event with this port reads again
+        if port in self._ours:
+            return True
+        if len(self._foreign) >= _FOREIGN_MAX:
+            self._foreign.clear()
+        self._foreign.add(port)
+        return False
 
-    def _offer(self, event: Event, queued_after: float) -> None:
+    def _offer(self, event: Event) -> None:
         """One event from a source: filter, mute, add to the current burst, wake the consumer."""
         self.events += 1
         cause = relevant(event, self.watch)
         if cause is None:
             return
-        if event.kind in _ECHO_KINDS and self._maybe_own(queued_after):
+        if event.kind in _ECHO_KINDS and self._is_ours(event.port):
             self.muted += 1
-            log.debug("muted (own write?): %s [port %d]", event.detail, event.port)
+            log.debug("muted (own write): %s [port %d]", event.detail, event.port)
             return
         log.debug("heal cause: %s [%s, port %d]", cause, event.detail, event.port)
         rank = _rank(event)
@@ -922,6 +965,8 @@ class Monitor:
         """
         sources = self._sources(self.watch)
         try:
+            self._foreign.clear()
+            self._read_ports()
             wake, wakeups = trio.open_memory_channel[None](1)
             self._cause, self._rank, self._count = None, 0, 0
             try:

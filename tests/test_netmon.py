@@ -1,7 +1,7 @@
 """The netlink monitor without root: parsing of captured kernel messages, the pure relevance
-function, the kernel-side echo filter (run by a small cBPF interpreter), echo muting and
-coalescing on trio's MockClock with a fake event source, and the socket reader on a
-socketpair.
+function, the kernel-side echo filter (run by a small cBPF interpreter), the listing of our
+own netlink ports, echo muting and coalescing on trio's MockClock with a fake event source
+and port reader, and the socket reader on a socketpair.
 
 The fixtures are datagrams captured from Linux 6.18 in a network namespace (a monitor socket
 subscribed to the same groups, while ``ip``/``nft`` made each change named in the comment).
@@ -11,10 +11,11 @@ Setup: veth v0 (ifindex 3, 192.0.2.1/24, 2001:db8::1/64) and v1 (ifindex 2); nex
 """
 
 import base64
+import dataclasses
 import errno
 import math
+import os
 import socket
-import time
 import zlib
 
 import pytest
@@ -31,6 +32,7 @@ from sdnsup.netmon import (
     Monitor,
     NetlinkSource,
     Watch,
+    own_netlink_ports,
     parse_nfnl,
     parse_rtnl,
     relevant,
@@ -560,34 +562,53 @@ def test_filter_keeps_everything_relevant_and_drops_echoes_and_foreign_routes():
 
 
 class FakeSource:
-    """Events pushed by the test: ``push(event, queued_after=None)``."""
+    """Events pushed by the test: ``push(event)``; an exception pushed is raised by pump."""
 
     def __init__(self):
         self.send, self.recv = trio.open_memory_channel(math.inf)
         self.closed = False
-        self.fail = None
 
-    def push(self, event, queued_after=None):
-        self.send.send_nowait((event, time.monotonic() if queued_after is None else queued_after))
+    def push(self, event):
+        self.send.send_nowait(event)
 
     async def pump(self, offer):
-        async for event, queued_after in self.recv:
+        async for event in self.recv:
             if isinstance(event, BaseException):
                 raise event
-            offer(event, queued_after)
+            offer(event)
 
     def close(self):
         self.closed = True
+
+
+class FakePorts:
+    """An injected port reader: returns ``ports`` (changeable) and counts its calls."""
+
+    def __init__(self, *ports):
+        self.ports = frozenset(ports)
+        self.calls = 0
+        self.fail = None
+
+    def __call__(self):
+        self.calls += 1
+        if self.fail:
+            raise self.fail
+        return self.ports
 
 
 ROUTE_DEL = Event("route", deleted=True, prefix="10.10.10.0/24", table=7300, proto=245)
 LINK_UP = Event("link", ifindex=V0, ifname="v0", flags=0x11043)
 
 
-def run_monitor(scenario, watch=WATCH):
-    """Run the monitor and ``scenario(monitor, source)`` on a MockClock; (time, cause) list."""
+def run_monitor(scenario, watch=WATCH, ports=None):
+    """Run the monitor and ``scenario(monitor, source)`` on a MockClock; (time, cause) list.
+
+    ``ports`` is the port reader (default: no socket of ours).
+    """
     source = FakeSource()
-    monitor = Monitor(watch, sources=lambda w: [source])
+    monitor = Monitor(
+        watch, sources=lambda w: [source], own_ports=FakePorts() if ports is None else ports
+    )
     triggers = []
 
     async def main():
@@ -700,52 +721,168 @@ def test_watch_can_change_while_running():
     assert [c for _, c in triggers] == ["link eth7 down"]
 
 
-def test_own_writes_mute_their_echoes_but_not_link_events():
-    async def scenario(monitor, source):
-        with monitor.own_writes():
-            source.push(ROUTE_DEL)  # our own deletion, read while writing
-            await trio.sleep(1)
-        # Read after the block, but queued in the same backlog: still ours.
-        source.push(parse("NFT_DEL_TABLE")[0], queued_after=time.monotonic() - 1)
-        await trio.sleep(1)
-        with monitor.own_writes(), monitor.own_writes():  # nesting
-            source.push(LINK_UP)  # a link is never our doing
-            await trio.sleep(1)
-        await trio.sleep(1)
-        # The queue was seen empty after the block: someone else's deletion.
-        source.push(ROUTE_DEL)
+OURS_PORT, OTHER_PORT, NEW_PORT = 3566177366, 2601, 4000000000
 
-    triggers, monitor = run_monitor(scenario)
+
+def test_an_event_from_one_of_our_sockets_is_muted():
+    ports = FakePorts(OURS_PORT, 77)
+    table_del = parse("NFT_DEL_TABLE")[0]
+
+    async def scenario(monitor, source):
+        for event in (ROUTE_DEL, table_del):
+            source.push(dataclasses.replace(event, port=OURS_PORT))
+        await trio.sleep(1)
+
+    triggers, monitor = run_monitor(scenario, ports=ports)
+    assert triggers == []
+    assert (monitor.events, monitor.muted) == (2, 2)
+    assert ports.calls == 1  # read once when run started, never again: the port is known
+
+
+@pytest.mark.parametrize("port", [OTHER_PORT, 0])
+def test_the_same_event_from_another_socket_or_the_kernel_triggers(port):
+    ports = FakePorts(OURS_PORT)
+
+    async def scenario(monitor, source):
+        source.push(dataclasses.replace(ROUTE_DEL, port=port))
+        await trio.sleep(1)
+        source.push(dataclasses.replace(ROUTE_DEL, port=port))
+
+    triggers, monitor = run_monitor(scenario, ports=ports)
+    assert [c for _, c in triggers] == ["route 10.10.10.0/24 deleted from table 7300"] * 2
+    assert monitor.muted == 0
+    # An unknown port is looked up once, then remembered as foreign; port 0 never is.
+    assert ports.calls == (2 if port else 1)
+
+
+def test_an_unknown_port_refreshes_the_cache_once_before_deciding():
+    ports = FakePorts(OURS_PORT)
+
+    async def scenario(monitor, source):
+        assert ports.calls == 1  # read when run started
+        ports.ports = frozenset({OURS_PORT, NEW_PORT})  # a socket of ours opened since
+        source.push(dataclasses.replace(ROUTE_DEL, port=NEW_PORT))
+        await trio.sleep(1)
+        assert (ports.calls, monitor.muted) == (2, 1)
+        # Known now: no more reads, for it or for the ports known before.
+        for port in (NEW_PORT, OURS_PORT, NEW_PORT):
+            source.push(dataclasses.replace(ROUTE_DEL, port=port))
+        await trio.sleep(1)
+        assert (ports.calls, monitor.muted) == (2, 4)
+        # Irrelevant events and port 0 never cause a read.
+        source.push(dataclasses.replace(ROUTE_DEL, proto=4, port=OTHER_PORT))
+        source.push(dataclasses.replace(ROUTE_DEL, port=0))
+        await trio.sleep(1)
+        assert ports.calls == 2
+
+    triggers, _ = run_monitor(scenario, ports=ports)
+    assert [c for _, c in triggers] == ["route 10.10.10.0/24 deleted from table 7300"]
+
+
+def test_a_storm_from_one_foreign_process_reads_the_ports_once():
+    ports = FakePorts(OURS_PORT)
+
+    async def scenario(monitor, source):
+        for _ in range(1000):
+            source.push(dataclasses.replace(ROUTE_DEL, port=OTHER_PORT))
+
+    triggers, _ = run_monitor(scenario, ports=ports)
+    assert [c for _, c in triggers] == [
+        "route 10.10.10.0/24 deleted from table 7300 (+999 more events)"
+    ]
+    assert ports.calls == 2
+
+
+def test_the_foreign_ports_memory_is_bounded(monkeypatch):
+    monkeypatch.setattr(netmon, "_FOREIGN_MAX", 3)
+    ports = FakePorts(OURS_PORT)
+
+    async def scenario(monitor, source):
+        for port in (1, 2, 3, 1, 4, 1):  # 4 overflows the memory: 1 is looked up again
+            source.push(dataclasses.replace(ROUTE_DEL, port=port))
+
+    run_monitor(scenario, ports=ports)
+    assert ports.calls == 1 + 5
+
+
+def test_link_address_and_overflow_events_are_never_muted():
+    ports = FakePorts(OURS_PORT)
+
+    async def scenario(monitor, source):
+        source.push(dataclasses.replace(LINK_UP, port=OURS_PORT))
+        await trio.sleep(1)
+        source.push(Event("addr", ifindex=V0, ifname="v0", prefix="192.0.2.9/24", port=OURS_PORT))
+        await trio.sleep(1)
+        source.push(Event("overflow", "rtnetlink: ENOBUFS", port=OURS_PORT))
+        await trio.sleep(1)
+        source.push(Event("overflow", "nftables: ENOBUFS"))
+
+    triggers, monitor = run_monitor(scenario, ports=ports)
     assert [c for _, c in triggers] == [
         "link v0 up",
-        "route 10.10.10.0/24 deleted from table 7300",
+        "address 192.0.2.9/24 added on v0",
+        OVERFLOW_CAUSE,
+        OVERFLOW_CAUSE,
     ]
-    assert monitor.muted == 2
-
-
-def test_an_event_read_long_after_the_block_is_not_muted(monkeypatch):
-    # Queued before the block ended, as far as the reader can tell, but read after the
-    # grace: an idle reader would have read an echo at once, so this is someone else's.
-    monkeypatch.setattr(netmon, "ECHO_GRACE", 0.0)
-
-    async def scenario(monitor, source):
-        with monitor.own_writes():
-            pass
-        source.push(ROUTE_DEL, queued_after=time.monotonic() - 1)
-
-    triggers, monitor = run_monitor(scenario)
-    assert [c for _, c in triggers] == ["route 10.10.10.0/24 deleted from table 7300"]
     assert monitor.muted == 0
+    assert ports.calls == 1
 
 
-def test_overflow_is_never_muted():
+def test_unreadable_ports_mute_nothing(caplog):
+    ports = FakePorts(OURS_PORT)
+    ports.fail = PermissionError(errno.EACCES, "Permission denied")
+
     async def scenario(monitor, source):
-        with monitor.own_writes():
-            source.push(Event("overflow", "rtnetlink: ENOBUFS"))
-            await trio.sleep(1)
+        source.push(dataclasses.replace(ROUTE_DEL, port=OURS_PORT))
+        await trio.sleep(1)
+        ports.fail = None  # readable again: the port was not taken for a foreign one
+        source.push(dataclasses.replace(ROUTE_DEL, port=OURS_PORT))
 
-    triggers, _ = run_monitor(scenario)
-    assert [c for _, c in triggers] == [OVERFLOW_CAUSE]
+    triggers, monitor = run_monitor(scenario, ports=ports)
+    assert [c for _, c in triggers] == ["route 10.10.10.0/24 deleted from table 7300"]
+    assert (monitor.muted, ports.calls) == (1, 3)
+    assert "echoes are not muted" in caplog.text
+
+
+# --- our own netlink ports from /proc ---------------------------------------------------------
+
+NETLINK_TABLE = """\
+sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode
+00000000e8185ce6 0   0          00000000 0        0        0     2        0        447652
+00000000033eac62 12  9166       00000000 0        0        0     2        0        447297
+00000000a18a1199 0   9166       00000651 0        0        0     2        0        447298
+0000000079cace16 12  3737776672 00000040 0        0        0     2        0        447299
+00000000f2062e14 0   2601       00000000 0        0        0     2        0        500000
+00000000f2062e15 0   0          00000000 0        0        0     2        0        447300
+"""
+
+
+def test_own_netlink_ports_matches_our_socket_inodes_to_the_netlink_table(tmp_path):
+    fds = tmp_path / "fd"
+    fds.mkdir()
+    links = {"0": "/dev/null", "3": "socket:[447297]", "4": "socket:[447298]",
+             "5": "socket:[447299]", "6": "socket:[447300]", "7": "socket:[999]",
+             "8": "pipe:[447652]", "9": "anon_inode:[eventpoll]"}  # fmt: skip
+    for fd, target in links.items():
+        os.symlink(target, fds / fd)
+    table = tmp_path / "netlink"
+    table.write_text(NETLINK_TABLE)
+    # 447300 is unbound (port 0), 999 is not a netlink socket (or of another namespace),
+    # 2601 and the first row are somebody else's.
+    assert own_netlink_ports(str(fds), str(table)) == {9166, 3737776672}
+
+
+def test_own_netlink_ports_of_this_process():
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        port, _groups = sock.getsockname()
+        assert port in own_netlink_ports()
+    assert port not in own_netlink_ports()
+
+
+def test_own_netlink_ports_raises_when_proc_is_missing(tmp_path):
+    with pytest.raises(OSError):
+        own_netlink_ports(str(tmp_path / "nope"), str(tmp_path / "nope"))
 
 
 def test_a_source_failure_ends_run_with_the_kernel_error_and_closes_sources():
@@ -805,12 +942,12 @@ class Flaky:
 
 
 def pump_until(source, count):
-    """Run ``source.pump`` until it has offered ``count`` events; [(event, queued_after)]."""
+    """Run ``source.pump`` until it has offered ``count`` events; the events."""
     got = []
     enough = trio.Event()
 
-    def offer(event, queued_after):
-        got.append((event, queued_after))
+    def offer(event):
+        got.append(event)
         if len(got) >= count:
             enough.set()
 
@@ -833,14 +970,13 @@ def test_pump_parses_datagrams_and_reports_overflow():
             Flaky(reader, [OSError(errno.ENOBUFS, "No buffer space")]), parse_rtnl, "rtnetlink",
             RoutesError,
         )  # fmt: skip
-        before = time.monotonic()
         writer.send(raw("ROUTE4_DEL"))
         writer.send(raw("LINK_DOWN"))
         got = pump_until(source, 3)
         source.close()
-    assert [e.kind for e, _ in got] == ["overflow", "route", "link"]
-    assert relevant(got[0][0], WATCH) == OVERFLOW_CAUSE
-    assert all(before <= t <= time.monotonic() for _, t in got)
+    assert [e.kind for e in got] == ["overflow", "route", "link"]
+    assert relevant(got[0], WATCH) == OVERFLOW_CAUSE
+    assert got[1] == only("ROUTE4_DEL")  # with its port
 
 
 def test_pump_reports_a_truncated_datagram_as_lost_events(monkeypatch):
@@ -850,7 +986,7 @@ def test_pump_reports_a_truncated_datagram_as_lost_events(monkeypatch):
     with reader, writer:
         writer.send(raw("LINK_DOWN"))
         got = pump_until(NetlinkSource(reader, parse_rtnl, "rtnetlink", RoutesError), 1)
-    assert got[0][0].kind == "overflow"
+    assert got[0].kind == "overflow"
 
 
 def test_pump_maps_other_socket_errors():
