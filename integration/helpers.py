@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sdnsup.lab import Lab
+from sdnsup.lab import wait_for as lab_wait_for
 from sdnsup.routes import RTPROT_SDNSUP
 
 T = TypeVar("T")
@@ -20,14 +20,7 @@ STOP_TIMEOUT = 10.0
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, step: float = 0.05) -> T:
     """Poll ``predicate`` until it returns something truthy (bounded in time)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
+    return lab_wait_for(what, timeout, predicate, step)
 
 
 def start_sdnsup(lab: Lab, *args: str, ns: str | None = None) -> subprocess.Popen[bytes]:

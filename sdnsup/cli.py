@@ -20,6 +20,7 @@ from pathlib import Path
 from sdnsup import __version__, keepalive
 from sdnsup.aps import PROBE_KINDS, AccessPoint, ProbeSpec, parse_static_aps
 from sdnsup.cidrs import parse_cidrs
+from sdnsup.daemon import VERIFY_INTERVAL
 from sdnsup.errors import ConfigError, SdnsupError
 from sdnsup.state import (
     DEFAULT_MARK,
@@ -28,12 +29,9 @@ from sdnsup.state import (
     DEFAULT_TABLE,
     Settings,
 )
+from sdnsup.supervisor import REPROBE_INTERVAL
 
 log = logging.getLogger("sdnsup")
-
-# Mirrored here so --help shows them without importing the daemon.
-REPROBE_INTERVAL = 30.0
-VERIFY_INTERVAL = 120.0
 
 SUBCOMMANDS = ("run",)
 

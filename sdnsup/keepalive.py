@@ -4,9 +4,11 @@ Each probe is raced against its deadline (the probe function owns the deadline);
 answers resets the miss count. Detection time is measured from the last good answer, which is
 what an operator wants to know: how long traffic may have been dark before sdnsup noticed.
 
-Defaults: with a 0.2 s interval, a 0.2 s deadline and 3 misses, a dead AP is detected 0.6 to
-0.8 s after its last answer, inside the 1 s dark-window goal, while a single lost probe (a
-busy AP, one dropped datagram) never causes a failover. Three misses is also what BFD
+Defaults: with a 0.2 s interval, a 0.2 s deadline and 3 misses, the verdict comes 0.8 s
+after the AP's last answer (3 intervals, then the third probe's deadline), which is 0.6 to
+0.8 s after the AP actually failed, depending on where in the probe cycle it did: inside the
+1 s dark-window goal, while a single lost probe (a busy AP, one dropped datagram) never
+causes a failover. Three misses is also what BFD
 deployments commonly use as their detect multiplier.
 """
 

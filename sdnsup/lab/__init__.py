@@ -11,7 +11,7 @@ Run ``python -m sdnsup.lab --help`` for the demo command line.
 
 from __future__ import annotations
 
-from sdnsup.lab.commands import CommandError, LabError
+from sdnsup.lab.commands import CommandError, LabError, WaitTimeout, wait_for
 from sdnsup.lab.services import Session
 from sdnsup.lab.teardown import cleanup, cleanup_stale, list_namespaces
 from sdnsup.lab.topology import AccessPoint, Lab, running_as_root, unavailable_reason
@@ -22,9 +22,11 @@ __all__ = [
     "Lab",
     "LabError",
     "Session",
+    "WaitTimeout",
     "cleanup",
     "cleanup_stale",
     "list_namespaces",
     "running_as_root",
     "unavailable_reason",
+    "wait_for",
 ]

@@ -10,14 +10,37 @@ from __future__ import annotations
 import shlex
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 
 
 class LabError(RuntimeError):
     """The lab could not be built or torn down, or a lab service misbehaved."""
+
+
+class WaitTimeout(LabError):
+    """:func:`wait_for` gave up."""
+
+
+def wait_for(what: str, timeout: float, predicate: Callable[[], T], step: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy (bounded in time) and return it.
+
+    Raises:
+        WaitTimeout: after ``timeout`` seconds, naming ``what`` was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
 
 
 class CommandError(LabError):
