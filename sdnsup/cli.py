@@ -350,6 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             keepalive_misses=args.keepalive_misses,
             reprobe_interval=args.reprobe_interval,
         )
+        supervisor.status.cc_url = cc.url if cc is not None else None
         monitor = Monitor(Watch.for_settings(settings))
         log.info(
             "starting: %d IPv4 + %d IPv6 CIDRs, %s, mark %#x/%#x table %d priority %d",

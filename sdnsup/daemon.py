@@ -131,6 +131,7 @@ async def applier_task(
     mailbox: Mailbox,
     *,
     on_applied: Callable[[DesiredState, ApplyResult], None] | None = None,
+    on_healed: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Apply the newest desired state whenever there is news; heal on request.
@@ -168,6 +169,8 @@ async def applier_task(
         if heals and result.total_writes:
             more = f" (+{len(heals) - 1} more)" if len(heals) > 1 else ""
             log.info("healed after %s%s: %s", heals[0], more, describe(state, result))
+            if on_healed is not None:
+                on_healed(heals[0])
         elif first or (result.total_writes and not heals):
             log.log(
                 logging.INFO if first else logging.DEBUG, "applied: %s", describe(state, result)
@@ -248,6 +251,14 @@ async def serve(
     """
     started = time.monotonic()
     mailbox = mailbox or Mailbox()
+    on_healed = None
+    if supervisor is not None:
+
+        def on_healed(cause: str) -> None:
+            st = supervisor.status
+            st.heals += 1
+            st.last_heal, st.last_heal_at = cause, time.time()
+
     on_applied = None
     if monitor is not None:
         from sdnsup.netmon import Watch
@@ -264,7 +275,7 @@ async def serve(
             nursery.start_soon(
                 supervised,
                 "applier",
-                lambda: applier_task(applier, mailbox, on_applied=on_applied),
+                lambda: applier_task(applier, mailbox, on_applied=on_applied, on_healed=on_healed),
             )
             nursery.start_soon(
                 supervised, "verify", lambda: verify_loop(mailbox, config.verify_interval)

@@ -90,6 +90,11 @@ class Status:
     last_failover_at: float | None = None
     cc_last_refresh: float | None = None
     cc_error: str | None = None
+    cc_url: str | None = None
+    heals: int = 0
+    last_heal: str | None = None
+    last_heal_at: float | None = None
+    started_at: float = field(default_factory=time.time)
 
 
 def jittered(seconds: float) -> float:
