@@ -33,7 +33,7 @@ from sdnsup.supervisor import REPROBE_INTERVAL
 
 log = logging.getLogger("sdnsup")
 
-SUBCOMMANDS = ("run",)
+SUBCOMMANDS = ("run", "plan", "down")
 
 RUN_EPILOG = f"""\
 how it steers traffic:
@@ -200,6 +200,33 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=("debug", "info", "warning", "error"),
         help="log verbosity (%(default)s)",
+    )
+
+    plan = sub.add_parser(
+        "plan",
+        help="print the nftables ruleset and routing run would install (no root needed)",
+        description="Print exactly what 'run' would install: the nftables table in nft syntax "
+        "(loadable with nft -f; --json for libnftables JSON) and the policy rules, nexthops "
+        "and routes as the equivalent ip commands. Review it before a deployment.",
+    )
+    plan.add_argument("-r", "--routes", action="append", required=True, metavar="CIDRS",
+                      help="as for run")  # fmt: skip
+    plan.add_argument("--ap", metavar="APS", help="the AP to show as active (default: none)")
+    plan.add_argument("--allow-default", action="store_true", help="as for run")
+    plan.add_argument("--no-ap", choices=("fallback", "blackhole"), default="fallback",
+                      help="as for run (%(default)s)")  # fmt: skip
+    plan.add_argument("--mark", type=_int, default=DEFAULT_MARK, help="(%(default)#x)")
+    plan.add_argument("--mask", type=_int, default=DEFAULT_MASK, help="(%(default)#x)")
+    plan.add_argument("--table", type=_int, default=DEFAULT_TABLE, help="(%(default)s)")
+    plan.add_argument("--priority", type=_int, default=DEFAULT_PRIORITY, help="(%(default)s)")
+    plan.add_argument("--json", action="store_true", help="nftables part as libnftables JSON")
+
+    sub.add_parser(
+        "down",
+        help="remove everything sdnsup added to the kernel, with no daemon running",
+        description="Remove sdnsup's nftables table, policy rules, nexthops and routes (found "
+        "by sdnsup's route protocol 245) and restore the sysctls it changed, e.g. after "
+        "kill -9. Refuses while a daemon runs in this network namespace: stop that instead.",
     )
     return parser
 
@@ -384,6 +411,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sdnsup.daemon import RunConfig, desired_for
+    from sdnsup.plan import plan
+    from sdnsup.rtnl import RtnlRoutes
+    from sdnsup.sysctl import ProcSysctl, strict_rp_filter
+
+    cidrs = parse_cidrs(args.routes, allow_default=args.allow_default)
+    aps = parse_static_aps(args.ap) if args.ap else ()
+    settings = Settings(mark=args.mark, mask=args.mask, table=args.table, priority=args.priority)
+    config = RunConfig(cidrs=cidrs, aps=aps, settings=settings, no_ap=args.no_ap)
+    desired = desired_for(config, aps[0] if aps else None)
+    # Route lookups and sysctl reads need no privilege: the plan shows the real interface
+    # towards the AP and whether strict rp_filter makes src_valid_mark necessary.
+    routes = RtnlRoutes.from_system()
+    try:
+        text = plan(
+            desired,
+            routes.resolve,
+            lambda ifname: strict_rp_filter(ProcSysctl(), ifname),
+            as_json=args.json,
+        )
+    finally:
+        routes.close()
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from sdnsup.applier import Applier
+    from sdnsup.daemon import RUN_DIR
+    from sdnsup.nft import LibNftables
+    from sdnsup.preflight import InstanceLock, check_privileges, netns_id
+    from sdnsup.rtnl import RtnlRoutes
+    from sdnsup.sysctl import ProcSysctl
+
+    check_privileges()
+    with InstanceLock():  # a running daemon owns the kernel state: refuse (exit 75)
+        applier = Applier(
+            RtnlRoutes.from_system(),
+            LibNftables(),
+            ProcSysctl(),
+            sysctl_record=RUN_DIR / f"sysctl-{netns_id()}.json",
+        )
+        result = applier.teardown()
+    if result.total_writes:
+        print(f"sdnsup down: removed {result.summary()}")
+    else:
+        print("sdnsup down: nothing of sdnsup's was in the kernel")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "down": cmd_down}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
@@ -391,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 64
     try:
-        return cmd_run(args)
+        return COMMANDS[args.command](args)
     except SdnsupError as exc:
         print(f"sdnsup: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -61,7 +61,7 @@ class InstanceLock:
             if exc.errno == errno.EADDRINUSE:
                 raise LockError(
                     "another sdnsup is already running in this network namespace; "
-                    "stop it first (supervisorctl stop sdnsup, or sdnsup down)"
+                    "stop it first (supervisorctl stop sdnsup, or systemctl stop sdnsup)"
                 ) from exc
             raise LockError(f"cannot take the instance lock: {exc}") from exc
         sock.set_inheritable(False)

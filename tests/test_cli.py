@@ -74,3 +74,22 @@ def test_static_aps():
     ]
     with pytest.raises(ConfigError, match="twice"):
         parse_static_aps("10.0.0.1,10.0.0.1")
+
+
+def test_plan_needs_no_root_and_prints_loadable_nft_and_ip_commands(capsys, monkeypatch):
+    def touched():  # pragma: no cover - must not be reached
+        raise AssertionError("plan must not need privileges")
+
+    monkeypatch.setattr("sdnsup.preflight.check_privileges", touched)
+    code = cli.main(["plan", "-r", "10.10.10.0/24,fd10::/64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "table inet sdnsup {" in out and "type route hook output" in out
+    assert "elements = { 10.10.10.0/24 }" in out
+    # no AP: routes on a blackhole nexthop and no rule (fallback)
+    assert "blackhole" in out and "rule add" not in out
+
+
+def test_plan_rejects_bad_cidrs_like_run(capsys):
+    assert cli.main(["plan", "-r", "10.10.10.1/24"]) == 64
+    assert "host bits" in capsys.readouterr().err
