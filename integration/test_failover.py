@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 import subprocess
 import time
@@ -11,6 +10,7 @@ import pytest
 
 from integration.helpers import owned, start_sdnsup, stop_sdnsup, wait_for
 from sdnsup.lab import Lab
+from sdnsup.lab.measure import dark_window
 
 pytestmark = pytest.mark.netns
 
@@ -43,22 +43,6 @@ def log_lines(lab: Lab, proc: subprocess.Popen[bytes], pattern: str) -> list[str
     return [line for line in lab.logs(proc).splitlines() if re.search(pattern, line)]
 
 
-def ping_gaps(lab: Lab, count: int, interval: float, during) -> tuple[float, int]:
-    """Ping B from A ``count`` times every ``interval`` s while ``during()`` runs; return the
-    longest time without a reply (the dark window) and the number of replies."""
-    proc = lab.popen(
-        lab.ns_a,
-        "ping", "-n", "-D", "-i", str(interval), "-c", str(count), "-W", "1", str(lab.b_addr),
-        label="a-ping", stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    time.sleep(1.0)
-    during()
-    out, _ = proc.communicate(timeout=count * interval + 15)
-    stamps = [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\].*bytes from", out, re.M)]
-    gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    return max(gaps, default=float("inf")), len(stamps)
-
-
 def test_fastest_of_three_is_chosen_without_waiting_for_the_slowest(make_lab):
     lab, url = lab_with_cc(make_lab, {1: 0.080, 2: 0.005, 3: 0.040})
     proc = start_sdnsup(lab, "-r", CIDRS, "--cc", url)
@@ -78,7 +62,7 @@ def test_active_ap_death_fails_over_quickly_and_inbound_keeps_working(make_lab):
     proc = start_sdnsup(lab, "-r", CIDRS, "--cc", url)
     assert via(lab) == overlay(lab, 1)
 
-    dark, replies = ping_gaps(lab, 300, 0.01, lambda: lab.ap_link_down(1))
+    dark, replies = dark_window(lab, lambda: lab.ap_link_down(1))
     assert replies > 200
     assert dark < 3.0, f"dark window {dark:.2f} s"  # generous; the bench measures it
     assert via(lab) == overlay(lab, 2)  # the next of the ranking
