@@ -33,7 +33,7 @@ from sdnsup.supervisor import REPROBE_INTERVAL
 
 log = logging.getLogger("sdnsup")
 
-SUBCOMMANDS = ("run", "plan", "down")
+SUBCOMMANDS = ("run", "plan", "down", "lab")
 
 RUN_EPILOG = f"""\
 how it steers traffic:
@@ -221,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--priority", type=_int, default=DEFAULT_PRIORITY, help="(%(default)s)")
     plan.add_argument("--json", action="store_true", help="nftables part as libnftables JSON")
 
+    sub.add_parser(
+        "lab",
+        help="build the test lab of network namespaces to experiment with: "
+        "'sdnsup lab up --help', 'sdnsup lab down PREFIX|--stale'",
+        add_help=False,
+    )
     sub.add_parser(
         "down",
         help="remove everything sdnsup added to the kernel, with no daemon running",
@@ -465,9 +471,22 @@ def cmd_down(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "down": cmd_down}
 
 
+def cmd_lab(argv: list[str]) -> int:
+    """``sdnsup lab up [...]`` keeps a lab (CC, APs, remote host) until Ctrl-C;
+    ``sdnsup lab down PREFIX|--stale`` removes what a killed lab left."""
+    from sdnsup.lab.__main__ import main as lab_main
+
+    if argv and argv[0] == "down":
+        argv = ["cleanup", *argv[1:]]
+    return lab_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lab":
+        return cmd_lab(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(_with_default_command(argv))
     if args.command is None:
         parser.print_help()
         return 64

@@ -33,6 +33,15 @@ def _up(args: argparse.Namespace) -> int:
             lab.serve_whoami(lab.ns_b, port=args.port)
             seen = lab.whoami(lab.ns_a, lab.b_addr, port=args.port)
             print(f"whoami on B port {args.port}; from A it sees {seen}")
+        if not args.no_cc:
+            # AP i answers probes after 5, 40, 80, ... ms: the first AP is the fastest.
+            delays = {ap.index: (0.005, 0.040, 0.080)[min(ap.index, 3) - 1] for ap in lab.aps}
+            lab.start_ap_agents(delays)
+            url = lab.start_cc()
+            lab.set_cc()
+            print(f"CC at {url}; AP agents answer after "
+                  + ", ".join(f"ap{i} {d * 1000:.0f} ms" for i, d in delays.items()))  # fmt: skip
+            print(f"try: ip netns exec {lab.ns_a} sdnsup -r 10.10.10.0/24 --cc {url}")
         print("Ctrl-C (or SIGTERM) removes the lab.", flush=True)
         try:
             threading.Event().wait()
@@ -52,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--prefix", help="namespace prefix (default sdnt-<random>-)")
     up.add_argument("--port", type=int, default=8080, help="whoami port on B")
     up.add_argument("--no-whoami", action="store_true", help="do not start whoami on B")
+    up.add_argument("--no-cc", action="store_true", help="no CC and no AP probe agents")
     clean = sub.add_parser("cleanup", help="remove lab namespaces")
     group = clean.add_mutually_exclusive_group(required=True)
     group.add_argument("prefix", nargs="?", help="remove every namespace starting with this")
