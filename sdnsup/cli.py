@@ -33,7 +33,7 @@ from sdnsup.supervisor import REPROBE_INTERVAL
 
 log = logging.getLogger("sdnsup")
 
-SUBCOMMANDS = ("run", "plan", "down", "lab")
+SUBCOMMANDS = ("run", "plan", "down", "status", "lab")
 
 RUN_EPILOG = f"""\
 how it steers traffic:
@@ -221,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--priority", type=_int, default=DEFAULT_PRIORITY, help="(%(default)s)")
     plan.add_argument("--json", action="store_true", help="nftables part as libnftables JSON")
 
+    status = sub.add_parser(
+        "status",
+        help="what the running daemon is doing (exit 0 connected, 1 not, 3 not running)",
+        description="Ask the daemon of this network namespace (over its root-only socket "
+        "in /run/sdnsup) for its state, APs with their last RTT and loss, CIDR counts, "
+        "failovers, heals and CC refreshes. Exit code: 0 connected, 1 running but not "
+        "connected, 3 not running, 4 unknown; usable as a health check. With no daemon "
+        "running it says whether sdnsup left anything in the kernel.",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object (schema 1)")
     sub.add_parser(
         "lab",
         help="build the test lab of network namespaces to experiment with: "
@@ -353,7 +363,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         verify_interval=args.verify_interval,
     )
     # Kernel backends load libnftables and open netlink sockets: only now.
-    from sdnsup import probe
+    from sdnsup import control, probe
     from sdnsup.applier import Applier
     from sdnsup.netmon import Monitor, Watch
     from sdnsup.nft import LibNftables
@@ -399,7 +409,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         async def main() -> None:
             try:
                 await serve(
-                    config, applier, mailbox=mailbox, supervisor=supervisor, monitor=monitor
+                    config,
+                    applier,
+                    mailbox=mailbox,
+                    supervisor=supervisor,
+                    monitor=monitor,
+                    control_path=control.default_socket_path(),
                 )
             finally:
                 if cc is not None:
@@ -468,7 +483,43 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "down": cmd_down}
+def cmd_status(args: argparse.Namespace) -> int:
+    from sdnsup import control
+
+    code = control.status_command(as_json=args.json)
+    if code == 3 and not args.json:
+        print(leftovers())
+    return code
+
+
+def leftovers() -> str:
+    """What sdnsup left in the kernel of this namespace, for ``status`` with no daemon."""
+    from sdnsup.applier import Applier
+    from sdnsup.nft import LibNftables
+    from sdnsup.preflight import check_privileges
+    from sdnsup.rtnl import RtnlRoutes
+    from sdnsup.sysctl import ProcSysctl
+
+    try:
+        check_privileges()
+        found = Applier(RtnlRoutes.from_system(), LibNftables(), ProcSysctl()).read_kernel(
+            elements=False
+        )
+    except SdnsupError as exc:
+        return f"cannot look for leftovers in the kernel: {exc}"
+    parts = [
+        f"{len(found.nexthops)} nexthops" if found.nexthops else "",
+        f"{found.route_count()} routes" if found.routes else "",
+        f"{len(found.rules)} policy rules" if found.rules else "",
+        f"nftables table inet {found.table.name}" if found.table else "",
+    ]
+    listed = ", ".join(p for p in parts if p)
+    if not listed:
+        return "nothing of sdnsup's is in the kernel"
+    return f"left in the kernel by an earlier run: {listed}; 'sdnsup down' removes them"
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "down": cmd_down, "status": cmd_status}
 
 
 def cmd_lab(argv: list[str]) -> int:

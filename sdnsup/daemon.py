@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +30,7 @@ from sdnsup.aps import AccessPoint
 from sdnsup.cidrs import CidrSet
 from sdnsup.errors import KernelError, SdnsupError
 from sdnsup.state import DesiredState, NoApPolicy, Settings
+from sdnsup.supervisor import Status
 
 log = logging.getLogger("sdnsup")
 
@@ -231,6 +233,7 @@ async def serve(
     mailbox: Mailbox | None = None,
     supervisor: Any = None,
     monitor: Any = None,
+    control_path: Path | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then remove everything sdnsup owns.
 
@@ -243,6 +246,9 @@ async def serve(
             state may need healing (None: only periodic verification). Its watch follows the
             AP interfaces after every apply; it recognises the echoes of sdnsup's own writes
             by the port id of the netlink socket that caused them.
+        control_path: where to serve ``sdnsup status`` (None: no status socket). Started
+            before discovery so that status answers while sdnsup is still looking for APs;
+            an unsafe run directory stops the daemon before it touches the kernel.
 
     Raises:
         DiscoveryError: initial discovery exhausted its retries.
@@ -280,6 +286,21 @@ async def serve(
             nursery.start_soon(
                 supervised, "verify", lambda: verify_loop(mailbox, config.verify_interval)
             )
+            if control_path is not None:
+                from sdnsup import control
+
+                status = supervisor.status if supervisor is not None else None
+
+                def get_snapshot() -> dict[str, Any]:
+                    return control.snapshot(
+                        status or Status(),
+                        cidrs4=len(config.cidrs.v4),
+                        cidrs6=len(config.cidrs.v6),
+                        pid=os.getpid(),
+                        no_ap=config.no_ap,
+                    )
+
+                await nursery.start(control.serve_control, control_path, get_snapshot)
             if monitor is not None:
                 await nursery.start(monitor.run, mailbox.heal)
             if supervisor is not None:

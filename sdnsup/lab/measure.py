@@ -29,7 +29,7 @@ def dark_window(
     )  # fmt: skip
     time.sleep(1.0)
     during()
-    out, _ = proc.communicate(timeout=count * interval + 15)
+    out = str(proc.communicate(timeout=count * interval + 15)[0])
     stamps = [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\].*bytes from", out, re.M)]
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return max(gaps, default=float("inf")), len(stamps)

@@ -1,0 +1,60 @@
+"""sdnsup status against a running daemon in the lab, and with none running."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+from integration.helpers import start_sdnsup, stop_sdnsup, wait_for
+from sdnsup.lab import Lab
+
+pytestmark = pytest.mark.netns
+
+
+def status(lab: Lab, *args: str):
+    return lab.exec(lab.ns_a, sys.executable, "-m", "sdnsup.cli", "status", *args, check=False)
+
+
+def test_status_reflects_a_failover_within_a_second(make_lab):
+    lab: Lab = make_lab(n_aps=2)
+    lab.start_ap_agents({1: 0.005, 2: 0.030})
+    url = lab.start_cc()
+    lab.set_cc()
+    proc = start_sdnsup(lab, "-r", "10.10.10.0/24,fd10:10:10::/64", "--cc", url)
+    wait_for(lambda: status(lab).returncode == 0, 10, "status to say connected")
+    snap = json.loads(status(lab, "--json").stdout)
+    assert snap["schema"] == 1 and snap["state"] == "connected"
+    assert snap["active_ap"]["id"] == "ap1" and snap["cidrs"] == {"ipv4": 1, "ipv6": 1}
+    assert {ap["id"] for ap in snap["aps"]} == {"ap1", "ap2"}
+    human = status(lab).stdout
+    assert "connected via ap1" in human and "ap2" in human
+
+    lab.ap_link_down(1)
+    wait_for(lambda: "failover" in lab.logs(proc), 10, "the failover")
+    seen_at = time.monotonic()
+    snap = json.loads(status(lab, "--json").stdout)
+    assert time.monotonic() - seen_at < 1.0
+    assert snap["active_ap"]["id"] == "ap2"
+    assert snap["failovers"]["count"] == 1 and "ap1" in snap["failovers"]["last_cause"]
+    assert "failovers" in status(lab).stdout
+    assert stop_sdnsup(lab, proc) == 0
+
+    gone = status(lab)
+    assert gone.returncode == 3
+    assert "not running" in gone.stdout and "nothing of sdnsup's is in the kernel" in gone.stdout
+
+
+def test_status_without_daemon_reports_leftovers_after_kill9(make_lab):
+    lab: Lab = make_lab(n_aps=1)
+    lab.start_ap_agents({1: 0.005})
+    url = lab.start_cc()
+    lab.set_cc()
+    proc = start_sdnsup(lab, "-r", "10.10.10.0/24", "--cc", url)
+    proc.kill()
+    proc.wait(5)
+    out = status(lab)
+    assert out.returncode == 3
+    assert "left in the kernel" in out.stdout and "sdnsup down" in out.stdout
