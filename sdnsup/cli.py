@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--priority", type=_int, default=DEFAULT_PRIORITY, help="policy rule priority (%(default)s)"
     )
     run.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics on ADDR:PORT, e.g. 127.0.0.1:9730 (default: off)",
+    )
+    run.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -351,6 +356,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.cc is not None
         else None
     )
+    from sdnsup.metrics import parse_listen
+
+    metrics_listen = parse_listen(args.metrics) if args.metrics else None
     check_privileges()
     _setup_logging(args.log_level)
     exempt = cc_addresses(args.cc) if args.cc else ()
@@ -367,6 +375,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdnsup.applier import Applier
     from sdnsup.netmon import Monitor, Watch
     from sdnsup.nft import LibNftables
+    from sdnsup.notify import Notifier
     from sdnsup.rtnl import RtnlRoutes
     from sdnsup.supervisor import Supervisor
     from sdnsup.sysctl import ProcSysctl
@@ -395,6 +404,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         supervisor.status.cc_url = cc.url if cc is not None else None
         monitor = Monitor(Watch.for_settings(settings))
+        notifier = Notifier.from_env()
         log.info(
             "starting: %d IPv4 + %d IPv6 CIDRs, %s, mark %#x/%#x table %d priority %d",
             len(cidrs.v4),
@@ -415,6 +425,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     supervisor=supervisor,
                     monitor=monitor,
                     control_path=control.default_socket_path(),
+                    notifier=notifier,
+                    metrics_listen=metrics_listen,
                 )
             finally:
                 if cc is not None:

@@ -234,6 +234,8 @@ async def serve(
     supervisor: Any = None,
     monitor: Any = None,
     control_path: Path | None = None,
+    notifier: Any = None,
+    metrics_listen: tuple[str, int] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then remove everything sdnsup owns.
 
@@ -249,6 +251,10 @@ async def serve(
         control_path: where to serve ``sdnsup status`` (None: no status socket). Started
             before discovery so that status answers while sdnsup is still looking for APs;
             an unsafe run directory stops the daemon before it touches the kernel.
+        notifier: a :class:`sdnsup.notify.Notifier` (systemd ``Type=notify``): READY once
+            the first state is applied, STATUS on changes, WATCHDOG from the event loop,
+            STOPPING before teardown. A no-op outside systemd.
+        metrics_listen: (host, port) for Prometheus metrics (None: off).
 
     Raises:
         DiscoveryError: initial discovery exhausted its retries.
@@ -265,15 +271,24 @@ async def serve(
             st.heals += 1
             st.last_heal, st.last_heal_at = cause, time.time()
 
-    on_applied = None
-    if monitor is not None:
-        from sdnsup.netmon import Watch
+    ready = False
 
-        def on_applied(desired: DesiredState, result: ApplyResult) -> None:
+    def on_applied(desired: DesiredState, result: ApplyResult) -> None:
+        nonlocal ready
+        if monitor is not None:
+            from sdnsup.netmon import Watch
+
             links = [link.ifindex for link in result.ap_links.values()]
             # No AP interface known (AP unreachable): watch every interface, so that the
             # link that brings it back triggers a re-check.
             monitor.watch = Watch.for_settings(desired.settings, links or None)
+        if notifier is not None and (not ready or result.total_writes):
+            text = describe(desired, result)
+            if ready:
+                notifier.status(text)
+            else:
+                notifier.ready(text)
+                ready = True
 
     try:
         async with trio.open_nursery() as nursery:
@@ -303,11 +318,29 @@ async def serve(
                 await nursery.start(control.serve_control, control_path, get_snapshot)
             if monitor is not None:
                 await nursery.start(monitor.run, mailbox.heal)
+            if notifier is not None:
+                from sdnsup.notify import watchdog_loop
+
+                # Not supervised: it returns at once when systemd set no watchdog.
+                nursery.start_soon(watchdog_loop, notifier)
+            if metrics_listen is not None:
+                from sdnsup import metrics
+
+                def metrics_text() -> str:
+                    return metrics.render(
+                        supervisor.status if supervisor is not None else Status(),
+                        cidrs4=len(config.cidrs.v4),
+                        cidrs6=len(config.cidrs.v6),
+                    )
+
+                await nursery.start(metrics.serve_metrics, *metrics_listen, metrics_text)
             if supervisor is not None:
                 await supervisor.run()
             else:
                 mailbox.post(desired_for(config, config.aps[0] if config.aps else None))
     finally:
+        if notifier is not None:
+            notifier.stopping()
         with trio.move_on_after(TEARDOWN_TIMEOUT, shield=True) as scope:
             t0 = time.monotonic()
             result = await trio.to_thread.run_sync(applier.teardown)
