@@ -17,11 +17,12 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdnsup import __version__, keepalive
-from sdnsup.aps import PROBE_KINDS, AccessPoint, ProbeSpec, parse_static_aps
+from sdnsup import __version__
+from sdnsup.aps import parse_static_aps
 from sdnsup.cidrs import parse_cidrs
-from sdnsup.daemon import VERIFY_INTERVAL
+from sdnsup.config import add_run_arguments, resolve
 from sdnsup.errors import ConfigError, SdnsupError
+from sdnsup.logs import setup_logging
 from sdnsup.state import (
     DEFAULT_MARK,
     DEFAULT_MASK,
@@ -29,7 +30,6 @@ from sdnsup.state import (
     DEFAULT_TABLE,
     Settings,
 )
-from sdnsup.supervisor import REPROBE_INTERVAL
 
 log = logging.getLogger("sdnsup")
 
@@ -92,120 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument(
-        "-r",
-        "--routes",
-        action="append",
-        required=True,
-        metavar="CIDRS",
-        help="comma-separated CIDRs to steer (IPv4 and IPv6), or @FILE with one CIDR per line "
-        "('#' comments); repeatable",
-    )
-    where = run.add_mutually_exclusive_group(required=True)
-    where.add_argument(
-        "--cc",
-        metavar="URL",
-        help="control center base URL (https://...); the AP list comes from URL/v1/aps",
-    )
-    where.add_argument(
-        "--ap",
-        metavar="APS",
-        help="static AP list instead of a CC: ADDR, or ADDR4+ADDR6 for a dual-stack AP, "
-        "comma-separated. IPv6 CIDRs need an AP with an IPv6 address.",
-    )
-    run.add_argument(
-        "--cc-token-file",
-        type=Path,
-        metavar="FILE",
-        help="file holding the CC bearer token (or set SDNSUP_CC_TOKEN); never pass the token "
-        "itself on the command line, where every user can read it",
-    )
-    run.add_argument("--cc-ca", type=Path, metavar="FILE", help="CA certificate (PEM) for the CC")
-    run.add_argument(
-        "--retries",
-        type=int,
-        metavar="N",
-        help="give up (exit 75) after N failed attempts to reach the CC at start "
-        "(default: retry forever, as the seed does)",
-    )
-    run.add_argument(
-        "--probe",
-        default="udp:7300",
-        metavar="KIND[:PORT]",
-        help="how to probe static APs: udp (echo, default udp:7300), tcp, icmp or http "
-        "(http:PORT/PATH); APs from a CC say it themselves",
-    )
-    run.add_argument(
-        "--keepalive-interval",
-        type=float,
-        default=keepalive.KEEPALIVE_INTERVAL,
-        metavar="S",
-        help="seconds between keepalive probes of the active AP (%(default)s)",
-    )
-    run.add_argument(
-        "--keepalive-timeout",
-        type=float,
-        default=keepalive.KEEPALIVE_TIMEOUT,
-        metavar="S",
-        help="deadline of one keepalive probe (%(default)s s)",
-    )
-    run.add_argument(
-        "--keepalive-misses",
-        type=int,
-        default=keepalive.KEEPALIVE_MISSES,
-        metavar="K",
-        help="missed probes in a row that make the AP dead (%(default)s)",
-    )
-    run.add_argument(
-        "--reprobe-interval",
-        type=float,
-        default=REPROBE_INTERVAL,
-        metavar="S",
-        help="seconds between probe rounds of all APs, +-20%% jitter (%(default)s)",
-    )
-    run.add_argument(
-        "--verify-interval",
-        type=float,
-        default=VERIFY_INTERVAL,
-        metavar="S",
-        help="seconds between full re-reads of the kernel state, which catch changes no "
-        "netlink event reported (%(default)s)",
-    )
-    run.add_argument(
-        "--allow-default",
-        action="store_true",
-        help="accept 0.0.0.0/0 and ::/0 (refused by default: it would steer everything)",
-    )
-    run.add_argument(
-        "--no-ap",
-        choices=("fallback", "blackhole"),
-        default="fallback",
-        help="when no AP is usable: 'fallback' sends the traffic the normal route (default), "
-        "'blackhole' drops it (fail closed)",
-    )
-    run.add_argument(
-        "--mark", type=_int, default=DEFAULT_MARK, help="mark bits to set (%(default)#x)"
-    )
-    run.add_argument(
-        "--mask", type=_int, default=DEFAULT_MASK, help="mark bits sdnsup owns (%(default)#x)"
-    )
-    run.add_argument(
-        "--table", type=_int, default=DEFAULT_TABLE, help="routing table (%(default)s)"
-    )
-    run.add_argument(
-        "--priority", type=_int, default=DEFAULT_PRIORITY, help="policy rule priority (%(default)s)"
-    )
-    run.add_argument(
-        "--metrics",
-        metavar="ADDR:PORT",
-        help="serve Prometheus metrics on ADDR:PORT, e.g. 127.0.0.1:9730 (default: off)",
-    )
-    run.add_argument(
-        "--log-level",
-        default="info",
-        choices=("debug", "info", "warning", "error"),
-        help="log verbosity (%(default)s)",
-    )
+    add_run_arguments(run)
 
     plan = sub.add_parser(
         "plan",
@@ -259,33 +146,6 @@ def _with_default_command(argv: Sequence[str]) -> list[str]:
     return ["run", *argv] if argv else argv
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s sdnsup %(levelname)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
-    )
-    # httpx logs every request at INFO: one line per CC refresh is chatter, not a state change.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-def parse_probe(spec: str) -> ProbeSpec:
-    """``udp:7300``, ``tcp:22``, ``icmp``, ``http:7301/health`` -> :class:`ProbeSpec`."""
-    kind, _, rest = spec.partition(":")
-    if kind not in PROBE_KINDS:
-        raise ConfigError(f"--probe {spec!r}: kind must be one of {', '.join(PROBE_KINDS)}")
-    port_text, _, path = rest.partition("/")
-    default = ProbeSpec()
-    try:
-        port = int(port_text) if port_text else (7301 if kind in ("tcp", "http") else default.port)
-    except ValueError:
-        raise ConfigError(f"--probe {spec!r}: {port_text!r} is not a port") from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"--probe {spec!r}: port must be 1-65535")
-    return ProbeSpec(kind=kind, port=port, path="/" + path if path else default.path)
-
-
 def read_token(path: Path | None) -> str | None:
     """The CC token from ``--cc-token-file`` or ``SDNSUP_CC_TOKEN``; never from argv."""
     if path is not None:
@@ -325,50 +185,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdnsup.daemon import RUN_DIR, Mailbox, RunConfig, desired_for, first_sdnsup_error, serve
     from sdnsup.preflight import InstanceLock, check_privileges, netns_id
 
-    # Validate everything before touching anything.
-    cidrs = parse_cidrs(args.routes, allow_default=args.allow_default)
-    aps: tuple[AccessPoint, ...] = ()
-    if args.ap is not None:
-        probe_spec = parse_probe(args.probe)
-        aps = tuple(
-            AccessPoint(a.id, a.addr4, a.addr6, probe=probe_spec) for a in parse_static_aps(args.ap)
-        )
-        if cidrs.v6 and not any(ap.addr6 for ap in aps):
-            raise ConfigError(
-                f"{len(cidrs.v6)} IPv6 CIDRs given but no AP has an IPv6 address; "
-                "write a dual-stack AP as --ap 10.77.0.11+fd77::11"
-            )
-        if cidrs.v4 and not any(ap.addr4 for ap in aps):
-            raise ConfigError(f"{len(cidrs.v4)} IPv4 CIDRs given but no AP has an IPv4 address")
-    if args.retries is not None and args.retries < 0:
-        raise ConfigError("--retries must be 0 or more")
-    for name in ("keepalive_interval", "keepalive_timeout", "reprobe_interval", "verify_interval"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    if args.keepalive_misses < 1:
-        raise ConfigError("--keepalive-misses must be 1 or more")
-    settings = Settings(mark=args.mark, mask=args.mask, table=args.table, priority=args.priority)
+    # Validate everything before touching anything: flags, SDNSUP_* and the config file.
+    opts = resolve(args)
+    cidrs, aps, settings = opts.cidrs, opts.aps, opts.settings
     from sdnsup import discovery
 
-    token = read_token(args.cc_token_file) if args.cc else None
+    token = read_token(opts.cc_token_file) if opts.cc else None
     cc = (
-        discovery.CCClient(args.cc, token=token, ca_file=args.cc_ca)
-        if args.cc is not None
+        discovery.CCClient(opts.cc, token=token, ca_file=opts.cc_ca)
+        if opts.cc is not None
         else None
     )
-    from sdnsup.metrics import parse_listen
-
-    metrics_listen = parse_listen(args.metrics) if args.metrics else None
     check_privileges()
-    _setup_logging(args.log_level)
-    exempt = cc_addresses(args.cc) if args.cc else ()
+    setup_logging(level=opts.log_level, log_dir=opts.log_dir, fmt=opts.log_format)
+    for warning in opts.warnings:
+        log.warning("%s", warning)
+    log.info("configuration: %s", opts.describe())
+    exempt = cc_addresses(opts.cc) if opts.cc else ()
     config = RunConfig(
         cidrs=cidrs,
         aps=aps,
         settings=settings,
-        no_ap=args.no_ap,
+        no_ap=opts.no_ap,
         exempt=exempt,
-        verify_interval=args.verify_interval,
+        verify_interval=opts.verify_interval,
     )
     # Kernel backends load libnftables and open netlink sockets: only now.
     from sdnsup import control, probe
@@ -389,18 +229,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         mailbox = Mailbox()
         supervisor = Supervisor(
-            aps=aps if args.ap is not None else None,
+            aps=aps if opts.ap is not None else None,
             desired_for=lambda ap, known: desired_for(config, ap, known),
             post=mailbox.post,
             probe_all=probe.probe_all,
             probe_once=probe.probe_once,
             should_switch=probe.should_switch,
             cc=cc,
-            discover=lambda client: discovery.discover(client, retries=args.retries),
-            keepalive_interval=args.keepalive_interval,
-            keepalive_timeout=args.keepalive_timeout,
-            keepalive_misses=args.keepalive_misses,
-            reprobe_interval=args.reprobe_interval,
+            discover=lambda client: discovery.discover(client, retries=opts.retries),
+            keepalive_interval=opts.keepalive_interval,
+            keepalive_timeout=opts.keepalive_timeout,
+            keepalive_misses=opts.keepalive_misses,
+            reprobe_interval=opts.reprobe_interval,
         )
         supervisor.status.cc_url = cc.url if cc is not None else None
         monitor = Monitor(Watch.for_settings(settings))
@@ -409,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "starting: %d IPv4 + %d IPv6 CIDRs, %s, mark %#x/%#x table %d priority %d",
             len(cidrs.v4),
             len(cidrs.v6),
-            f"CC {args.cc}" if args.cc else "APs " + ", ".join(str(ap) for ap in aps),
+            f"CC {opts.cc}" if opts.cc else "APs " + ", ".join(str(ap) for ap in aps),
             settings.mark,
             settings.mask,
             settings.table,
@@ -426,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     monitor=monitor,
                     control_path=control.default_socket_path(),
                     notifier=notifier,
-                    metrics_listen=metrics_listen,
+                    metrics_listen=opts.metrics,
                 )
             finally:
                 if cc is not None:

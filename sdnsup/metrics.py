@@ -245,26 +245,24 @@ def parse_listen(text: str) -> tuple[str, int]:
     usage = "use ADDR:PORT, [IPV6]:PORT or :PORT, e.g. 127.0.0.1:9730"
     host, sep, port_text = text.strip().rpartition(":")
     if not sep:
-        raise ConfigError(f"--metrics {text!r}: no port; {usage}")
+        raise ConfigError(f"{text!r} has no port; {usage}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ConfigError(f"--metrics {text!r}: {host!r} is not an IPv6 address") from None
+            raise ConfigError(f"{text!r}: {host!r} is not an IPv6 address; {usage}") from None
     elif host:
         if ":" in host:
-            raise ConfigError(f"--metrics {text!r}: put an IPv6 address in brackets; {usage}")
+            raise ConfigError(f"{text!r}: put an IPv6 address in brackets; {usage}")
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
             # A name would be resolved once at start and could name several addresses:
             # an explicit address says exactly where an unauthenticated endpoint listens.
-            raise ConfigError(
-                f"--metrics {text!r}: {host!r} is not an IP address; {usage}"
-            ) from None
+            raise ConfigError(f"{text!r}: {host!r} is not an IP address; {usage}") from None
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"--metrics {text!r}: the port must be 1-65535; {usage}")
+        raise ConfigError(f"{text!r}: the port must be 1-65535; {usage}")
     return host, int(port_text)
 
 

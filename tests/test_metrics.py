@@ -192,7 +192,7 @@ def test_parse_listen(text, expected):
     ],
 )
 def test_parse_listen_rejects(text):
-    with pytest.raises(ConfigError, match="--metrics"):
+    with pytest.raises(ConfigError, match="ADDR:PORT"):
         parse_listen(text)
 
 

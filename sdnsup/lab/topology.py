@@ -553,9 +553,17 @@ class Lab:
     def run_sdnsup(
         self, ns: str, *args: str, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        """Start ``python -m sdnsup.cli ARGS`` in ``ns``, output to a log file (:meth:`logs`)."""
+        """Start ``python -m sdnsup.cli ARGS`` in ``ns``, output to a log file (:meth:`logs`).
+
+        sdnsup's own file log goes to the lab's temp dir (not the host's /tmp/sdnsup, which
+        several labs would share) and no host config file is read, unless ``env`` says
+        otherwise.
+        """
         argv = python_module("sdnsup.cli", *(str(a) for a in args))
-        return self.popen(ns, *argv, env=env, label=f"{ns.removeprefix(self.prefix)}-sdnsup")
+        assert self.tmpdir is not None
+        base = {"SDNSUP_LOG_DIR": str(self.tmpdir / "sdnsup-logs"), "SDNSUP_CONFIG": "none"}
+        label = f"{ns.removeprefix(self.prefix)}-sdnsup"
+        return self.popen(ns, *argv, env={**base, **(env or {})}, label=label)
 
     def serve_whoami(
         self, ns: str, port: int = DEFAULT_PORT, timeout: float = 5.0

@@ -1,0 +1,1005 @@
+"""Every ``run`` option, from the command line, the environment and a TOML file.
+
+One declarative table, :data:`OPTIONS`, names each option once: its type, its default, a help
+text that says the default *and why*, and its validator. Everything else derives from it: the
+argparse options (:func:`add_run_arguments`), the environment variable (``SDNSUP_`` + the name
+upper-cased with dashes as underscores), the TOML key (the name with underscores) and the
+resolved, typed value in :class:`RunOptions` (:func:`resolve`). An option added to the table
+is therefore settable from all three sources at once, and cannot drift between them.
+
+Precedence, highest first: command line, environment, file, built-in default. The more
+specific and the more recent wins: a flag typed for this run beats the service unit's
+environment, which beats the host-wide file. The file is ``--config FILE`` (or
+``SDNSUP_CONFIG``); without one, :data:`DEFAULT_CONFIG_PATH` is read if it exists, so a host
+without a file keeps running on flags alone, exactly as before there was a file. A file
+named explicitly must exist: a typo in its path must not silently drop the whole config.
+
+Example ``/etc/sdnsup/sdnsup.toml`` (every key optional; the command line still wins)::
+
+    routes = ["10.10.10.0/24", "@cidrs.txt"]   # or "10.10.10.0/24,fd10::/64"
+    cc = "https://cc.example.net"               # or: ap = ["10.77.0.11+fd77::11", "10.77.0.12"]
+    cc_token_file = "cc.token"                  # relative paths: relative to this file
+    keepalive_interval = 0.2
+    mark = 0x1000                               # TOML hex integers work
+    mask = 0x1000
+    no_ap = "blackhole"
+    log_format = "json"
+    metrics = "127.0.0.1:9730"
+
+Every problem names where the bad value came from and which option it is, e.g.
+``--keepalive-interval: must be a positive number of seconds, got -1``,
+``environment SDNSUP_MARK: 'xyz' is not a number`` or
+``/etc/sdnsup/sdnsup.toml: unknown key 'keepalive_intervall' (did you mean
+keepalive_interval?)``. An unknown key is an error rather than ignored: a misspelt
+``keepalive_intervall = 5`` that silently kept the default is the worst kind of config bug.
+The CC token is deliberately not an option: it comes from ``--cc-token-file`` or
+``SDNSUP_CC_TOKEN`` only (see ``cli.read_token``), never from argv or a config file that is
+usually world-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import difflib
+import math
+import os
+import tomllib
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from sdnsup import keepalive
+from sdnsup.aps import PROBE_KINDS, AccessPoint, ProbeSpec, parse_static_aps
+from sdnsup.cidrs import CidrSet, parse_cidrs
+from sdnsup.daemon import VERIFY_INTERVAL
+from sdnsup.errors import ConfigError
+from sdnsup.logs import DEFAULT_LOG_DIR  # /tmp/sdnsup: the seed's convention
+from sdnsup.state import (
+    DEFAULT_MARK,
+    DEFAULT_MASK,
+    DEFAULT_PRIORITY,
+    DEFAULT_TABLE,
+    NoApPolicy,
+    Settings,
+)
+from sdnsup.supervisor import REPROBE_INTERVAL
+
+# Module globals, looked up at call time, so tests can point them at a temporary directory.
+DEFAULT_CONFIG_PATH = Path("/etc/sdnsup/sdnsup.toml")
+ENV_PREFIX = "SDNSUP_"
+# A secret input, not an option: the token itself, read by cli.read_token.
+TOKEN_ENV = "SDNSUP_CC_TOKEN"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+# The same as sdnsup.logs' (a test keeps them equal), typed as Literals for RunOptions.
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+NO_AP_POLICIES: tuple[NoApPolicy, ...] = ("fallback", "blackhole")
+# Values that switch off an optional feature set by a lower-precedence source.
+_OFF_WORDS = ("none", "off")
+_TRUE_WORDS = ("true", "yes", "1")
+_FALSE_WORDS = ("false", "no", "0")
+
+
+class _Invalid(Exception):
+    """A value is wrong. The message says why, not where: the caller knows the source."""
+
+
+class _WrongType(_Invalid):
+    """A TOML value has the wrong type (TOML is typed, so this is caught before parsing)."""
+
+    def __init__(self, expected: str, value: object) -> None:
+        super().__init__(f"expected {expected}, got {_toml_type(value)}")
+
+
+# bool before int and datetime before date: Python's bool is an int, datetime is a date.
+_TOML_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (bool, "boolean"),
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (dict, "table"),
+    (datetime.datetime, "datetime"),
+    (datetime.date, "date"),
+    (datetime.time, "time"),
+)
+
+
+def _toml_type(value: object) -> str:
+    """The TOML name of ``value``'s type, as the user wrote it in the file."""
+    if isinstance(value, list):
+        inner = sorted({_toml_type(v) for v in value})
+        return f"array of {' and '.join(inner)}" if inner else "empty array"
+    for typ, name in _TOML_TYPE_NAMES:
+        if isinstance(value, typ):
+            return name
+    return type(value).__name__
+
+
+# --- kinds: how text (command line, environment) or a TOML value becomes a Python value -------
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """The raw type of an option: parses text and type-checks TOML values.
+
+    The option's own ``check`` then validates and normalises the result, so the same rule
+    applies whichever source the value came from.
+    """
+
+    from_text: Callable[[str], object]
+    from_toml: Callable[[object], object]
+
+
+def _str_from_toml(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise _WrongType("a string", value)
+
+
+def _strs_from_toml(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise _WrongType("a string or an array of strings", value)
+
+
+def _float_from_text(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _Invalid(f"{text!r} is not a number") from None
+
+
+def _float_from_toml(value: object) -> float:
+    # TOML writes 1 and 1.0 differently; "keepalive_interval = 1" must not be a type error.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise _WrongType("a number", value)
+
+
+def _int_from_text(text: str) -> int:
+    try:
+        return int(text, 0)  # base 0: 0x1000 and 4096 alike, as marks are usually hex
+    except ValueError:
+        raise _Invalid(f"{text!r} is not a number (e.g. 4096 or 0x1000)") from None
+
+
+def _int_from_toml(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _WrongType("an integer", value)
+
+
+def _bool_from_text(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise _Invalid(f"{text!r} is not a boolean (use true/false, yes/no or 1/0)")
+
+
+def _bool_from_toml(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _WrongType("a boolean (true or false)", value)
+
+
+STRING = Kind(from_text=str, from_toml=_str_from_toml)
+# Repeatable on the command line; a string or an array of strings in the file.
+STRINGS = Kind(from_text=lambda text: (text,), from_toml=_strs_from_toml)
+FLOAT = Kind(from_text=_float_from_text, from_toml=_float_from_toml)
+INTEGER = Kind(from_text=_int_from_text, from_toml=_int_from_toml)
+BOOLEAN = Kind(from_text=_bool_from_text, from_toml=_bool_from_toml)
+
+
+# --- checks: validate and normalise one option's value (raise _Invalid) ------------------------
+
+
+def _positive_seconds(value: float) -> float:
+    # NaN compares false with everything, so "<= 0" alone would let it through.
+    if not math.isfinite(value) or value <= 0:
+        raise _Invalid(f"must be a positive number of seconds, got {value:g}")
+    return value
+
+
+def _at_least(minimum: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if value < minimum:
+            raise _Invalid(f"must be {minimum} or more, got {value}")
+        return value
+
+    return check
+
+
+def _u32(value: int) -> int:
+    # Marks are 32-bit in the kernel; that mark lies inside mask is Settings' job.
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise _Invalid(f"must be a 32-bit value (0 to 0xffffffff), got {value:#x}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        word = value.strip().lower()
+        if word not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}, got {value!r}")
+        return word
+
+    return check
+
+
+def _path(value: str) -> Path:
+    if not value:
+        raise _Invalid("empty path")
+    return Path(value)
+
+
+def _log_dir(value: str) -> Path | None:
+    if value.strip().lower() in _OFF_WORDS:
+        return None
+    return _path(value)
+
+
+def _url(value: str) -> str:
+    """A light check with the source named; ``discovery.CCClient`` checks the URL fully."""
+    url = value.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        ok = False
+    if not ok:
+        raise _Invalid(f"{value!r} is not a URL like https://cc.example.net")
+    return url
+
+
+def _aps(specs: tuple[str, ...]) -> str:
+    """Validate a static AP list now, so a bad one is reported with its source."""
+    spec = ",".join(specs)
+    try:
+        parse_static_aps(spec)
+    except ConfigError as exc:
+        # parse_static_aps speaks of "--ap ..."; the caller prefixes the real source.
+        raise _Invalid(str(exc).removeprefix("--ap ")) from exc
+    return spec
+
+
+def _routes(specs: tuple[str, ...]) -> tuple[str, ...]:
+    # The CIDRs themselves (and @FILEs) are parsed once, for the winning source, in resolve:
+    # a 100k-line file is read once, not once per source.
+    return specs
+
+
+def _probe(spec: str) -> ProbeSpec:
+    """``udp:7300``, ``tcp:22``, ``icmp``, ``http:7301/health`` -> :class:`ProbeSpec`."""
+    kind, _, rest = spec.partition(":")
+    if kind not in PROBE_KINDS:
+        raise _Invalid(f"{spec!r}: kind must be one of {', '.join(PROBE_KINDS)}")
+    port_text, _, path = rest.partition("/")
+    default = ProbeSpec()
+    try:
+        port = int(port_text) if port_text else (7301 if kind in ("tcp", "http") else default.port)
+    except ValueError:
+        raise _Invalid(f"{spec!r}: {port_text!r} is not a port") from None
+    if not 0 < port < 65536:
+        raise _Invalid(f"{spec!r}: port must be 1-65535")
+    return ProbeSpec(kind=kind, port=port, path="/" + path if path else default.path)
+
+
+def parse_probe(spec: str) -> ProbeSpec:
+    """Parse a ``--probe`` value (moved here from ``cli``; same syntax and messages).
+
+    Raises:
+        ConfigError: unknown kind, a port that is not a number or outside 1-65535.
+    """
+    try:
+        return _probe(spec)
+    except _Invalid as exc:
+        raise ConfigError(f"--probe {exc}") from None
+
+
+def _listen(value: str) -> tuple[str, int] | None:
+    """:func:`sdnsup.metrics.parse_listen`, plus ``off`` -> None."""
+    from sdnsup.metrics import parse_listen
+
+    if value.strip().lower() in _OFF_WORDS:
+        return None
+    try:
+        return parse_listen(value)
+    except ConfigError as exc:
+        raise _Invalid(f"{exc}; 'off' disables") from None
+
+
+def _config_path(value: str) -> Path | None:
+    if value.strip().lower() in _OFF_WORDS:
+        return None
+    return _path(value)
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# Anchoring: what a relative path in the file means. The daemon's working directory is
+# whatever supervisord or systemd gave it, so "relative to the file" is the only reading an
+# operator can predict (and it lets /etc/sdnsup/sdnsup.toml say cc_token_file = "cc.token").
+def _anchor_path(value: object, base: Path) -> object:
+    assert isinstance(value, str)
+    if not value or value.strip().lower() in _OFF_WORDS or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def _anchor_routes(value: object, base: Path) -> object:
+    assert isinstance(value, tuple)
+    specs: list[str] = []
+    for spec in value:
+        items = []
+        for item in spec.split(","):
+            name = item.strip()
+            if name.startswith("@") and not Path(name[1:]).is_absolute():
+                item = "@" + str(base / name[1:])
+            items.append(item)
+        specs.append(",".join(items))
+    return tuple(specs)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One ``run`` option; see the module docstring for how its name maps to every source."""
+
+    name: str  # as on the command line, without the dashes: "keepalive-interval"
+    kind: Kind
+    default: object  # already typed; None means "unset" (required ones are checked later)
+    help: str  # states the default and why; argparse %-formats it, so write %% for %
+    group: str
+    check: Callable[[Any], object] = _same
+    metavar: str | None = None
+    short: str | None = None
+    anchor: Callable[[object, Path], object] | None = None  # relative paths in the file
+
+    @property
+    def key(self) -> str:
+        """TOML key, argparse dest and :class:`RunOptions` field: ``keepalive_interval``."""
+        return self.name.replace("-", "_")
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+
+_G_WHAT = "what to steer"
+_G_WHERE = "where the APs come from (exactly one of --cc and --ap, from any source)"
+_G_KEEP = "choosing and keeping the AP"
+_G_KERNEL = "kernel state (defaults chosen to coexist with other mark users)"
+_G_OPS = "configuration, logging and metrics"
+_GROUPS = (_G_WHAT, _G_WHERE, _G_KEEP, _G_KERNEL, _G_OPS)  # the order --help shows them in
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "config",
+        STRING,
+        default=None,
+        check=_config_path,
+        metavar="FILE",
+        group=_G_OPS,
+        help=f"TOML file with any of these options, keys spelt with underscores (default "
+        f"{DEFAULT_CONFIG_PATH}, read only if it exists, so a host without one runs on flags "
+        "alone; a file named here must exist; 'none' reads no file)",
+    ),
+    Option(
+        "routes",
+        STRINGS,
+        default=None,
+        check=_routes,
+        short="-r",
+        metavar="CIDRS",
+        anchor=_anchor_routes,
+        group=_G_WHAT,
+        help="comma-separated CIDRs to steer (IPv4 and IPv6), or @FILE with one CIDR per line "
+        "('#' comments); repeatable. Required, from any source: there is no sensible default "
+        "set of destinations",
+    ),
+    Option(
+        "allow-default",
+        BOOLEAN,
+        default=False,
+        group=_G_WHAT,
+        help="accept 0.0.0.0/0 and ::/0 (default off: it would steer everything through the AP, "
+        "this host's own management traffic included)",
+    ),
+    Option(
+        "cc",
+        STRING,
+        default=None,
+        check=_url,
+        metavar="URL",
+        group=_G_WHERE,
+        help="control center base URL (https://...); the AP list comes from URL/v1/aps, retried "
+        "with backoff (1 s doubling to 60 s, full jitter) so a restarting fleet does not "
+        "hammer the CC",
+    ),
+    Option(
+        "ap",
+        STRINGS,
+        default=None,
+        check=_aps,
+        metavar="APS",
+        group=_G_WHERE,
+        help="static AP list instead of a CC: ADDR, or ADDR4+ADDR6 for a dual-stack AP, "
+        "comma-separated, in order of preference; repeatable. IPv6 CIDRs need an AP with an "
+        "IPv6 address",
+    ),
+    Option(
+        "cc-token-file",
+        STRING,
+        default=None,
+        check=_path,
+        metavar="FILE",
+        anchor=_anchor_path,
+        group=_G_WHERE,
+        help=f"file holding the CC bearer token (or set {TOKEN_ENV}); never pass the token itself "
+        "on the command line, where every user can read it (default: no token)",
+    ),
+    Option(
+        "cc-ca",
+        STRING,
+        default=None,
+        check=_path,
+        metavar="FILE",
+        anchor=_anchor_path,
+        group=_G_WHERE,
+        help="CA certificate (PEM) to trust for the CC instead of the system store (default: the "
+        "system store, what update-ca-certificates manages)",
+    ),
+    Option(
+        "retries",
+        INTEGER,
+        default=None,
+        check=_at_least(0),
+        metavar="N",
+        group=_G_WHERE,
+        help="give up (exit 75) after N failed attempts to reach the CC at start (default: retry "
+        "forever, as the seed does: a CC outage must not leave hosts down for good)",
+    ),
+    Option(
+        "probe",
+        STRING,
+        default=ProbeSpec(),
+        check=_probe,
+        metavar="KIND[:PORT]",
+        group=_G_WHERE,
+        help="how to probe static APs: udp (echo with a nonce), tcp (connect time), icmp (ping, "
+        "for APs that run no probe agent) or http (http:PORT/PATH) (default udp:7300, the AP "
+        "agent's echo port; tcp and http default to 7301); APs from a CC say it themselves",
+    ),
+    Option(
+        "keepalive-interval",
+        FLOAT,
+        default=keepalive.KEEPALIVE_INTERVAL,
+        check=_positive_seconds,
+        metavar="S",
+        group=_G_KEEP,
+        help=f"seconds between keepalive probes of the active AP (default "
+        f"{keepalive.KEEPALIVE_INTERVAL:g}: with the default timeout and misses a dead AP is "
+        "detected 0.6-0.8 s after it fails, inside a 1 s dark window)",
+    ),
+    Option(
+        "keepalive-timeout",
+        FLOAT,
+        default=keepalive.KEEPALIVE_TIMEOUT,
+        check=_positive_seconds,
+        metavar="S",
+        group=_G_KEEP,
+        help=f"deadline of one keepalive probe in seconds (default "
+        f"{keepalive.KEEPALIVE_TIMEOUT:g}: an AP on a directly connected network answers in "
+        "milliseconds, so a later answer is as bad as none)",
+    ),
+    Option(
+        "keepalive-misses",
+        INTEGER,
+        default=keepalive.KEEPALIVE_MISSES,
+        check=_at_least(1),
+        metavar="K",
+        group=_G_KEEP,
+        help=f"missed keepalive probes in a row that make the AP dead (default "
+        f"{keepalive.KEEPALIVE_MISSES}: one lost datagram or a busy AP never causes a "
+        "failover; also BFD's usual detect multiplier)",
+    ),
+    Option(
+        "reprobe-interval",
+        FLOAT,
+        default=REPROBE_INTERVAL,
+        check=_positive_seconds,
+        metavar="S",
+        group=_G_KEEP,
+        help=f"seconds between probe rounds of all APs, +-20%% jitter (default "
+        f"{REPROBE_INTERVAL:g}: finds a faster AP within a minute without loading the APs; a "
+        "switch needs an AP >10 ms and >33%% faster, so RTT jitter never flaps)",
+    ),
+    Option(
+        "no-ap",
+        STRING,
+        default="fallback",
+        check=_choice(*NO_AP_POLICIES),
+        metavar="fallback|blackhole",
+        group=_G_KEEP,
+        help="when no AP is usable: 'fallback' sends the traffic the normal route, 'blackhole' "
+        "drops it (fail closed) (default fallback: the host keeps working as without sdnsup)",
+    ),
+    Option(
+        "mark",
+        INTEGER,
+        default=DEFAULT_MARK,
+        check=_u32,
+        metavar="N",
+        group=_G_KERNEL,
+        help=f"conntrack and packet mark bits to set (default {DEFAULT_MARK:#x}: bit 12, unused by "
+        "kube-proxy 0x4000/0x8000, Cilium 0x0f00, Istio 0x539, wg-quick 0xca6c, Tailscale "
+        "0xff0000 and Calico 0xffff0000)",
+    ),
+    Option(
+        "mask",
+        INTEGER,
+        default=DEFAULT_MASK,
+        check=_u32,
+        metavar="N",
+        group=_G_KERNEL,
+        help=f"mark bits sdnsup owns; it never changes any other bit (default {DEFAULT_MASK:#x}, "
+        "the mark's own bit, so other tools' marks stay untouched)",
+    ),
+    Option(
+        "table",
+        INTEGER,
+        default=DEFAULT_TABLE,
+        metavar="N",
+        group=_G_KERNEL,
+        help=f"routing table for the CIDRs (default {DEFAULT_TABLE}: not Tailscale's 52, "
+        "wg-quick's 51820, the seed's 100, nor main/local)",
+    ),
+    Option(
+        "priority",
+        INTEGER,
+        default=DEFAULT_PRIORITY,
+        metavar="N",
+        group=_G_KERNEL,
+        help=f"policy rule priority (default {DEFAULT_PRIORITY}: before the main table's 32766, "
+        "after Tailscale's rules at 5210-5270)",
+    ),
+    Option(
+        "verify-interval",
+        FLOAT,
+        default=VERIFY_INTERVAL,
+        check=_positive_seconds,
+        metavar="S",
+        group=_G_KERNEL,
+        help=f"seconds between full re-reads of the kernel state (default {VERIFY_INTERVAL:g}: "
+        "netlink events trigger heals at once; this slow pass only catches what no event "
+        "reported, and re-reading 100k CIDRs takes seconds)",
+    ),
+    Option(
+        "log-level",
+        STRING,
+        default="info",
+        check=_choice(*LOG_LEVELS),
+        metavar="LEVEL",
+        group=_G_OPS,
+        help="log verbosity: debug, info, warning or error (default info: one line per state "
+        "change, with its numbers)",
+    ),
+    Option(
+        "log-dir",
+        STRING,
+        default=DEFAULT_LOG_DIR,
+        check=_log_dir,
+        metavar="DIR",
+        anchor=_anchor_path,
+        group=_G_OPS,
+        help=f"directory for a log file besides stderr (default {DEFAULT_LOG_DIR}, the seed's "
+        "convention, where existing log collection looks; 'none' logs to stderr only)",
+    ),
+    Option(
+        "log-format",
+        STRING,
+        default="text",
+        check=_choice(*LOG_FORMATS),
+        metavar="text|json",
+        group=_G_OPS,
+        help="log line format: text or json, one object per line for log shippers (default text: "
+        "what an operator reads in supervisord's log)",
+    ),
+    Option(
+        "metrics",
+        STRING,
+        default=None,
+        check=_listen,
+        metavar="ADDR:PORT",
+        group=_G_OPS,
+        help="serve Prometheus metrics on ADDR:PORT, e.g. 127.0.0.1:9730, [::1]:9730, or :9730 "
+        "for every address (default off: the endpoint is unauthenticated, so opening a port "
+        "must be a choice; 'off' disables one set elsewhere)",
+    ),
+)
+_BY_KEY: dict[str, Option] = {opt.key: opt for opt in OPTIONS}
+_CONFIG = _BY_KEY["config"]
+
+CONFIG_EPILOG = f"""\
+where options come from (highest first):
+  1. the command line
+  2. the environment: {ENV_PREFIX}<OPTION>, dashes as underscores, e.g.
+     {ENV_PREFIX}KEEPALIVE_INTERVAL=0.3  {ENV_PREFIX}ROUTES=10.0.0.0/8,@/etc/sdnsup/more.txt
+     {ENV_PREFIX}ALLOW_DEFAULT=yes (true/false, yes/no, 1/0)
+  3. the TOML file (--config; default {DEFAULT_CONFIG_PATH} if it exists), keys spelt
+     with underscores: keepalive_interval = 0.3, mark = 0x1000,
+     routes = ["10.10.10.0/24", "@cidrs.txt"]. Unknown keys and wrong types are errors;
+     relative paths are relative to the file's directory.
+  4. the defaults above.
+  The CC token is not an option: --cc-token-file FILE or {TOKEN_ENV} only.
+"""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option of :data:`OPTIONS` to the ``run`` subparser, and the sources epilog.
+
+    Every default is ``None`` so that :func:`resolve` can tell "not given" from "given the
+    default value"; the real defaults live in the table and in the help texts. Values stay
+    strings here: :func:`resolve` parses them with the same code as environment values, so
+    both report errors the same way. ``--cc``/``--ap`` exclusivity and the required options
+    are checked in :func:`resolve` too, since they may come from any source.
+    """
+    groups = {title: parser.add_argument_group(title) for title in _GROUPS}
+    for opt in OPTIONS:
+        group = groups[opt.group]
+        flags = [opt.short, opt.flag] if opt.short else [opt.flag]
+        if opt.kind is BOOLEAN:
+            # --no-allow-default too, so the command line can undo a file's "true".
+            group.add_argument(
+                *flags,
+                dest=opt.key,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=opt.help,
+            )
+        elif opt.kind is STRINGS:
+            group.add_argument(
+                *flags,
+                dest=opt.key,
+                action="append",
+                default=None,
+                metavar=opt.metavar,
+                help=opt.help,
+            )
+        else:
+            group.add_argument(
+                *flags, dest=opt.key, default=None, metavar=opt.metavar, help=opt.help
+            )
+    parser.epilog = (
+        f"{parser.epilog.rstrip()}\n\n{CONFIG_EPILOG}" if parser.epilog else CONFIG_EPILOG
+    )
+
+
+# --- the result --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """Every ``run`` option, typed and validated, and where each value came from.
+
+    One field per entry of :data:`OPTIONS` (same name as the TOML key), then values derived
+    from several options and already validated together, so ``cmd_run`` needs no more checks:
+    ``cidrs`` (``routes`` parsed, ``@FILE``\\ s read, with ``allow_default``), ``aps`` (the
+    static APs with ``probe``; empty with a CC) and ``settings`` (mark, mask, table, priority).
+    """
+
+    config: Path | None  # the file actually read, None if none
+    routes: tuple[str, ...]  # as given: comma lists and @FILEs
+    allow_default: bool
+    cc: str | None
+    ap: str | None  # as given, validated
+    cc_token_file: Path | None
+    cc_ca: Path | None
+    retries: int | None  # None: retry forever
+    probe: ProbeSpec
+    keepalive_interval: float
+    keepalive_timeout: float
+    keepalive_misses: int
+    reprobe_interval: float
+    no_ap: NoApPolicy
+    mark: int
+    mask: int
+    table: int
+    priority: int
+    verify_interval: float
+    log_level: LogLevel
+    log_dir: Path | None  # None: no file log
+    log_format: LogFormat
+    metrics: tuple[str, int] | None  # (host, port), host "" for every address; None: off
+    cidrs: CidrSet
+    aps: tuple[AccessPoint, ...]
+    settings: Settings
+    # option key -> "cli", "env SDNSUP_MARK", "/etc/sdnsup/sdnsup.toml" or "default"
+    sources: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # Not errors, but worth a log line once logging is set up (e.g. an env variable typo).
+    warnings: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """``key=value (source)`` for every option not at its default: one startup log line
+        that shows which environment variable or file changed what."""
+        parts = [f"config={self.config}"] if self.config is not None else []
+        for opt in OPTIONS:
+            source = self.sources.get(opt.key, "default")
+            if source != "default" and opt is not _CONFIG:
+                parts.append(f"{opt.key}={_show(opt, getattr(self, opt.key))} ({source})")
+        return ", ".join(parts) or "all defaults"
+
+
+def _show(opt: Option, value: object) -> str:
+    if opt.key in ("mark", "mask") and isinstance(value, int):
+        return f"{value:#x}"
+    if isinstance(value, ProbeSpec):
+        path = value.path if value.kind == "http" else ""
+        return f"{value.kind}:{value.port}{path}" if value.kind != "icmp" else "icmp"
+    if isinstance(value, tuple) and opt.key == "metrics":
+        host, port = value
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+# --- resolving ---------------------------------------------------------------------------------
+
+
+def _where(source: str) -> str:
+    """A source for a sentence: "the command line", "environment SDNSUP_CC", a file path."""
+    if source == "cli":
+        return "the command line"
+    if source.startswith("env "):
+        return "environment " + source.removeprefix("env ")
+    return source
+
+
+def _label(opt: Option, source: str) -> str:
+    """The prefix of an error about ``opt`` from ``source``."""
+    if source == "cli":
+        return opt.flag
+    if source.startswith("env "):
+        return f"environment {opt.env}"
+    if source == "default":
+        return f"{opt.flag} (default)"
+    return f"{source}: key '{opt.key}'"
+
+
+def _from_cli(opt: Option, value: object) -> object:
+    if isinstance(value, str):
+        return opt.kind.from_text(value)
+    if isinstance(value, list):  # action="append"
+        return tuple(value)
+    return value  # BooleanOptionalAction gives a bool; a caller's Namespace may be typed
+
+
+def _find_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Path | None, str]:
+    """The config file to read and the source that named it.
+
+    Raises:
+        ConfigError: a file named on the command line or in the environment does not exist.
+    """
+    given = (
+        ("cli", getattr(args, "config", None)),
+        (f"env {_CONFIG.env}", environ.get(_CONFIG.env)),
+    )
+    for source, raw in given:
+        # An empty environment variable is unset (as for every option); an empty
+        # --config "" is a mistake, which _config_path reports.
+        if raw is None or (raw == "" and source != "cli"):
+            continue
+        try:
+            path = _config_path(str(raw))
+        except _Invalid as exc:
+            raise ConfigError(f"{_label(_CONFIG, source)}: {exc}") from None
+        if path is not None and not path.exists():
+            raise ConfigError(f"{_label(_CONFIG, source)}: {path}: no such file")
+        return path, source
+    # Looked up at call time (not bound as a default argument) so tests can monkeypatch it.
+    default = DEFAULT_CONFIG_PATH
+    return (default if default.exists() else None), "default"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _unknown_key(path: Path, key: str) -> str:
+    if key == "config":
+        return f"{path}: key 'config': a config file cannot name another; use --config"
+    if key in ("cc_token", "token"):
+        return (
+            f"{path}: unknown key {key!r}: the token never goes in the config file; put it "
+            f"in a root-only file named by cc_token_file, or in {TOKEN_ENV}"
+        )
+    names = [k for k in _BY_KEY if k != "config"]
+    close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{path}: unknown key {key!r}{hint}"
+
+
+def _env_warnings(environ: Mapping[str, str]) -> list[str]:
+    """Near-misses of our variable names. Not errors: the environment is shared with other
+    programs (and our own test harnesses use other SDNSUP_* names)."""
+    known = [opt.env for opt in OPTIONS] + [TOKEN_ENV]
+    found = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if close:
+                found.append(
+                    f"environment {name} is not an sdnsup option (did you mean {close[0]}?); "
+                    "ignored"
+                )
+    return found
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> RunOptions:
+    """Merge the command line (``args`` from :func:`add_run_arguments`), the environment and
+    the config file over the defaults, validate everything, and return it typed.
+
+    Every value given by any source is validated, even one a higher source overrides: a bad
+    line in the file is reported now, not on the day the overriding flag is dropped. An empty
+    environment variable counts as unset (``SDNSUP_CC=`` in a unit file means "no CC here").
+    Per-option problems are all reported at once; checks across options follow.
+
+    Raises:
+        ConfigError: naming the source (``--flag``, ``environment SDNSUP_X`` or
+            ``FILE: key 'x'``) and what is wrong.
+    """
+    config_path, config_source = _find_config(args, environ)
+    file_values = _read_toml(config_path) if config_path is not None else {}
+    problems = [
+        _unknown_key(config_path, key)
+        for key in file_values
+        if config_path is not None and (key not in _BY_KEY or key == "config")
+    ]
+    values: dict[str, Any] = {"config": config_path}
+    sources: dict[str, str] = {"config": config_source}
+    given: dict[str, str] = {}  # key -> highest source that sets it, valid or not
+    for opt in OPTIONS:
+        if opt is _CONFIG:
+            continue
+        # Every source that sets this option, highest precedence first: (source, raw value).
+        inputs: list[tuple[str, object]] = []
+        if (cli_value := getattr(args, opt.key, None)) is not None:
+            inputs.append(("cli", cli_value))
+        if env_value := environ.get(opt.env):
+            inputs.append((f"env {opt.env}", env_value))
+        if config_path is not None and opt.key in file_values:
+            inputs.append((str(config_path), file_values[opt.key]))
+        values[opt.key], sources[opt.key] = opt.default, "default"
+        if inputs:
+            given[opt.key] = inputs[0][0]
+        for rank, (source, raw) in enumerate(inputs):
+            try:
+                value = opt.check(_convert(opt, source, raw, config_path))
+            except _Invalid as exc:
+                problems.append(f"{_label(opt, source)}: {exc}")
+                continue
+            if rank == 0:
+                values[opt.key], sources[opt.key] = value, source
+    # Checked on what was given, valid or not, so a bad --cc is not also "no AP source".
+    if "cc" in given and "ap" in given:
+        problems.append(
+            f"--cc (from {_where(given['cc'])}) and --ap (from {_where(given['ap'])}) "
+            "exclude each other: use a control center or a static AP list, not both"
+        )
+    elif "cc" not in given and "ap" not in given:
+        file_hint = config_path or DEFAULT_CONFIG_PATH
+        problems.append(
+            "no AP source: give --cc URL or --ap ADDR on the command line, "
+            f"{_BY_KEY['cc'].env} or {_BY_KEY['ap'].env} in the environment, "
+            f"or cc or ap in {file_hint}"
+        )
+    if problems:
+        raise ConfigError(
+            problems[0]
+            if len(problems) == 1
+            else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+        )
+    values["cidrs"] = _cidrs(values, sources, config_path)
+    values["aps"] = _static_aps(values, sources)
+    values["settings"] = _settings(values, sources)
+    warnings = _env_warnings(environ)
+    if config_path is not None and config_path.stat().st_mode & 0o002:
+        # The file steers a root daemon's routing: anyone who can write it can redirect traffic.
+        warnings.append(f"{config_path} is writable by every user; chmod o-w it")
+    return RunOptions(**values, sources=MappingProxyType(sources), warnings=tuple(warnings))
+
+
+def _convert(opt: Option, source: str, raw: object, path: Path | None) -> object:
+    """``raw`` from ``source`` as the option's kind, before its check."""
+    if source == "cli":
+        return _from_cli(opt, raw)
+    if source.startswith("env "):
+        assert isinstance(raw, str)
+        return opt.kind.from_text(raw)
+    assert path is not None
+    value = opt.kind.from_toml(raw)
+    return opt.anchor(value, path.parent) if opt.anchor is not None else value
+
+
+def _cidrs(values: Mapping[str, Any], sources: Mapping[str, str], path: Path | None) -> CidrSet:
+    routes = values["routes"]
+    if routes is None:
+        raise ConfigError(
+            "no CIDRs given: pass -r 10.10.10.0/24[,...] or -r @FILE, set "
+            f"{_BY_KEY['routes'].env}, or routes = [...] in {path or DEFAULT_CONFIG_PATH}"
+        )
+    try:
+        return parse_cidrs(routes, allow_default=values["allow_default"])
+    except ConfigError as exc:
+        if sources["routes"] == "cli":
+            raise  # parse_cidrs already says "-r: ..." or "FILE:LINE: ..."
+        raise ConfigError(f"{_label(_BY_KEY['routes'], sources['routes'])}: {exc}") from exc
+
+
+def _static_aps(values: Mapping[str, Any], sources: Mapping[str, str]) -> tuple[AccessPoint, ...]:
+    if values["ap"] is None:
+        return ()
+    probe: ProbeSpec = values["probe"]
+    aps = tuple(
+        AccessPoint(a.id, a.addr4, a.addr6, probe=probe) for a in parse_static_aps(values["ap"])
+    )
+    cidrs: CidrSet = values["cidrs"]
+    where = (
+        f" (CIDRs from {_where(sources['routes'])}, APs from {_where(sources['ap'])})"
+        if _elsewhere(sources, "routes", "ap")
+        else ""
+    )
+    if cidrs.v6 and not any(ap.addr6 for ap in aps):
+        raise ConfigError(
+            f"{len(cidrs.v6)} IPv6 CIDRs given but no AP has an IPv6 address{where}; "
+            "write a dual-stack AP as --ap 10.77.0.11+fd77::11"
+        )
+    if cidrs.v4 and not any(ap.addr4 for ap in aps):
+        raise ConfigError(f"{len(cidrs.v4)} IPv4 CIDRs given but no AP has an IPv4 address{where}")
+    return aps
+
+
+def _settings(values: Mapping[str, Any], sources: Mapping[str, str]) -> Settings:
+    keys = ("mark", "mask", "table", "priority")
+    try:
+        return Settings(**{k: values[k] for k in keys})
+    except ConfigError as exc:
+        # Settings checks across options but does not know where each came from.
+        if not _elsewhere(sources, *keys):
+            raise
+        given = [f"{k} from {_where(sources[k])}" for k in keys if sources[k] != "default"]
+        raise ConfigError(f"{exc} ({', '.join(given)})") from exc
+
+
+def _elsewhere(sources: Mapping[str, str], *keys: str) -> bool:
+    """Whether any of ``keys`` came from the environment or a file: then an error across
+    options says where each came from; when all are flags, the flags in it say enough."""
+    return any(sources[k] not in ("cli", "default") for k in keys)
