@@ -218,6 +218,45 @@ async def supervised(name: str, fn: Callable[[], Awaitable[object]]) -> None:
             await trio.sleep(delay)
 
 
+async def monitor_task(
+    monitor: Any, mailbox: Mailbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Keep the netlink monitor running; after a restart, ask for a heal.
+
+    Ready once the monitor first subscribed, so that nothing the applier does later goes
+    unwatched. A monitor that fails (a netlink socket error) is restarted with backoff; the
+    events it missed meanwhile are covered by the heal asked for when it is back.
+    """
+    delay = RESTART_FIRST
+    ready = False
+    while True:
+        failure: list[BaseException] = []
+        began = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(monitor.run, mailbox.heal)
+                if not ready:
+                    task_status.started()
+                    ready = True
+                else:
+                    log.info("netlink monitor is back")
+                    mailbox.heal("netlink monitor restarted, events may have been missed")
+        except* KernelError as group:  # the nursery wraps the monitor's error in a group
+            failure = list(group.exceptions)
+        if trio.current_time() - began > CRASH_WINDOW:
+            delay = RESTART_FIRST  # it had been fine for a long time: start backing off anew
+        if failure:
+            log.error("netlink monitor failed, restarting in %.0f s: %s", delay, failure[0])
+        else:
+            log.error("netlink monitor stopped unexpectedly, restarting in %.0f s", delay)
+        if not ready:
+            # Do not hold the daemon up: periodic verification covers the gap.
+            task_status.started()
+            ready = True
+        await trio.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX)
+
+
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -317,7 +356,7 @@ async def serve(
 
                 await nursery.start(control.serve_control, control_path, get_snapshot)
             if monitor is not None:
-                await nursery.start(monitor.run, mailbox.heal)
+                await nursery.start(monitor_task, monitor, mailbox)
             if notifier is not None:
                 from sdnsup.notify import watchdog_loop
 

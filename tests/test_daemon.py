@@ -76,3 +76,33 @@ def test_failed_apply_is_retried_with_backoff_from_a_fresh_read():
     assert len(calls) == 3
     assert calls[1] - calls[0] >= 0.5 and calls[2] - calls[1] >= 1.0
     assert len(routes.rules(RTPROT_SDNSUP)) == 2  # one per family
+
+
+def test_a_failing_netlink_monitor_is_restarted_and_a_heal_is_asked():
+    from sdnsup.daemon import monitor_task
+
+    class FlakyMonitor:
+        def __init__(self):
+            self.runs = 0
+
+        async def run(self, trigger, *, task_status=trio.TASK_STATUS_IGNORED):
+            self.runs += 1
+            task_status.started()
+            if self.runs == 1:
+                await trio.sleep(5)
+                raise RoutesError("netlink socket failed: ENOBUFS")
+            await trio.sleep_forever()
+
+    monitor = FlakyMonitor()
+    mailbox = Mailbox()
+    taken = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(monitor_task, monitor, mailbox)
+            taken.append(await mailbox.take())
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert monitor.runs == 2
+    assert taken == [(None, ["netlink monitor restarted, events may have been missed"])]
