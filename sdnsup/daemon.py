@@ -109,9 +109,10 @@ class Mailbox:
         self._desired: DesiredState | None = None
         self._heals: list[str] = []
         self._wake = trio.Event()
+        self.latest: DesiredState | None = None  # the newest state ever posted
 
     def post(self, desired: DesiredState) -> None:
-        self._desired = desired
+        self._desired = self.latest = desired
         self._wake.set()
 
     def heal(self, cause: str) -> None:
@@ -144,7 +145,10 @@ async def applier_task(
     in progress always completes and ``applied`` stays true to the kernel.
     """
     task_status.started()
-    current: DesiredState | None = None
+    # A restarted applier task picks up where the crashed one was: the newest state, re-read.
+    current: DesiredState | None = mailbox.latest
+    if current is not None:
+        mailbox.heal("applier task restarted")
     first = True
     delay = APPLY_RETRY_FIRST
     while True:

@@ -106,3 +106,23 @@ def test_a_failing_netlink_monitor_is_restarted_and_a_heal_is_asked():
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert monitor.runs == 2
     assert taken == [(None, ["netlink monitor restarted, events may have been missed"])]
+
+
+def test_a_restarted_applier_task_reapplies_the_newest_state():
+    applier, routes = make()
+    mailbox = Mailbox()
+    mailbox.post(desired_for(CONFIG, CONFIG.aps[0]))
+    mailbox.post(desired_for(CONFIG, None))  # newest: no AP
+    desired, _ = trio.run(mailbox.take)  # consumed by a task that then crashed
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier_task, applier, mailbox)
+            while not routes.nexthops(RTPROT_SDNSUP):  # noqa: ASYNC110 - state in a thread
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert desired is not None
+    assert routes.rules(RTPROT_SDNSUP) == set()  # the no-AP state, not the older one
+    assert len(routes.nexthops(RTPROT_SDNSUP)) == 2
