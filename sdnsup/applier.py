@@ -385,14 +385,13 @@ class Applier:
                 table = new_table
                 result.writes["nft table"] += 1
                 result.writes["nft element"] += sum(len(v) for v in new_table.elements.values())
+        elements_changed = False
         if plan.set_changes and table is not None:
             changes, name = plan.set_changes, table.name
             if guarded("nftables", lambda: self._nft.update_elements(name, changes)):
-                elements = dict(table.elements)
-                for set_name, (add, delete) in changes.items():
-                    elements[set_name] = (elements.get(set_name, frozenset()) - delete) | add
+                elements_changed = True
+                for add, delete in changes.values():
                     result.writes["nft element"] += len(add) + len(delete)
-                table = replace(table, elements={k: v for k, v in elements.items() if v})
         if plan.add_rules:
             bad = failed("add rule", self._routes.add_rules(plan.add_rules, proto))
             done_rules = [r for r in plan.add_rules if r not in bad]
@@ -428,6 +427,13 @@ class Applier:
             # very same object lets the next diff skip unchanged route groups by identity.
             self._applied = target
             return errors
+        if elements_changed and table is not None:
+            # Only on this partial-failure path is the new set contents worth computing
+            # (copies of sets that may hold 100k CIDRs).
+            patched = dict(table.elements)
+            for set_name, (add, delete) in plan.set_changes.items():
+                patched[set_name] = (patched.get(set_name, frozenset()) - delete) | add
+            table = replace(table, elements={k: v for k, v in patched.items() if v})
         self._applied = KernelState(
             nexthops=frozenset(nexthops.values()),
             routes=_patch_routes(applied.routes, added, deleted, gone_nh),
