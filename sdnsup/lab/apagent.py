@@ -34,7 +34,6 @@ import selectors
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,15 +55,11 @@ def write_control(path: Path, delay: float = 0.0, drop: bool = False) -> None:
     if not 0 <= delay <= MAX_DELAY:
         raise ValueError(f"delay must be between 0 and {MAX_DELAY} s, not {delay}")
     data = json.dumps({"delay": delay, "drop": drop}).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # Imported here, not at the top: this file also runs alone as a server (python -P),
+    # which must start fast and never needs to write its own control file.
+    from sdnsup.lab.commands import write_atomic
+
+    write_atomic(path, data)
 
 
 class Control:

@@ -27,14 +27,11 @@ Standard library only, run by path with ``python -P`` like :mod:`sdnsup.lab.whoa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hmac
 import json
-import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,15 +55,11 @@ def write_control(
     data = json.dumps(
         {"mode": mode, "answer": dict(answer or {}), "slow_seconds": slow_seconds}
     ).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # Imported here, not at the top: this file also runs alone as a server (python -P),
+    # which must start fast and never needs to write its own control file.
+    from sdnsup.lab.commands import write_atomic
+
+    write_atomic(path, data)
 
 
 class CCHandler(BaseHTTPRequestHandler):

@@ -7,11 +7,15 @@ parallel (:func:`run_parallel`), which keeps a lab build well under a second.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -41,6 +45,20 @@ def wait_for(what: str, timeout: float, predicate: Callable[[], T], step: float 
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(step)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file in the same dir, then rename), so
+    a lab server re-reading its control file never sees half of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 class CommandError(LabError):
