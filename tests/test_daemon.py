@@ -53,12 +53,15 @@ def test_failed_apply_is_retried_with_backoff_from_a_fresh_read():
     applier, routes = make()
     calls = []
     real_apply = applier.apply
+    done = trio.Event()
 
     def flaky(desired):
         calls.append(trio.from_thread.run_sync(trio.current_time))
         if len(calls) < 3:
             raise RoutesError("netlink socket failed")
-        return real_apply(desired)
+        result = real_apply(desired)
+        trio.from_thread.run_sync(done.set)
+        return result
 
     applier.apply = flaky  # type: ignore[method-assign]
 
@@ -67,8 +70,9 @@ def test_failed_apply_is_retried_with_backoff_from_a_fresh_read():
         async with trio.open_nursery() as nursery:
             await nursery.start(applier_task, applier, mailbox)
             mailbox.post(desired_for(CONFIG, CONFIG.aps[0]))
-            while len(calls) < 3 or not routes.rules(RTPROT_SDNSUP):  # noqa: ASYNC110
-                await trio.sleep(0.1)
+            # Wait on an event, not a polling sleep: a sleeping poller would let the
+            # autojump clock move while the applier's thread runs, skewing the timestamps.
+            await done.wait()
             nursery.cancel_scope.cancel()
 
     # applier_task runs the applier in a thread; MockClock autojump still skips the sleeps
