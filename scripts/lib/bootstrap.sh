@@ -32,7 +32,10 @@ bootstrap_apt() {
 }
 
 bootstrap_venv() {
-    local stamp=.venv/.sdnsup-installed
+    # SDNSUP_EXTRAS: the optional dependency groups of pyproject.toml to install (scripts/bench
+    # adds "bench"); one stamp per set, so switching between test and bench installs once each.
+    local extras=${SDNSUP_EXTRAS:-test}
+    local stamp=.venv/.sdnsup-installed-${extras//,/-}
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
     fi
@@ -40,7 +43,7 @@ bootstrap_venv() {
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         # pip's own chatter goes to a log, shown only when the install fails.
         if ! { .venv/bin/python -m pip install -q --upgrade pip &&
-               .venv/bin/python -m pip install -q -e '.[test]'; } >.venv/install.log 2>&1; then
+               .venv/bin/python -m pip install -q -e ".[$extras]"; } >.venv/install.log 2>&1; then
             cat .venv/install.log >&2
             return 1
         fi
