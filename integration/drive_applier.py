@@ -1,6 +1,6 @@
 """Run inside a lab namespace: apply one desired state with the real backends, print JSON.
 
-Usage: python drive_applier.py CIDRS AP4|- [AP6|-] [--twice] [--teardown]
+Usage: python drive_applier.py CIDRS|@FILE AP4|- [AP6|-] [--twice] [--teardown]
 Prints {"writes": {...}, "again": N, "matches_kernel": bool}: the writes of the apply, the
 writes of applying the same state again, and whether what the applier believes equals a fresh
 read of the kernel.
@@ -20,7 +20,10 @@ from sdnsup.sysctl import ProcSysctl
 
 
 def main() -> None:
-    cidrs = [ipaddress.ip_network(c) for c in sys.argv[1].split(",") if c]
+    spec = sys.argv[1]
+    if spec.startswith("@"):  # one CIDR per line: lists too long for one argument
+        spec = ",".join(open(spec[1:]).read().split())
+    cidrs = [ipaddress.ip_network(c) for c in spec.split(",") if c]
     ap4 = None if sys.argv[2] == "-" else ipaddress.IPv4Address(sys.argv[2])
     ap6 = None if len(sys.argv) < 4 or sys.argv[3] == "-" else ipaddress.IPv6Address(sys.argv[3])
     applier = Applier(RtnlRoutes.from_system(), LibNftables(), ProcSysctl())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -53,6 +54,34 @@ def test_cidr_change_touches_only_changed_routes_and_elements(make_lab):
     assert result["matches_kernel"]
     routes = {r["dst"] for r in owned(lab)["routes"]}
     assert routes == {c for c in changed}
+
+
+def test_large_cidr_lists_are_sharded_and_steer_like_one_set(make_lab, tmp_path):
+    lab = make_lab(n_aps=1)
+    lab.serve_whoami(lab.ns_b)
+    ap = lab.ap(1)
+    # 20k /28s in 10.128.0.0/9 plus B's subnet: more than two shards' worth (SHARD_SIZE 8192)
+    others = [str(ipaddress.IPv4Network((int(ipaddress.IPv4Address("10.128.0.0")) + 16 * i, 28)))
+              for i in range(20_000)]  # fmt: skip
+    listing = tmp_path / "cidrs.txt"
+    listing.write_text("\n".join([*others, "10.10.10.0/24"]))
+    first = drive(lab, f"@{listing}", ap.addr)
+    assert first["again"] == 0 and first["matches_kernel"]
+    sets = lab.exec(lab.ns_a, "nft", "-j", "list", "sets", "inet").stdout
+    names = sorted(o["set"]["name"] for o in json.loads(sets)["nftables"] if "set" in o)
+    assert [n for n in names if n.startswith("dst4")] == [f"dst4_{i}" for i in range(4)]
+    # B's subnet sits in one of the shards: its lookup rule steers it like any other
+    assert lab.whoami(lab.ns_a, lab.b_addr) == str(ap.overlay_addr)
+
+    listing.write_text("\n".join([*others[1:], "10.10.10.0/24", "10.200.0.0/16"]))
+    changed = drive(lab, f"@{listing}", ap.addr)
+    assert changed["writes"] == {"route": 2, "nft element": 2}
+    assert changed["matches_kernel"]
+    listing.write_text("\n".join(others))  # others[0] back; B's subnet and 10.200/16 gone
+    assert drive(lab, f"@{listing}", ap.addr)["writes"] == {"route": 3, "nft element": 3}
+    assert lab.whoami(lab.ns_a, lab.b_addr) == str(lab.a_addr)  # B no longer steered
+    drive(lab, "", "-", "-", "--teardown")
+    assert owned(lab) == {"rules": [], "routes": [], "nexthops": [], "tables": []}
 
 
 @pytest.mark.parametrize(

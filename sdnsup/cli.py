@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--mask", type=_int, default=DEFAULT_MASK, help="(%(default)#x)")
     plan.add_argument("--table", type=_int, default=DEFAULT_TABLE, help="(%(default)s)")
     plan.add_argument("--priority", type=_int, default=DEFAULT_PRIORITY, help="(%(default)s)")
+    plan.add_argument("--nexthop-compat", choices=("auto", "keep"), default="auto",
+                      help="as for run (%(default)s)")  # fmt: skip
     plan.add_argument("--json", action="store_true", help="nftables part as libnftables JSON")
 
     status = sub.add_parser(
@@ -226,6 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             LibNftables(),
             ProcSysctl(),
             sysctl_record=RUN_DIR / f"sysctl-{netns_id()}.json",
+            nexthop_compat=opts.nexthop_compat,
         )
         mailbox = Mailbox()
         supervisor = Supervisor(
@@ -304,6 +307,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             routes.resolve,
             lambda ifname: strict_rp_filter(ProcSysctl(), ifname),
             as_json=args.json,
+            nexthop_compat=args.nexthop_compat,
         )
     finally:
         routes.close()

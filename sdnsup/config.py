@@ -53,6 +53,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from sdnsup import keepalive
+from sdnsup.applier import NexthopCompat
 from sdnsup.aps import PROBE_KINDS, AccessPoint, ProbeSpec, parse_static_aps
 from sdnsup.cidrs import CidrSet, parse_cidrs
 from sdnsup.daemon import VERIFY_INTERVAL
@@ -80,6 +81,7 @@ LogFormat = Literal["text", "json"]
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 NO_AP_POLICIES: tuple[NoApPolicy, ...] = ("fallback", "blackhole")
+NEXTHOP_COMPAT_POLICIES: tuple[NexthopCompat, ...] = ("auto", "keep")
 # Values that switch off an optional feature set by a lower-precedence source.
 _OFF_WORDS = ("none", "off")
 _TRUE_WORDS = ("true", "yes", "1")
@@ -582,6 +584,18 @@ OPTIONS: tuple[Option, ...] = (
         "after Tailscale's rules at 5210-5270)",
     ),
     Option(
+        "nexthop-compat",
+        STRING,
+        default="auto",
+        check=_choice(*NEXTHOP_COMPAT_POLICIES),
+        metavar="auto|keep",
+        group=_G_KERNEL,
+        help="'auto' sets net.ipv4.nexthop_compat_mode=0 while steering, unless other software "
+        "uses nexthop objects (then the kernel would change how their routes are dumped), and "
+        "restores it at exit; with 100k CIDRs it makes an AP switch ~1 ms instead of ~130 ms. "
+        "'keep' never touches it (default auto)",
+    ),
+    Option(
         "verify-interval",
         FLOAT,
         default=VERIFY_INTERVAL,
@@ -724,6 +738,7 @@ class RunOptions:
     mask: int
     table: int
     priority: int
+    nexthop_compat: NexthopCompat
     verify_interval: float
     log_level: LogLevel
     log_dir: Path | None  # None: no file log

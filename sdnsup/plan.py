@@ -13,10 +13,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from sdnsup.applier import KernelState, render
+from sdnsup.applier import KernelState, NexthopCompat, render
 from sdnsup.nft import NftTable, element_json, table_commands
 from sdnsup.routes import RTPROT_SDNSUP, IPAddress, Link
 from sdnsup.state import DesiredState
+from sdnsup.sysctl import NEXTHOP_COMPAT_MODE
 
 
 def _value(v: Any) -> str:
@@ -98,7 +99,9 @@ def nft_text(table: NftTable) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ip_commands(state: KernelState, links: dict[int, Link]) -> list[str]:
+def ip_commands(
+    state: KernelState, links: dict[int, Link], nexthop_compat: NexthopCompat = "auto"
+) -> list[str]:
     """The ``ip`` commands equivalent to the netlink messages run sends for ``state``."""
     out = []
     for nh in sorted(state.nexthops, key=lambda n: n.id):
@@ -120,6 +123,9 @@ def ip_commands(state: KernelState, links: dict[int, Link]) -> list[str]:
         )
     for ifname in sorted(state.valid_mark):
         out.append(f"sysctl -w net.ipv4.conf.{ifname}.src_valid_mark=1")
+    if state.routes and nexthop_compat == "auto":
+        out.append("# only when no other software has nexthop objects (ip nexthop show):")
+        out.append(f"sysctl -w {NEXTHOP_COMPAT_MODE.replace('/', '.')}=0")
     return out
 
 
@@ -129,6 +135,7 @@ def plan(
     strict_rpf: Callable[[str], bool] = lambda _ifname: False,
     *,
     as_json: bool = False,
+    nexthop_compat: NexthopCompat = "auto",
 ) -> str:
     """Everything ``run`` would install for ``desired``, as text to review.
 
@@ -150,5 +157,5 @@ def plan(
         parts.append(nft_text(state.table).rstrip())
     parts.append("")
     parts.append("# routing: what run does through netlink, as ip commands")
-    parts.extend(ip_commands(state, result.ap_links))
+    parts.extend(ip_commands(state, result.ap_links, nexthop_compat))
     return "\n".join(parts) + "\n"

@@ -100,6 +100,10 @@ class RoutesBackend(Protocol):
         """Every nexthop object tagged ``proto``."""
         ...
 
+    def foreign_nexthops(self, proto: int) -> int:
+        """How many nexthop objects (groups included) are *not* tagged ``proto``."""
+        ...
+
     def rules(self, proto: int) -> set[Rule]:
         """Every policy rule tagged ``proto``, both families."""
         ...

@@ -1,11 +1,20 @@
-"""``src_valid_mark`` on the AP's interface, set only when strict ``rp_filter`` needs it.
+"""The few sysctls sdnsup changes, each only where it must, always restored.
 
-With strict reverse-path filtering (``rp_filter=1``) the kernel checks a reply's source against
-the route *it* would use, and it ignores the packet mark unless ``src_valid_mark=1``. Replies
-from the AP carry sdnsup's mark (restored from the ct mark in prerouting), so when the AP's
+``src_valid_mark`` on the AP's interface, set only when strict ``rp_filter`` needs it. With
+strict reverse-path filtering (``rp_filter=1``) the kernel checks a reply's source against the
+route *it* would use, and it ignores the packet mark unless ``src_valid_mark=1``. Replies from
+the AP carry sdnsup's mark (restored from the ct mark in prerouting), so when the AP's
 interface is not the one the main table uses for the remote host, strict rp_filter drops them.
 sdnsup sets ``src_valid_mark=1`` on that one interface (never on ``all``: that would change
-rp_filter's meaning for every interface of the host) and restores the old value on teardown.
+rp_filter's meaning for every interface of the host).
+
+``net.ipv4.nexthop_compat_mode=0`` (it covers IPv6 too) while sdnsup steers, unless other
+software in the namespace uses nexthop objects. In compat mode (the default, 1) replacing a
+nexthop makes the kernel walk every route using it and send one RTM_NEWROUTE per route:
+with 100k CIDRs an AP switch costs 100-140 ms of kernel time instead of about 1 ms. Mode 0
+changes only how routes *that use nexthop objects* are dumped and notified (by nexthop id,
+without the expanded gateway), so when sdnsup's routes are the only such routes nobody else
+sees a difference.
 
 Originals are kept in a small file under ``/run/sdnsup`` so a process restarted after
 ``kill -9`` still restores what its predecessor changed.
@@ -16,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +63,13 @@ class ProcSysctl:
             raise RoutesError(f"cannot write sysctl {key}={value}: {exc}") from exc
 
 
+NEXTHOP_COMPAT_MODE = "net/ipv4/nexthop_compat_mode"
+
+
+def valid_mark_key(ifname: str) -> str:
+    return f"net/ipv4/conf/{ifname}/src_valid_mark"
+
+
 def _key(ifname: str, name: str) -> str:
     return f"net/ipv4/conf/{ifname}/{name}"
 
@@ -68,8 +84,8 @@ def strict_rp_filter(backend: SysctlBackend, ifname: str) -> bool:
     return max(v or 0 for v in values) == 1
 
 
-class ValidMarkGuard:
-    """Owns ``src_valid_mark`` on the interfaces sdnsup needs it on, and restores the rest."""
+class SysctlGuard:
+    """Owns the sysctls sdnsup changed: sets what is wanted, restores the rest."""
 
     def __init__(self, backend: SysctlBackend, record: Path | None) -> None:
         self._backend = backend
@@ -78,7 +94,7 @@ class ValidMarkGuard:
 
     @property
     def changed(self) -> dict[str, int]:
-        """Interfaces sdnsup changed, with their original values."""
+        """Sysctl keys sdnsup changed, with their original values."""
         return dict(self._saved)
 
     def _load(self) -> dict[str, int]:
@@ -86,7 +102,11 @@ class ValidMarkGuard:
             return {}
         try:
             data = json.loads(self._record.read_text())
-            return {str(k): int(v) for k, v in data.items()}
+            # Records of older versions held interface names (src_valid_mark only).
+            return {
+                (str(k) if "/" in str(k) else valid_mark_key(str(k))): int(v)
+                for k, v in data.items()
+            }
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, AttributeError) as exc:
@@ -106,27 +126,46 @@ class ValidMarkGuard:
             json.dump(self._saved, f)
         tmp.replace(self._record)
 
-    def ensure(self, ifnames: Iterable[str]) -> int:
-        """Make ``src_valid_mark=1`` hold exactly where needed; return the number of writes.
+    def ensure(self, wanted: Mapping[str, int]) -> int:
+        """Make exactly ``wanted`` hold among the keys sdnsup manages; return the writes.
 
-        Interfaces in ``ifnames`` get 1 (original remembered); interfaces sdnsup changed
-        earlier that are no longer in ``ifnames`` get their original value back.
+        Keys in ``wanted`` get their value (the original is remembered the first time);
+        keys sdnsup changed earlier that are no longer wanted get their original back.
+        A key the kernel does not have (an interface that went away) is skipped.
         """
-        wanted = set(ifnames)
         writes = 0
-        for ifname in sorted(wanted):
-            current = self._backend.read(_key(ifname, "src_valid_mark"))
-            if current is None or current == 1:
+        dirty = False
+        for key, value in sorted(wanted.items()):
+            current = self._backend.read(key)
+            if current is None or current == value:
                 continue
-            self._saved.setdefault(ifname, current)
-            self._backend.write(_key(ifname, "src_valid_mark"), 1)
-            log.info("set src_valid_mark=1 on %s (strict rp_filter, was %d)", ifname, current)
+            self._saved.setdefault(key, current)
+            dirty = True
+            self._backend.write(key, value)
+            log.info("set %s=%d (was %d)%s", _dotted(key), value, current, _why(key))
             writes += 1
-        for ifname in sorted(set(self._saved) - wanted):
-            original = self._saved.pop(ifname)
-            if self._backend.read(_key(ifname, "src_valid_mark")) not in (None, original):
-                self._backend.write(_key(ifname, "src_valid_mark"), original)
-                log.info("restored src_valid_mark=%d on %s", original, ifname)
+        for key in sorted(set(self._saved) - set(wanted)):
+            original = self._saved.pop(key)
+            dirty = True
+            if self._backend.read(key) not in (None, original):
+                self._backend.write(key, original)
+                log.info("restored %s=%d", _dotted(key), original)
                 writes += 1
-        self._store()
+        if dirty:
+            self._store()
         return writes
+
+
+def _dotted(key: str) -> str:
+    return key.replace("/", ".")
+
+
+def _why(key: str) -> str:
+    if key == NEXTHOP_COMPAT_MODE:
+        return (
+            ": an AP switch re-points sdnsup's routes without a kernel notification per route;"
+            " no other software in this namespace uses nexthop objects"
+        )
+    if key.endswith("/src_valid_mark"):
+        return ": strict rp_filter there would drop the AP's marked replies"
+    return ""

@@ -34,6 +34,9 @@ class FakeRoutes:
     def nexthops(self, proto: int) -> set[Nexthop]:
         return {n for n, p in self.nh.values() if p == proto}
 
+    def foreign_nexthops(self, proto: int) -> int:
+        return sum(1 for _, p in self.nh.values() if p != proto)
+
     def rules(self, proto: int) -> set[Rule]:
         return {r for r, p in self.ru.items() if p == proto}
 
@@ -121,7 +124,7 @@ class FakeNft:
         table = self.tables.get(name)
         if table is None or elements:
             return table
-        return NftTable(table.name, table.ruleset, {})
+        return NftTable(table.name, table.ruleset, {}, table.shards)
 
     def replace(self, table: NftTable) -> None:
         self.tables[table.name] = table
@@ -129,14 +132,19 @@ class FakeNft:
         self.element_writes += sum(len(v) for v in table.elements.values())
 
     def update_elements(
-        self, name: str, changes: Mapping[str, tuple[frozenset[Element], frozenset[Element]]]
+        self,
+        table: NftTable,
+        changes: Mapping[str, tuple[frozenset[Element], frozenset[Element]]],
     ) -> None:
+        name = table.name
         t = self.tables[name]
         elements = dict(t.elements)
         for set_name, (add, delete) in changes.items():
             elements[set_name] = (elements.get(set_name, frozenset()) - delete) | add
             self.element_writes += len(add) + len(delete)
-        self.tables[name] = NftTable(t.name, t.ruleset, {k: v for k, v in elements.items() if v})
+        self.tables[name] = NftTable(
+            t.name, t.ruleset, {k: v for k, v in elements.items() if v}, t.shards
+        )
         self.transactions += 1
 
     def delete(self, name: str) -> bool:

@@ -240,3 +240,46 @@ def test_after_a_partial_failure_the_applied_state_matches_the_kernel():
     # the set elements changed, the route for 10.3.0.0/16 did not: the record says exactly that
     assert applier.applied == applier.read_kernel()
     assert applier.applied.table.set("dst4") == {N("10.1.0.0/16"), N("10.3.0.0/16")}
+
+
+COMPAT = "net/ipv4/nexthop_compat_mode"
+
+
+def test_nexthop_compat_mode_goes_off_while_steering_and_comes_back():
+    applier, _, _, ctl = make(sysctl={COMPAT: 1})
+    result = applier.apply(state())
+    # Mode 1 makes an AP switch cost kernel time per route: off while sdnsup's routes exist.
+    assert ctl.values[COMPAT] == 0 and result.writes["sysctl"] == 1
+    assert applier.apply(state(ap4=AP2)).writes == {"nexthop": 1, "nft element": 2}
+    applier.teardown()
+    assert ctl.values[COMPAT] == 1
+
+
+def test_nexthop_compat_mode_is_kept_when_others_use_nexthop_objects(caplog):
+    applier, routes, _, ctl = make(sysctl={COMPAT: 1})
+    routes.replace_nexthop(Nexthop(7, socket.AF_INET, AP1, 2), FOREIGN)  # e.g. FRR's
+    with caplog.at_level("INFO"):
+        applier.apply(state())
+        applier.apply(state(ap4=AP2))
+    assert ctl.values[COMPAT] == 1 and ctl.writes == 0
+    kept = [r.getMessage() for r in caplog.records if "nexthop_compat_mode=1" in r.getMessage()]
+    assert len(kept) == 1 and "1 nexthop objects of other software" in kept[0]
+
+
+def test_nexthop_compat_keep_never_touches_it():
+    routes, ctl = FakeRoutes({"10.77.0.11": link(2, "eth0")}), FakeSysctl({COMPAT: 1})
+    applier = Applier(routes, FakeNft(), ctl, nexthop_compat="keep")
+    applier.apply(state())
+    applier.teardown()
+    assert ctl.writes == 0
+
+
+def test_sysctl_record_restores_after_a_crash_including_older_records(tmp_path):
+    record = tmp_path / "sysctl.json"
+    # written by an earlier version: interface names mean src_valid_mark
+    record.write_text('{"eth1": 0, "net/ipv4/nexthop_compat_mode": 1}')
+    ctl = FakeSysctl({"net/ipv4/conf/eth1/src_valid_mark": 1, COMPAT: 0})
+    applier = Applier(FakeRoutes(), FakeNft(), ctl, sysctl_record=record)
+    applier.teardown()
+    assert ctl.values == {"net/ipv4/conf/eth1/src_valid_mark": 0, COMPAT: 1}
+    assert not record.exists()

@@ -2,10 +2,13 @@ import ipaddress
 import json
 
 from sdnsup.nft import (
+    NftTable,
     element_commands,
+    merge_shards,
     parse_element,
     render_table,
     ruleset_objects,
+    shard_count,
     table_commands,
     table_from_listing,
 )
@@ -71,3 +74,46 @@ def test_parse_element_forms():
     assert parse_element("10.0.0.1") == [N("10.0.0.1/32")]
     assert parse_element({"prefix": {"addr": "fd00::", "len": 64}}) == [N("fd00::/64")]
     assert parse_element({"range": ["10.0.0.0", "10.0.1.255"]}) == [N("10.0.0.0/23")]
+
+
+def test_small_sets_stay_one_set_large_ones_are_sharded_by_powers_of_two():
+    assert [shard_count(n) for n in (0, 8192, 8193, 16385, 100_000, 10**7)] == [1, 1, 2, 4, 16, 64]
+
+
+def test_sharded_table_has_a_lookup_rule_per_shard_and_round_trips():
+    base = int(ipaddress.IPv4Address("10.0.0.0"))
+    nets = frozenset(ipaddress.IPv4Network((base + 16 * i, 28)) for i in range(20_000))
+    t = render_table(Settings(), {"dst4": nets, "dst6": frozenset({N("fd00::/64")})})
+    assert t.shards == {"dst4": 4}
+    parts = t.kernel_sets()
+    assert sorted(parts) == ["dst4_0", "dst4_1", "dst4_2", "dst4_3", "dst6"]
+    # every CIDR in exactly one shard, and shards balanced (hash of address and length)
+    assert set().union(*(parts[f"dst4_{i}"] for i in range(4))) == nets
+    assert all(4000 < len(parts[f"dst4_{i}"]) < 6000 for i in range(4))
+    lookups = [e[1]["match"]["right"] for e in rules_of_table(t, "output") if len(e) == 3]
+    assert lookups == ["@dst4_0", "@dst4_1", "@dst4_2", "@dst4_3", "@dst6"]
+    listing = []
+    for c in table_commands(t)[3:]:
+        kind, body = next(iter(c["add"].items()))
+        listing.append({kind: dict(body, handle=1)})
+    assert table_from_listing("sdnsup", listing) == t
+
+
+def test_a_cidr_in_the_wrong_shard_makes_the_table_differ_so_it_is_reloaded():
+    base = int(ipaddress.IPv4Address("10.0.0.0"))
+    nets = frozenset(ipaddress.IPv4Network((base + 16 * i, 28)) for i in range(9000))
+    t = render_table(Settings(), {"dst4": nets})
+    parts = dict(t.kernel_sets())
+    moved = next(iter(parts["dst4_0"]))
+    parts["dst4_0"] -= {moved}
+    parts["dst4_1"] |= {moved}
+    read = merge_shards(NftTable(t.name, t.ruleset), parts)
+    assert read.set("dst4") == nets and read.ruleset != t.ruleset
+
+
+def rules_of_table(table, chain):
+    return [
+        o["rule"]["expr"]
+        for o in json.loads(table.ruleset)
+        if o.get("rule", {}).get("chain") == chain
+    ]
