@@ -1,15 +1,24 @@
 """``scripts/bench apply``: how fast sdnsup applies 1k/10k/100k CIDRs, against baselines.
 
 Runs in a network namespace of its own (``sdnt-bench-*``, removed at the end); nothing in the
-host's namespace changes. Prints, for each size: sdnsup from scratch (kernel objects written),
-the practical floor (``ip -batch`` for the routes plus ``nft -f`` for the same table), and the
-seed's naive approach (one ``ip route`` and one ``iptables`` subprocess per CIDR; measured on
-up to NAIVE_MAX CIDRs and extrapolated linearly beyond, as marked). Then, with 100k CIDRs:
-changing one CIDR, switching AP, and teardown.
+host's namespace changes. Each figure is the median (min-max) over ``--runs`` runs, and every
+ratio is taken per run between figures measured in that same run:
+
+* from scratch, at each size: sdnsup (routes, nexthop, rule and the whole nftables table
+  written), the floor (``ip -batch`` for the same routes plus ``nft -f`` for the same table
+  text), and the seed's naive way (one ``ip route`` and one ``iptables`` subprocess per CIDR;
+  measured on NAIVE_MAX CIDRs per run and extrapolated linearly beyond, as marked);
+* incremental, at each size, repeated REPEAT times per run: one CIDR changed (a desired state
+  whose unchanged CIDRs are the same objects as before, as a state derived from the previous
+  one is), the AP switched (the state derived with ``dataclasses.replace``, exactly as the
+  daemon derives it), the same state again, and teardown. ``ip nexthop replace`` is the
+  kernel's own cost of the switch, done by iproute2, for reference.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import ipaddress
 import os
 import secrets
@@ -19,12 +28,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from benchlib import Stat, print_table, ratio, stat, write_json  # scripts/ is sys.path[0]
 
 SIZES = (1_000, 10_000, 100_000)
 # One subprocess pair per CIDR costs milliseconds; beyond this, extrapolate.
 NAIVE_MAX = 1_000
+REPEAT = 15  # incremental operations per size and run: cheap, and noisy one by one
 AP1, AP2 = "10.77.0.11", "10.77.0.12"
 DEV = "dum0"
+TARGETS = {
+    "scratch_vs_floor": "<= 1.5x floor",
+    "speedup": ">= 20x naive",
+    "change 1 CIDR": "<= 10 ms at 100k",
+    "switch AP": "<= 10 ms at 100k",
+}
 
 
 def cidrs(n: int) -> list[ipaddress.IPv4Network]:
@@ -43,7 +62,7 @@ def timed(*argv: str) -> float:
     return time.perf_counter() - t0
 
 
-def inner() -> None:
+def inner(runs: int) -> None:
     from sdnsup.applier import Applier
     from sdnsup.nft import LibNftables
     from sdnsup.rtnl import RtnlRoutes
@@ -53,101 +72,156 @@ def inner() -> None:
     def applier() -> Applier:
         return Applier(RtnlRoutes.from_system(), LibNftables(), ProcSysctl())
 
-    def state(nets: list[ipaddress.IPv4Network], ap: str) -> DesiredState:
-        return DesiredState(cidrs4=frozenset(nets), ap4=ipaddress.IPv4Address(ap))
+    def state(nets: frozenset[ipaddress.IPv4Network], ap: str) -> DesiredState:
+        return DesiredState(cidrs4=nets, ap4=ipaddress.IPv4Address(ap))
 
-    rows: list[tuple[str, ...]] = []
-    incremental: list[tuple[str, ...]] = []
+    scratch: dict[int, dict[str, list[float]]] = {
+        n: {k: [] for k in ("sdnsup", "ip", "nft", "floor", "naive")} for n in SIZES
+    }
+    written: dict[int, str] = {}
+    incr: dict[tuple[int, str], list[float]] = {}
+    incr_writes: dict[tuple[int, str], str] = {}
     tmp = Path(tempfile.mkdtemp(prefix="sdnsup-bench-"))
     try:
-        for n in SIZES:
-            nets = cidrs(n)
-            a = applier()
-            result = a.apply(state(nets, AP1))
-            ours = result.seconds
-            written = result.summary().rsplit(" in ", 1)[0]
-            listing = ["nft", "list", "table", "inet", "sdnsup"]
-            nft_text = subprocess.run(listing, check=True, capture_output=True, text=True).stdout
-            a.teardown()
+        for run in range(1, runs + 1):
+            print(f"run {run}/{runs}...", file=sys.stderr, flush=True)
+            for n in SIZES:
+                nets = cidrs(n)
+                a = applier()
+                result = a.apply(state(frozenset(nets), AP1))
+                written[n] = result.summary().rsplit(" in ", 1)[0]
+                listing = ["nft", "list", "table", "inet", "sdnsup"]
+                nft_text = subprocess.run(
+                    listing, check=True, capture_output=True, text=True
+                ).stdout
+                a.teardown()
 
-            # Floor: the same routes with ip -batch, the same table with nft -f.
-            batch = tmp / "routes.batch"
-            batch.write_text("".join(f"route add {c} via {AP1} table 7300\n" for c in nets))
-            table = tmp / "table.nft"
-            table.write_text(nft_text)
-            t_ip = timed("ip", "-batch", str(batch))
-            t_nft = timed("nft", "-f", str(table))
-            sh("ip", "route", "flush", "table", "7300")
-            sh("nft", "delete", "table", "inet", "sdnsup")
-            floor = t_ip + t_nft
+                # Floor: the same routes with ip -batch, the same table with nft -f.
+                batch = tmp / "routes.batch"
+                batch.write_text("".join(f"route add {c} via {AP1} table 7300\n" for c in nets))
+                table = tmp / "table.nft"
+                table.write_text(nft_text)
+                t_ip = timed("ip", "-batch", str(batch))
+                t_nft = timed("nft", "-f", str(table))
+                sh("ip", "route", "flush", "table", "7300")
+                sh("nft", "delete", "table", "inet", "sdnsup")
 
-            # The seed's way: a subprocess per route and per iptables rule.
-            k = min(n, NAIVE_MAX)
+                # The seed's way: a subprocess per route and per iptables rule.
+                k = min(n, NAIVE_MAX)
+                t0 = time.perf_counter()
+                for c in nets[:k]:
+                    sh("ip", "route", "add", str(c), "via", AP1, "table", "100")
+                    mark = "-m conntrack --ctstate NEW -j MARK --set-mark 100".split()
+                    sh("iptables", "-t", "mangle", "-A", "OUTPUT", "-d", str(c), *mark)
+                t_naive = (time.perf_counter() - t0) * n / k
+                sh("ip", "route", "flush", "table", "100")
+                sh("iptables", "-t", "mangle", "-F", "OUTPUT")
+                row = scratch[n]
+                row["sdnsup"].append(result.seconds)
+                row["ip"].append(t_ip)
+                row["nft"].append(t_nft)
+                row["floor"].append(t_ip + t_nft)
+                row["naive"].append(t_naive)
 
-            t0 = time.perf_counter()
-            for c in nets[:k]:
-                sh("ip", "route", "add", str(c), "via", AP1, "table", "100")
-                sh("iptables", "-t", "mangle", "-A", "OUTPUT", "-d", str(c), "-m", "conntrack",
-                   "--ctstate", "NEW", "-j", "MARK", "--set-mark", "100")  # fmt: skip
-            t_naive = (time.perf_counter() - t0) * n / k
-            sh("ip", "route", "flush", "table", "100")
-            sh("iptables", "-t", "mangle", "-F", "OUTPUT")
-            naive_note = "" if k == n else f" (extrapolated from {k})"
-            rows.append(
-                (
-                    f"{n:>7,} CIDRs from scratch",
-                    f"{ours * 1000:9.0f} ms",
-                    f"{floor * 1000:7.0f} ms (ip {t_ip * 1000:.0f} + nft {t_nft * 1000:.0f})",
-                    f"{ours / floor:5.2f}x",
-                    f"{t_naive:8.1f} s{naive_note}",
-                    f"{t_naive / ours:6.0f}x",
-                    written,
-                )
-            )
-
-        # Incremental changes at each size: what an AP switch or a CIDR edit costs once
-        # 1k/10k/100k CIDRs are in place. "ip nexthop replace" is the same kernel operation
-        # as sdnsup's AP switch, done by iproute2: the kernel's own cost of re-pointing the
-        # routes, which grows with their number.
-        for n in SIZES:
-            nets = cidrs(n)
-            a = applier()
-            a.apply(state(nets, AP1))
-            changed = [*nets[1:], ipaddress.IPv4Network("11.0.0.0/24")]
-            steps = []
-            for label, desired in (
-                ("change 1 CIDR", state(changed, AP1)),
-                ("switch AP", state(changed, AP2)),
-                ("same state again", state(changed, AP2)),
-            ):
-                r = a.apply(desired)
-                steps.append((label, r))
-            nhid = f"{next(iter(a.applied.nexthops)).id}" if a.applied else "0"
-            t_ip_nh = timed(
-                "ip", "nexthop", "replace", "id", nhid, "via", AP1, "dev", DEV, "proto", "245"
-            )
-            steps.append(("teardown", a.teardown()))
-            for label, r in steps:
-                ref = f"ip nexthop replace: {t_ip_nh * 1000:.1f} ms" if label == "switch AP" else ""
-                incremental.append((f"{n:>7,} CIDRs: {label}", f"{r.seconds * 1000:8.1f} ms",
-                                    r.summary().rsplit(" in ", 1)[0], ref))  # fmt: skip
+            for n in SIZES:
+                incremental(applier, state, n, incr, incr_writes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    head = ("case", "sdnsup", "floor (ip -batch + nft -f)", "vs floor", "naive (seed)",
-            "speedup", "kernel objects written")  # fmt: skip
-    print_table(head, rows)
-    print()
-    print_table(("case", "sdnsup", "kernel objects written", "reference"), incremental)
+    report(scratch, written, incr, incr_writes, runs)
 
 
-def print_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for r in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+def incremental(
+    applier: Any,
+    state: Any,
+    n: int,
+    incr: dict[tuple[int, str], list[float]],
+    incr_writes: dict[tuple[int, str], str],
+) -> None:
+    """REPEAT rounds of change / switch / same again on n CIDRs, then teardown."""
+    nets = cidrs(n)
+    a = applier()
+    full = frozenset(nets)
+    current = state(full, AP1)
+    a.apply(current)
+    # The changed list keeps every other CIDR object: only one CIDR differs.
+    extra = ipaddress.IPv4Network("11.0.0.0/24")
+    changed = frozenset([*nets[1:], extra])
+
+    def note(label: str, result: Any) -> None:
+        incr.setdefault((n, label), []).append(result.seconds)
+        incr_writes[(n, label)] = result.summary().rsplit(" in ", 1)[0]
+
+    for i in range(REPEAT):
+        current = dataclasses.replace(current, cidrs4=changed if i % 2 == 0 else full)
+        note("change 1 CIDR", a.apply(current))
+        current = dataclasses.replace(
+            current, ap4=ipaddress.IPv4Address(AP2 if i % 2 == 0 else AP1)
+        )
+        note("switch AP", a.apply(current))
+        note("same state again", a.apply(current))
+    nhid = f"{next(iter(a.applied.nexthops)).id}" if a.applied else "0"
+    # With nexthop_compat_mode as sdnsup left it (0 unless others use nexthop objects).
+    incr.setdefault((n, "ip nexthop replace (reference)"), []).append(
+        timed("ip", "nexthop", "replace", "id", nhid, "via", AP1, "dev", DEV, "proto", "245")
+    )
+    note("teardown", a.teardown())
 
 
-def outer() -> int:
+def report(
+    scratch: dict[int, dict[str, list[float]]],
+    written: dict[int, str],
+    incr: dict[tuple[int, str], list[float]],
+    incr_writes: dict[tuple[int, str], str],
+    runs: int,
+) -> None:
+    figures: dict[str, Any] = {"runs": runs, "repeat": REPEAT, "scratch": {}, "incremental": {}}
+    rows = []
+    for n in SIZES:
+        f = {k: stat(v) for k, v in scratch[n].items()}
+        vs_floor, speedup = ratio(f["sdnsup"], f["floor"]), ratio(f["naive"], f["sdnsup"])
+        naive_note = "" if n <= NAIVE_MAX else f" (extrapolated from {NAIVE_MAX})"
+        rows.append((
+            f"{n:>7,} CIDRs",
+            f["sdnsup"].fmt(digits=0),
+            f"{f['floor'].fmt(digits=0)} = ip {f['ip'].median * 1000:.0f} + nft "
+            f"{f['nft'].median * 1000:.0f}",
+            vs_floor.fmt("x", 2),
+            f"{f['naive'].median:.1f} s{naive_note}",
+            speedup.fmt("x", 0),
+            written[n],
+        ))  # fmt: skip
+        figures["scratch"][str(n)] = {**f, "vs_floor": vs_floor, "speedup_vs_naive": speedup,
+                                      "written": written[n]}  # fmt: skip
+    print_table(
+        f"apply from scratch (median (min-max) over {runs} runs; targets: "
+        f"{TARGETS['scratch_vs_floor']}, {TARGETS['speedup']})",
+        (
+            "case",
+            "sdnsup",
+            "floor: ip -batch + nft -f",
+            "vs floor",
+            "naive (seed)",
+            "speedup vs naive",
+            "kernel objects written",
+        ),
+        rows,
+    )
+    rows = []
+    for (n, label), values in incr.items():
+        st: Stat = stat(values)
+        target = TARGETS.get(label, "") if n == SIZES[-1] else ""
+        rows.append((f"{n:>7,} CIDRs: {label}", st.fmt(digits=2), incr_writes.get((n, label), ""),
+                     target))  # fmt: skip
+        figures["incremental"].setdefault(str(n), {})[label] = st
+    print_table(
+        f"incremental changes (median (min-max) over {runs} x {REPEAT} operations)",
+        ("case", "sdnsup", "kernel objects written", "target"),
+        rows,
+    )
+    write_json("apply", figures)
+
+
+def outer(runs: int) -> int:
     ns = f"sdnt-bench-{secrets.token_hex(3)}"
     try:
         sh("ip", "netns", "add", ns)
@@ -162,15 +236,26 @@ def outer() -> int:
             sh("ip", "-n", ns, *cmd.split())
         env = dict(os.environ, SDNSUP_BENCH_INNER="1")
         return subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, __file__], env=env, check=False
+            ["ip", "netns", "exec", ns, sys.executable, __file__, "--runs", str(runs)],
+            env=env,
+            check=False,
         ).returncode
     finally:
         subprocess.run(["ip", "netns", "pids", ns], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
-if __name__ == "__main__":
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=3, help="repeated runs (default 3)")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be 1 or more")
     if os.environ.get("SDNSUP_BENCH_INNER") == "1":
-        inner()
-    else:
-        sys.exit(outer())
+        inner(args.runs)
+        return 0
+    return outer(args.runs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
