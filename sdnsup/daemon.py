@@ -44,6 +44,9 @@ APPLY_RETRY_MAX = 30.0
 # Netlink events cover what the kernel reports; this slow pass catches anything it does not
 # (and events lost to a full socket buffer). Reading 100k CIDRs back costs ~3 s, hence slow.
 VERIFY_INTERVAL = 120.0
+# ... and never more than half a percent of one CPU: the pause between two verifications is
+# at least 200 times what the last full re-read took (at 100k CIDRs, 1-3 s: every 5-10 min).
+VERIFY_CPU_SHARE = 0.005
 # A crashed task is restarted after 1, 2, 4 ... 30 s; 5 crashes within 5 minutes end the
 # process instead (supervisord then restarts it from a clean slate).
 RESTART_FIRST = 1.0
@@ -110,6 +113,7 @@ class Mailbox:
         self._heals: list[str] = []
         self._wake = trio.Event()
         self.latest: DesiredState | None = None  # the newest state ever posted
+        self.last_reread = 0.0  # seconds the last apply that re-read the kernel took
 
     def post(self, desired: DesiredState) -> None:
         self._desired = self.latest = desired
@@ -170,6 +174,8 @@ async def applier_task(
             mailbox.heal("retry after a failed apply")
             continue
         delay = APPLY_RETRY_FIRST
+        if heals:
+            mailbox.last_reread = result.seconds
         for problem in result.problems:
             log.warning("%s", problem)
         if heals and result.total_writes:
@@ -187,9 +193,15 @@ async def applier_task(
 
 
 async def verify_loop(mailbox: Mailbox, interval: float) -> None:
-    """Ask for a full re-read now and then: catches what no netlink event reported."""
+    """Ask for a full re-read now and then: catches what no netlink event reported.
+
+    The pause is ``interval``, stretched so that verification costs at most
+    :data:`VERIFY_CPU_SHARE` of a CPU however many CIDRs there are to re-read.
+    """
     while True:
         await trio.sleep(interval)
+        # Read only now: the previous verification's re-read has finished by this time.
+        await trio.sleep(max(0.0, mailbox.last_reread / VERIFY_CPU_SHARE - interval))
         mailbox.heal("periodic verification")
 
 

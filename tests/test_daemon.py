@@ -130,3 +130,23 @@ def test_a_restarted_applier_task_reapplies_the_newest_state():
     assert desired is not None
     assert routes.rules(RTPROT_SDNSUP) == set()  # the no-AP state, not the older one
     assert len(routes.nexthops(RTPROT_SDNSUP)) == 2
+
+
+def test_verification_is_stretched_so_that_large_rereads_stay_cheap():
+    from sdnsup.daemon import VERIFY_CPU_SHARE, verify_loop
+
+    mailbox = Mailbox()
+    asked: list[float] = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(verify_loop, mailbox, 120.0)
+            for reread in (0.05, 3.0):
+                mailbox.last_reread = reread
+                await mailbox.take()
+                asked.append(trio.current_time())
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # a cheap re-read keeps the configured pace; a 3 s one (100k CIDRs) waits 600 s
+    assert asked == [120.0, 120.0 + 3.0 / VERIFY_CPU_SHARE]
