@@ -605,7 +605,7 @@ OPTIONS: tuple[Option, ...] = (
         help=f"seconds between full re-reads of the kernel state (default {VERIFY_INTERVAL:g}: "
         "netlink events trigger heals at once; this slow pass only catches what no event "
         "reported, and re-reading 100k CIDRs takes seconds; stretched so that it never uses "
-        "more than 0.5% of a CPU)",
+        "more than 0.5%% of a CPU)",
     ),
     Option(
         "log-level",

@@ -115,6 +115,20 @@ def test_teardown_removes_only_what_sdnsup_owns():
     assert set(nft.tables) == {"docker"}
 
 
+def test_teardown_deletes_nexthops_without_listing_their_routes_and_sweeps_strays():
+    applier, routes, _, _ = make()
+    applier.apply(state(",".join(f"10.{i}.0.0/16" for i in range(50))))
+    # a route of sdnsup's protocol on somebody else's nexthop (an older sdnsup's leftover)
+    routes.replace_nexthop(Nexthop(7, socket.AF_INET, A("10.77.0.1"), 2), FOREIGN)
+    routes.add_routes([Route(N("192.168.0.0/16"), 7300, 7)], RTPROT_SDNSUP)
+    routes.calls.clear()
+    result = applier.teardown()
+    assert routes.routes(RTPROT_SDNSUP) == set() and routes.nexthops(RTPROT_SDNSUP) == set()
+    # the 50 routes went with their nexthop; only the stray one was deleted by itself
+    assert result.writes["route"] == 1
+    assert [c for c in routes.calls if c.startswith("delete_routes")] == ["delete_routes 1"]
+
+
 def test_leftovers_of_a_killed_run_are_adopted_without_duplicates():
     applier, routes, nft, _ = make()
     applier.apply(state("10.10.10.0/24,10.10.20.0/24"))
