@@ -3,7 +3,9 @@
 The table is the seed's connmark rule set, narrowed to the user's destinations by set lookups
 and masked so that other users of the packet and conntrack marks keep their bits::
 
-    prerouting (filter, mangle):  exempt -> return; NEW to @dst -> ct mark |= MARK;
+    prerouting (filter, mangle):  exempt -> return; NEW TCP but not a SYN (a connection
+                                  conntrack adopted mid-stream) -> return;
+                                  NEW to @dst -> ct mark |= MARK;
                                   ct mark has MARK -> meta mark |= MARK   (also on replies,
                                   which strict rp_filter with src_valid_mark=1 needs)
     input      (filter, mangle):  NEW connection addressed to this host -> clear MARK, so
@@ -156,9 +158,22 @@ def ruleset_objects(
         }
 
     ct_new = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}
-    steer = [
+    # Conntrack adopts a TCP connection it did not see open (no conntrack user existed yet:
+    # before sdnsup's table, or between `nft flush ruleset` and the heal) as NEW on its next
+    # packet, which may be this host's reply on an inbound connection (an SSH session from a
+    # host in the CIDRs). Only a SYN opens a TCP connection sdnsup steers; for other
+    # protocols the match is false (nft adds "meta l4proto tcp" to it).
+    tcp_not_syn: dict[str, Any] = {
+        "match": {
+            "op": "!=",
+            "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]},
+            "right": "syn",
+        }
+    }
+    steer: list[list[dict[str, Any]]] = [
         [daddr_in("ip", "exempt4"), {"return": None}],
         [daddr_in("ip6", "exempt6"), {"return": None}],
+        [ct_new, tcp_not_syn, {"return": None}],
         *(
             [ct_new, daddr_in(proto, kernel_set), set_mark(ct_mark)]
             for proto, name in (("ip", "dst4"), ("ip6", "dst6"))

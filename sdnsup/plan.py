@@ -21,6 +21,8 @@ from sdnsup.sysctl import NEXTHOP_COMPAT_MODE
 
 
 def _value(v: Any) -> str:
+    if isinstance(v, list):  # flag lists, e.g. ["syn", "ack"]
+        return "(" + " | ".join(map(str, v)) + ")"
     return f"0x{v:08x}" if isinstance(v, int) else str(v)
 
 

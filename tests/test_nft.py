@@ -90,7 +90,8 @@ def test_sharded_table_has_a_lookup_rule_per_shard_and_round_trips():
     # every CIDR in exactly one shard, and shards balanced (hash of address and length)
     assert set().union(*(parts[f"dst4_{i}"] for i in range(4))) == nets
     assert all(4000 < len(parts[f"dst4_{i}"]) < 6000 for i in range(4))
-    lookups = [e[1]["match"]["right"] for e in rules_of_table(t, "output") if len(e) == 3]
+    rights = [x["match"]["right"] for e in rules_of_table(t, "output") for x in e if "match" in x]
+    lookups = [r for r in rights if str(r).startswith("@dst")]
     assert lookups == ["@dst4_0", "@dst4_1", "@dst4_2", "@dst4_3", "@dst6"]
     listing = []
     for c in table_commands(t)[3:]:
@@ -117,3 +118,13 @@ def rules_of_table(table, chain):
         for o in json.loads(table.ruleset)
         if o.get("rule", {}).get("chain") == chain
     ]
+
+
+def test_a_tcp_connection_adopted_mid_stream_is_never_steered():
+    # conntrack sees an inbound connection that predates it as NEW on this host's reply:
+    # that reply must leave the chain before the steering lookups
+    rules = rules_of(Settings(), "output")
+    adopt = next(i for i, r in enumerate(rules) if "tcp" in json.dumps(r))
+    steer = next(i for i, r in enumerate(rules) if "@dst4" in json.dumps(r))
+    assert adopt < steer and rules[adopt][-1] == {"return": None}
+    assert rules[adopt][1]["match"]["op"] == "!=" and rules[adopt][1]["match"]["right"] == "syn"
