@@ -1,71 +1,93 @@
-"""``scripts/bench failover``: convergence, failover dark window and flap heal, with real packets.
+"""``scripts/bench failover``: the dark window when the active AP dies, with real packets.
 
-Everything runs in a lab of network namespaces (:class:`sdnsup.lab.Lab`: client A, router R,
-host B, three APs), removed at the end of each run, also on failure; nothing in the host's
-namespace changes. sdnsup runs with its default settings (printed first) and steers B's
-subnet through the fastest AP; each run starts it fresh and stops it with SIGTERM.
+Everything runs in one lab of network namespaces (:class:`sdnsup.lab.Lab`: client A, router
+R, host B, three APs whose agents answer probes after 5, 40 and 80 ms), removed at the end,
+also on failure; nothing in the host's namespace changes. The lab is reused from run to run:
+each run starts a fresh sdnsup (so no hold-down or ranking carries over), cuts AP1's link,
+and afterwards stops sdnsup (which must leave nothing behind; checked) and brings AP1's link
+back. Two settings are measured, ``--runs`` times each (default 20):
+
+- default: sdnsup's defaults (keepalive every 0.2 s, 0.2 s deadline, 3 misses);
+- aggressive: the most aggressive keepalive sdnsup accepts (``keepalive.MIN_INTERVAL``,
+  ``MIN_TIMEOUT``, ``MIN_MISSES``; the config validators refuse anything shorter).
 
 Traffic: a UDP echo server in B answers every datagram with the source address it saw; a
 client in A opens a NEW socket every SEND_INTERVAL (a new source port, so a new conntrack
-entry, which is what sdnsup steers) and records each reply. Both stamp with ``time.time()``
-(same machine, same clock as the launch time taken here).
+entry, which is what sdnsup steers) and records each reply. The client starts once sdnsup
+is connected and stops before sdnsup does, so every conntrack entry it creates is steered
+(a reused source port then finds a steered entry; a reply that nevertheless went around
+the overlay is counted as "unsteered" and never closes a dark window).
 
-1. Convergence: launch of the sdnsup process -> first datagram that reaches B through AP1
-   (B's receive stamp). Shown next to the interpreter start-up + import cost, AP1's RTT and
-   sdnsup's own timeline: its CC request and first probe leaving A (a packet socket in A),
-   its routing state reaching the kernel (``ip -ts monitor`` in A).
-2. Failover: with traffic on AP1, cut AP1's link; the dark window is the longest gap between
-   consecutive replies from the last reply before the cut on; later replies must come
-   through AP2 (the next of the ranking). Also sdnsup's own logged detection time.
-3. Flap heal (a lab of its own): ``ip link set eth0 down``, 0.3 s, ``up`` in A; from the
-   link-up event to the last of sdnsup's nexthops/routes/rules that had to be restored,
-   both stamped by ``ip -ts monitor`` in A.
+Per run: dark window = the longest gap between consecutive replies through an AP, from the
+last one before the cut on; and its breakdown: cut -> sdnsup's verdict (its "failover:" log
+line: detection), verdict -> AP2's nexthop in A's kernel (``ip -ts monitor``: apply),
+nexthop -> first reply through AP2 (routing, conntrack, one send interval); sdnsup runs
+with ``--log-level debug``, which adds its own apply duration (the rest of the apply step
+is handing the new state to its applier task and worker thread) and every keepalive miss
+that did not reach a verdict. False failovers:
+any AP change in sdnsup's log other than the one the cut caused, while it ran (counted for
+both settings, over the time each was watched; ``--stress N`` adds N CPU-bound loops in A,
+to see whether a busy host makes the aggressive keepalive flap). A PNG shows one
+representative run (the median dark window) of each setting: replies per 10 ms bin by the
+AP that carried them.
 
-Figures only: the expectations are printed next to them, never asserted. The exit status is
-1 only when a measurement could not be taken at all (reported as FAILED, with the reason).
+All stamps are the same machine's ``time.time()``. ``ip -ts monitor`` stamps an event when
+it reads it, so on a busy machine the nexthop stamp can lag by a few ms (a reply through AP2
+may even seem to precede it); "verdict -> first reply via AP2" does not depend on it. The
+cut is the link-down event in AP1's namespace (``ip -ts monitor link`` there).
+
+Figures only: targets are printed next to them, never asserted. A run that fails (a busy
+machine can stall a helper past its deadline) is reported as FAILED with the reason and taken
+again, a bounded number of times; the exit status is 1 only when fewer than ``--runs`` runs
+could be measured, 77 when no lab can be built here.
+
+The lab helpers of the first part are shared with ``bench_converge`` and ``bench_heal``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import random
 import re
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from sdnsup import keepalive, netmon, supervisor
-from sdnsup.daemon import VERIFY_INTERVAL
+import benchlib
+
+from sdnsup import keepalive
 from sdnsup.lab import Lab, WaitTimeout, unavailable_reason
 from sdnsup.lab import wait_for as lab_wait_for
-from sdnsup.lab.apagent import UDP_PORT
 from sdnsup.lab.commands import LabError
+from sdnsup.lab.services import lab_script
 from sdnsup.routes import RTPROT_SDNSUP
+
+# --- the lab, shared with bench_converge and bench_heal --------------------------------------
 
 DELAYS = {1: 0.005, 2: 0.040, 3: 0.080}  # AP index -> probe answer delay of its agent
 CIDRS = "10.10.10.0/24,fd10:10:10::/64"  # B's subnet (the overlay), both families
 ECHO_PORT = 9000
+# One new flow every 5 ms: the dark window is known to within 5 ms, and 200 sockets/s stay
+# far below the ephemeral port range over the 30 s a UDP conntrack entry lives.
 SEND_INTERVAL = 0.005
 SOCKET_LIFETIME = 1.0  # a client socket waits this long for its reply, then closes
-CLIENT_MAX_SECONDS = 60.0  # the client and the server end on their own after this
-FLAP_DOWN = 0.3
 CC_PORT = 8000
 
-# Bounds: nothing here waits longer than this for anything.
+# Bounds: nothing here waits longer than these for anything.
 READY_TIMEOUT = 5.0
-CONVERGE_TIMEOUT = 15.0
-RANKING_TIMEOUT = 10.0
-SETTLE = 0.5  # after the ranking, before a fault: sdnsup idle, traffic steady
-AFTER_CUT = 3.0  # traffic recorded after the cut
-HEAL_TIMEOUT = 5.0
+START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+
+LAB_ERRORS = (LabError, subprocess.SubprocessError, OSError)
+T = TypeVar("T")
 
 # B: answer each datagram with what it carried, the source address seen and B's clock.
 ECHO_SERVER = """
@@ -127,64 +149,9 @@ while time.time() < until:
         opened.pop(0)[1].close()
 """
 
-# A: stamp the first TCP SYN to the CC and the first UDP probe to an AP port leaving A's
-# interface (a packet socket; outgoing frames are seen too): sdnsup's own timeline, on the
-# wire, in the very process that is measured.
-WIRE_TAP = """
-import json, socket, struct, sys, time
-ifname, src = sys.argv[1], socket.inet_aton(sys.argv[2])
-cc_port, probe_port, until = int(sys.argv[3]), int(sys.argv[4]), time.time() + float(sys.argv[5])
-ETH_P_ALL = 3  # outgoing frames reach ETH_P_ALL sockets only
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-s.bind((ifname, ETH_P_ALL))
-s.settimeout(0.5)
-print(json.dumps({"kind": "ready"}), flush=True)
-seen = set()
-while time.time() < until and len(seen) < 2:
-    try:
-        frame = s.recv(256)
-    except TimeoutError:
-        continue
-    now = time.time()
-    ip = frame[14:]  # after the Ethernet header: IPv4 only, from A, with 14 bytes of L4
-    if frame[12:14] != bytes((8, 0)) or len(ip) < 20 or ip[12:16] != src:
-        continue
-    hl = (ip[0] & 15) * 4
-    if len(ip) < hl + 14:
-        continue
-    dport = struct.unpack("!H", ip[hl + 2 : hl + 4])[0]
-    if ip[9] == 6 and dport == cc_port and ip[hl + 13] & 0x02:
-        kind = "cc"
-    elif ip[9] == 17 and dport == probe_port:
-        kind = "probe"
-    else:
-        continue
-    if kind not in seen:
-        seen.add(kind)
-        print(json.dumps({"kind": kind, "t": now}), flush=True)
-"""
-
-# A: the RTT of an AP's UDP echo (what sdnsup probes), median of a few sequential tries.
-AP_RTT = """
-import socket, statistics, sys, time
-addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1.0)
-rtts = []
-for i in range(n):
-    t0 = time.perf_counter()
-    s.sendto(b"bench%d" % i, (addr, port))
-    s.recv(2048)
-    rtts.append(time.perf_counter() - t0)
-print(statistics.median(rtts))
-"""
-
 
 class BenchError(Exception):
-    """One measurement of one run failed; the run's other figures still count."""
-
-
-# --- small helpers ---------------------------------------------------------------------------
+    """One measurement of one run failed; the other runs still count."""
 
 
 def wait_for(what: str, timeout: float, predicate: Callable[[], Any], step: float = 0.01) -> Any:
@@ -196,62 +163,69 @@ def wait_for(what: str, timeout: float, predicate: Callable[[], Any], step: floa
 
 
 def python(code: str, *args: object) -> list[str]:
+    """argv running ``code`` with this interpreter (stdlib only: starts in ~20 ms)."""
     return [sys.executable, "-c", code, *(str(a) for a in args)]
 
 
-def replies(lab: Lab, client: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
-    """The client's replies so far (a line being written is skipped)."""
+def json_lines(lab: Lab, proc: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
+    """The JSON lines a lab process printed so far (a line being written is skipped)."""
     out = []
-    for line in lab.logs(client).splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
+    for line in lab.logs(proc).splitlines():
+        with contextlib.suppress(ValueError):
+            obj = json.loads(line)
+            if isinstance(obj, dict):
+                out.append(obj)
     return out
 
 
-STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)\] (.*)$")
+MONITOR_STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)\] (.*)$")
 
 
 def monitor_events(text: str) -> list[tuple[float, str]]:
-    """``ip -ts monitor`` output -> (epoch seconds, first line of each event)."""
+    """``ip -ts monitor`` output (local time, microseconds) -> (epoch seconds, first line of
+    each event)."""
     events = []
     for line in text.splitlines():
-        m = STAMP.match(line)
+        m = MONITOR_STAMP.match(line)
         if m:
             events.append((datetime.fromisoformat(m.group(1)).timestamp(), m.group(2)))
     return events
 
 
-def log_lines(lab: Lab, proc: subprocess.Popen[bytes], pattern: str) -> list[str]:
-    return [ln for ln in lab.logs(proc).splitlines() if re.search(pattern, ln)]
+def start_monitor(lab: Lab, *objects: str, ns: str | None = None) -> subprocess.Popen[bytes]:
+    """``ip -ts monitor OBJECTS`` in A (or ``ns``). It subscribes before its first read; the
+    short sleep is slack for its start-up, so that the event that follows is not missed."""
+    ns = ns or lab.ns_a
+    label = f"{ns.removeprefix(lab.prefix)}-monitor"
+    proc = lab.popen(ns, "ip", "-ts", "monitor", *objects, label=label)
+    time.sleep(0.15)
+    return proc
 
 
-def start_sdnsup(lab: Lab, url: str) -> tuple[subprocess.Popen[bytes], float]:
-    """Launch sdnsup (default settings) in A; the process and its launch time (time.time())."""
-    launched = time.time()
-    return lab.run_sdnsup(lab.ns_a, "-r", CIDRS, "--cc", url), launched
+def link_is_up(event: str, ifname: str) -> bool | None:
+    """For a link event of ``ifname`` (``2: eth0@if4: <...,UP,...>``) whether it is
+    administratively up; None for any other event."""
+    m = re.match(rf"\d+: {re.escape(ifname)}(?:@\S+)?: <([^>]*)>", event)
+    return None if m is None else "UP" in m.group(1).split(",")
 
 
-def stop_sdnsup(lab: Lab, proc: subprocess.Popen[bytes]) -> None:
-    code = lab.stop(proc, grace=STOP_TIMEOUT)
-    if code != 0:
-        raise BenchError(f"sdnsup exited {code} on SIGTERM:\n{lab.logs(proc)}")
+LOG_STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4}) ")
 
 
-def wait_ranking(lab: Lab, proc: subprocess.Popen[bytes]) -> None:
-    """Wait for sdnsup's first full probe ranking (the failover order), then let it settle."""
-
-    def ranked() -> bool:
-        if proc.poll() is not None:
-            raise BenchError(f"sdnsup exited {proc.returncode}:\n{lab.logs(proc)}")
-        return bool(log_lines(lab, proc, "probe ranking"))
-
-    wait_for("sdnsup's probe ranking", RANKING_TIMEOUT, ranked)
-    time.sleep(SETTLE)
+def log_records(lab: Lab, proc: subprocess.Popen[bytes], pattern: str) -> list[tuple[float, str]]:
+    """sdnsup's text log lines matching ``pattern``, with their time (epoch seconds). The log
+    writes milliseconds, truncated: half a millisecond is added to centre the error."""
+    out = []
+    for line in lab.logs(proc).splitlines():
+        m = LOG_STAMP.match(line)
+        if m and re.search(pattern, line):
+            stamp = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+            out.append((stamp + 0.0005, line))
+    return out
 
 
 def lab_with_cc(lab: Lab) -> str:
+    """Start the AP agents (DELAYS) and the lab CC listing every AP; the CC's URL."""
     lab.start_ap_agents(DELAYS)
     url = lab.start_cc(port=CC_PORT)
     lab.set_cc()
@@ -259,135 +233,53 @@ def lab_with_cc(lab: Lab) -> str:
 
 
 def overlay(lab: Lab, i: int) -> str:
+    """The address B sees for traffic through AP ``i``."""
     return str(lab.ap(i).overlay_addr)
 
 
-# --- 1 and 2: convergence, then failover, in one lab -----------------------------------------
+def start_sdnsup(lab: Lab, url: str, *extra: str) -> tuple[subprocess.Popen[bytes], float]:
+    """Launch sdnsup in A steering CIDRS via the lab CC; the process and its launch time."""
+    launched = time.time()
+    return lab.run_sdnsup(lab.ns_a, "-r", CIDRS, "--cc", url, *extra), launched
 
 
-@dataclass
-class Convergence:
-    seconds: float  # sdnsup launch -> first datagram through AP1 at B
-    startup: float  # python -c "import sdnsup.cli" in A, wall clock
-    # sdnsup's own timeline, from its launch: CC request and first probe on the wire, the
-    # last of its first nexthop/route/rule writes in the kernel
-    cc: float
-    probe: float
-    kernel: float
-    ap_rtt: float  # AP1's UDP echo, median
-    logged_rtt: float | None  # what sdnsup logged for the AP it chose first
+def stop_sdnsup(lab: Lab, proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM; sdnsup must tear down and exit 0 on its own."""
+    code = lab.stop(proc, grace=STOP_TIMEOUT)
+    if code != 0:
+        raise BenchError(f"sdnsup exited {code} on SIGTERM:\n{lab.logs(proc)[-3000:]}")
 
 
-@dataclass
-class Failover:
-    dark: float  # longest gap between consecutive replies from the last one before the cut
-    cut_to_next: float  # cut -> first reply through AP2
-    detection: float | None  # from sdnsup's log line
-    after: str  # the addresses B saw after the dark window
+def alive(lab: Lab, proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        raise BenchError(f"sdnsup exited {proc.returncode}:\n{lab.logs(proc)[-3000:]}")
 
 
-def traffic(lab: Lab) -> subprocess.Popen[bytes]:
-    """Start the echo server in B and the client in A; return the client once replies flow."""
-    argv = python(ECHO_SERVER, ECHO_PORT, CLIENT_MAX_SECONDS + 30)
-    server = lab.popen(lab.ns_b, *argv, label="b-echo")
+def wait_ranking(lab: Lab, proc: subprocess.Popen[bytes]) -> None:
+    """Wait for sdnsup's first full probe ranking (the failover order) and its first apply
+    (on a busy machine the ranking can come first): from then on new flows are steered."""
+
+    def ready() -> bool:
+        alive(lab, proc)
+        logs = lab.logs(proc)
+        return "probe ranking" in logs and "applied:" in logs
+
+    wait_for("sdnsup's probe ranking and first apply", START_TIMEOUT, ready)
+
+
+def echo_server(lab: Lab, seconds: float) -> subprocess.Popen[bytes]:
+    """The echo server in B, running at most ``seconds``."""
+    server = lab.popen(lab.ns_b, *python(ECHO_SERVER, ECHO_PORT, seconds), label="b-echo")
     wait_for("the echo server in B", READY_TIMEOUT, lambda: "ready" in lab.logs(server))
-    argv = python(
-        ECHO_CLIENT, lab.b_addr, ECHO_PORT, SEND_INTERVAL, SOCKET_LIFETIME, CLIENT_MAX_SECONDS
-    )
+    return server
+
+
+def echo_client(lab: Lab, seconds: float) -> subprocess.Popen[bytes]:
+    """The client in A, sending for at most ``seconds``; returned once replies come back."""
+    argv = python(ECHO_CLIENT, lab.b_addr, ECHO_PORT, SEND_INTERVAL, SOCKET_LIFETIME, seconds)
     client = lab.popen(lab.ns_a, *argv, label="a-echo")
-    wait_for("replies to the client in A", READY_TIMEOUT, lambda: replies(lab, client))
+    wait_for("replies to the client in A", READY_TIMEOUT, lambda: json_lines(lab, client))
     return client
-
-
-def measure_convergence(
-    lab: Lab, url: str, client: subprocess.Popen[bytes]
-) -> tuple[Convergence, subprocess.Popen[bytes]]:
-    t0 = time.time()
-    lab.exec(lab.ns_a, sys.executable, "-c", "import sdnsup.cli")
-    startup = time.time() - t0
-    ap_rtt = float(lab.exec(lab.ns_a, *python(AP_RTT, lab.ap(1).addr, UDP_PORT, 5)).stdout)
-    # Started after the RTT probe, whose packets it would take for sdnsup's.
-    tap_argv = python(WIRE_TAP, lab.a_ifname, lab.a_addr, CC_PORT, UDP_PORT, CONVERGE_TIMEOUT + 5)
-    tap = lab.popen(lab.ns_a, *tap_argv, label="a-tap")
-    monitor = lab.popen(lab.ns_a, "ip", "-ts", "monitor", "nexthop", "rule", "route",
-                        label="a-monitor")  # fmt: skip
-    wait_for("the wire tap in A", READY_TIMEOUT, lambda: "ready" in lab.logs(tap))
-    time.sleep(0.2)  # ip monitor subscribes at once; this is only slack
-
-    proc, launched = start_sdnsup(lab, url)
-    ap1 = overlay(lab, 1)
-
-    def first_via_ap1() -> dict[str, Any] | None:
-        if proc.poll() is not None:
-            raise BenchError(f"sdnsup exited {proc.returncode}:\n{lab.logs(proc)}")
-        return next((r for r in replies(lab, client) if r["seen"] == ap1), None)
-
-    first = wait_for("a datagram through AP1", CONVERGE_TIMEOUT, first_via_ap1)
-    wire = {r["kind"]: r["t"] - launched for r in replies(lab, tap) if "t" in r}
-    writes = [
-        t - launched
-        for t, e in monitor_events(lab.logs(monitor))
-        if f"proto {RTPROT_SDNSUP}" in e and not e.startswith("Deleted ") and t <= first["b"]
-    ]
-    if len(wire) < 2 or not writes:
-        raise BenchError(f"sdnsup's timeline is incomplete: wire {wire}, kernel writes {writes}")
-    chosen = log_lines(lab, proc, r"AP chosen: ap1 .*first to answer, ([\d.]+) ms")
-    logged = re.search(r"first to answer, ([\d.]+) ms", chosen[0]) if chosen else None
-    conv = Convergence(
-        seconds=first["b"] - launched,
-        startup=startup,
-        cc=wire["cc"],
-        probe=wire["probe"],
-        kernel=max(writes),
-        ap_rtt=ap_rtt,
-        logged_rtt=float(logged.group(1)) / 1000 if logged else None,
-    )
-    return conv, proc
-
-
-def measure_failover(
-    lab: Lab, proc: subprocess.Popen[bytes], client: subprocess.Popen[bytes]
-) -> Failover:
-    ap1, ap2 = overlay(lab, 1), overlay(lab, 2)
-    wait_ranking(lab, proc)
-    # The ranking comes at a fixed offset from the keepalive's first probe: without this the
-    # cut would hit the same point of the keepalive cycle in every run.
-    time.sleep(random.uniform(0, keepalive.KEEPALIVE_INTERVAL))
-    cut = time.time()
-    lab.ap_link_down(1)
-    time.sleep(AFTER_CUT)
-    got = sorted(replies(lab, client), key=lambda r: r["recv"])
-    before = [r for r in got if r["recv"] < cut]
-    if not before or before[-1]["seen"] != ap1:
-        raise BenchError("traffic was not going through AP1 before the cut")
-    window = [before[-1], *(r for r in got if r["recv"] >= cut)]
-    if len(window) < 2:
-        raise BenchError(f"no reply at all in the {AFTER_CUT:.0f} s after the cut")
-    gaps = [(b["recv"] - a["recv"], b) for a, b in itertools.pairwise(window)]
-    dark, resumed = max(gaps, key=lambda g: g[0])
-    after = [r for r in window if r["recv"] >= resumed["recv"]]
-    seen = sorted({r["seen"] for r in after})
-    first_next = next((r for r in window if r["seen"] == ap2), None)
-    if first_next is None:
-        raise BenchError(f"no reply through AP2 after the cut (seen: {', '.join(seen)})")
-    line = log_lines(lab, proc, r"failover: .*detected (\d+) ms")
-    detected = re.search(r"detected (\d+) ms", line[0]) if line else None
-    return Failover(
-        dark=dark,
-        cut_to_next=first_next["recv"] - cut,
-        detection=float(detected.group(1)) / 1000 if detected else None,
-        after=", ".join(seen),
-    )
-
-
-# --- 3: flap heal, in a lab of its own ------------------------------------------------------
-
-
-@dataclass
-class Heal:
-    seconds: float  # link-up event -> the last restored object's event
-    last: str  # which kind of object completed the state
-    restored: int  # how many objects had to be restored
 
 
 Obj = tuple[str, str, str]  # ("nexthop", id, via), ("route", dst, via), ("rule", family, pref)
@@ -414,206 +306,578 @@ def sdnsup_objects(lab: Lab) -> set[Obj]:
     return objs
 
 
-def restores(obj: Obj, event: str) -> bool:
-    """Whether a monitor event (re-)establishes ``obj`` as it was before the flap."""
-    kind, key, value = obj
-    if event.startswith("Deleted "):
-        return False
-    if kind == "nexthop":
-        return event.startswith(f"id {key} via {value} ")
-    if kind == "route":
-        return event.startswith(f"{key} ") and f" via {value} " in event
-    # IPv4 and IPv6 rules print alike: the caller lets each event count for one rule only
-    return event.startswith(f"{value}:") and f"proto {RTPROT_SDNSUP}" in event
-
-
-def link_is_up(event: str, ifname: str) -> bool | None:
-    """For a link event of ``ifname`` (``2: eth0@if4: <...,UP,...>``) whether it is
-    administratively up; None for any other event."""
-    m = re.match(rf"\d+: {re.escape(ifname)}(?:@\S+)?: <([^>]*)>", event)
-    return None if m is None else "UP" in m.group(1).split(",")
-
-
-def heal_time(events: list[tuple[float, str]], ifname: str, needed: set[Obj]) -> Heal | None:
-    """From the first link-up event after a link-down one to the event that restored the
-    last of ``needed``; None while that has not happened yet."""
-    states = [(i, link_is_up(e, ifname)) for i, (_, e) in enumerate(events)]
-    down = next((i for i, up in states if up is False), None)
-    up = next((i for i, up in states if up and down is not None and i > down), None)
-    if up is None:
+def nft_table(lab: Lab) -> Any:
+    """sdnsup's nftables table in A as JSON without handles (comparable); None if absent."""
+    out = lab.exec(lab.ns_a, "nft", "-j", "list", "table", "inet", "sdnsup", check=False)
+    if out.returncode != 0:
         return None
-    later = list(enumerate(events))[up + 1 :]
-    used: set[int] = set()
-    last = (events[up][0], "nothing")
-    for obj in sorted(needed):
-        hit = next((i for i, (_, e) in later if i not in used and restores(obj, e)), None)
-        if hit is None:
-            return None
-        used.add(hit)
-        last = max(last, (events[hit][0], obj[0]))
-    return Heal(last[0] - events[up][0], last[1], len(needed))
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "handle"}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    return strip([o for o in json.loads(out.stdout)["nftables"] if "metainfo" not in o])
 
 
-def measure_heal(lab: Lab, url: str) -> Heal:
-    proc, _ = start_sdnsup(lab, url)
-    wait_ranking(lab, proc)
-    before = sdnsup_objects(lab)
-    argv = ("ip", "-ts", "monitor", "link", "nexthop", "rule", "route")
-    monitor = lab.popen(lab.ns_a, *argv, label="a-monitor")
-    time.sleep(0.3)  # it subscribes at once; this is only slack
-    dev = lab.a_ifname
-    down_at = time.monotonic()
-    lab.exec(lab.ns_a, "ip", "link", "set", dev, "down")
-    # What is gone while the link is down (sdnsup reacts within ~COALESCE + apply, long
-    # before this): those objects, and only those, must come back after the link-up.
-    time.sleep(max(0.0, down_at + FLAP_DOWN - 0.1 - time.monotonic()))
-    needed = before - sdnsup_objects(lab)
-    time.sleep(max(0.0, down_at + FLAP_DOWN - time.monotonic()))
-    lab.exec(lab.ns_a, "ip", "link", "set", dev, "up")
-    # The kernel dropped the default route with the link; a network manager would put it
-    # back (sockets need it to pick a source address), so the lab does too, as the tests do.
-    lab.exec(lab.ns_a, "ip", "route", "replace", "default", "via", str(lab.router_addr))
+def attempts(runs: int) -> int:
+    """How many tries ``runs`` good runs may take: on a busy machine a run fails now and then
+    (a stalled process misses a deadline of the harness), and is taken again."""
+    return runs + max(2, runs // 4)
 
-    def healed() -> Heal | None:
-        return heal_time(monitor_events(lab.logs(monitor)), dev, needed)
+
+def repeat(runs: int, once: Callable[[], T], errors: list[str]) -> list[T]:
+    """``once()`` until it succeeded ``runs`` times or :func:`attempts` ran out; each failure
+    (a BenchError or a lab error) is appended to ``errors``."""
+    done: list[T] = []
+    for attempt in range(1, attempts(runs) + 1):
+        if len(done) >= runs:
+            break
+        print(f"run {len(done) + 1}/{runs}...", file=sys.stderr, flush=True)
+        try:
+            done.append(once())
+        except (BenchError, *LAB_ERRORS) as exc:
+            errors.append(f"attempt {attempt}: {exc}")
+    return done
+
+
+def no_lab_exit() -> int | None:
+    """77 (with the reason on stderr) when no lab can be built here, else None."""
+    reason = unavailable_reason()
+    if reason is None:
+        return None
+    print(f"cannot build a lab here: {reason}", file=sys.stderr)
+    return 77
+
+
+def ms(seconds: float | None, digits: int = 1) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.{digits}f} ms"
+
+
+def stat_row(label: str, values: Sequence[float | None], target: str = "") -> list[str]:
+    """A table row: p50, min, max and n of a figure (seconds shown in ms), then its target."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return [label, "-", "-", "-", "0", target]
+    s = benchlib.stat(vals)
+    return [label, ms(s.median), ms(s.min), ms(s.max), str(s.n), target]
+
+
+STAT_HEAD = ("measurement", "p50", "min", "max", "n", "target")
+
+
+def maybe_stat(values: Sequence[float | None]) -> benchlib.Stat | None:
+    vals = [v for v in values if v is not None]
+    return benchlib.stat(vals) if vals else None
+
+
+# --- failover -------------------------------------------------------------------------------
+
+BIN = 0.010  # the plot's bins: replies per 10 ms (two send intervals)
+AFTER_SWITCH = 0.3  # traffic recorded after the first reply through AP2 (and in the plot)
+DARK_TARGET = {"default": 1.0, "aggressive": 0.3}
+# AP changes in sdnsup's log; only the one failover of AP1 after the cut is expected.
+AP_CHANGE = r"failover: |switched to faster AP|is no longer listed|no AP answers"
+# At debug level sdnsup logs the duration of every apply ("applied: ... in 2.1 ms]") and each
+# keepalive miss that did not reach the verdict ("answered again after 1 missed probes"):
+# the apply's own share of the failover, and how close the keepalive came to a false one.
+DEBUG_LOG = ("--log-level", "debug")
+APPLIED = re.compile(r"applied: .* in ([\d.]+) ms\]$")
+NEAR_MISS = re.compile(r"answered again after (\d+) missed probes")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One keepalive setting: its name, the flags it takes, and its timers."""
+
+    name: str
+    interval: float
+    timeout: float
+    misses: int
+    explicit: bool = True  # False: no flags at all (sdnsup's own defaults)
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The keepalive flags (none for sdnsup's defaults)."""
+        if not self.explicit:
+            return ()
+        return (
+            "--keepalive-interval", f"{self.interval:g}",
+            "--keepalive-timeout", f"{self.timeout:g}",
+            "--keepalive-misses", str(self.misses),
+        )  # fmt: skip
+
+    def verdict_after_failure(self) -> tuple[float, float]:
+        """When the verdict comes after the AP fails (see sdnsup.keepalive): the missed
+        probes run back to back, each lasting the deadline; the first starts up to one
+        interval after the failure."""
+        first = (self.misses - 1) * max(self.interval, self.timeout) + self.timeout
+        return first, first + self.interval
+
+    def describe(self) -> str:
+        lo, hi = self.verdict_after_failure()
+        return (
+            f"{self.name}: keepalive every {self.interval:g} s, deadline {self.timeout:g} s,"
+            f" dead after {self.misses} misses -> verdict {lo * 1000:.0f}-{hi * 1000:.0f} ms"
+            " after the AP fails"
+        )
+
+
+SETTINGS = {
+    "default": Setting(
+        "default", keepalive.KEEPALIVE_INTERVAL, keepalive.KEEPALIVE_TIMEOUT,
+        keepalive.KEEPALIVE_MISSES, explicit=False,
+    ),
+    "aggressive": Setting(
+        "aggressive", keepalive.MIN_INTERVAL, keepalive.MIN_TIMEOUT, keepalive.MIN_MISSES
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class Run:
+    """One failover: figures in seconds, from the cut unless said otherwise."""
+
+    setting: str
+    dark: float  # longest gap between replies through an AP
+    dark_start: float  # the last reply through AP1 before the dark window (from the cut)
+    verdict: float  # sdnsup's "failover:" log line
+    switch: float | None  # AP2's IPv4 nexthop in A's kernel
+    first_next: float  # the first reply through AP2
+    logged_detection: float  # what sdnsup logged: from AP1's last answer to the verdict
+    unsteered: int  # replies that did not go through an AP (should be 0)
+    timeline: list[tuple[float, str]]  # (recv - cut, "ap1" | "ap2" | "other") per reply
+    apply_took: float | None  # the switch's apply in sdnsup, as sdnsup measured it
+    false_failovers: list[str] = field(default_factory=list)  # other AP changes
+    watched: float = 0.0  # seconds sdnsup ran with an AP, outside the expected failover
+    near_misses: int = 0  # keepalive probes missed without a verdict (fewer than K in a row)
+
+
+def ap_of(lab: Lab, seen: str) -> str:
+    for ap in lab.aps:
+        if seen == str(ap.overlay_addr):
+            return f"ap{ap.index}"
+    return "other"
+
+
+def restore_ap1(lab: Lab) -> None:
+    """AP1's link up, and its agent answering from A again (the cut lasts one run)."""
+    lab.ap_link_up(1)
+    argv = lab_script("apagent", "check", str(lab.ap(1).addr), "--timeout", str(READY_TIMEOUT))
+    result = lab.exec(lab.ns_a, *argv, check=False, timeout=READY_TIMEOUT + 10)
+    if result.returncode != 0:
+        raise BenchError(f"AP1 does not answer after its link came back: {result.stderr}")
+
+
+class FalseFailover(BenchError):
+    """sdnsup changed AP while no AP had died, which spoilt the run's measurement."""
+
+    def __init__(self, lines: list[str], cause: BenchError) -> None:
+        super().__init__(f"false failover ({cause}): " + " | ".join(lines))
+        self.lines = lines
+
+
+def failover_run(lab: Lab, url: str, setting: Setting, idle: float) -> Run:
+    """One run: fresh sdnsup on AP1, ``idle`` seconds of steady traffic, AP1's link cut."""
+    ap1, ap2 = overlay(lab, 1), overlay(lab, 2)
+    _, hi = setting.verdict_after_failure()
+    budget = START_TIMEOUT + idle + hi + 5.0  # bounds the helper processes of this run
+    server = echo_server(lab, budget)
+    monitor = start_monitor(lab, "nexthop")
+    ap1_monitor = start_monitor(lab, "link", ns=lab.ap(1).ns)
+    proc, launched = start_sdnsup(lab, url, *setting.args, *DEBUG_LOG)
+    client = None
+    issued = cut = None
+    failure = None
+    try:
+        wait_ranking(lab, proc)
+        client = echo_client(lab, budget)
+
+        def via_ap1() -> bool:
+            alive(lab, proc)
+            return any(r["seen"] == ap1 for r in json_lines(lab, client))
+
+        wait_for("replies through AP1", READY_TIMEOUT, via_ap1)
+        # Steady traffic, sdnsup idle: false failovers would show here. Then a random phase,
+        # or the cut would hit the same point of the keepalive cycle in every run.
+        time.sleep(idle + random.uniform(0, setting.interval))
+        issued = time.time()
+        lab.ap_link_down(1)
+        cut = time.time()
+
+        def through_ap2() -> float | None:
+            alive(lab, proc)
+            got = [r["recv"] for r in json_lines(lab, client) if r["seen"] == ap2]
+            return got[0] if got else None
+
+        first = wait_for("a reply through AP2 after the cut", hi + 3.0, through_ap2)
+        time.sleep(max(0.0, first + AFTER_SWITCH - time.time()))
+    except BenchError as exc:
+        failure = exc
+    finally:
+        # The client stops first: no flow of this run outlives the steering (see docstring).
+        if client is not None:
+            lab.stop(client, grace=1.0)
+        stopped = time.time()
+        stop_sdnsup(lab, proc)
+        lab.stop(server, grace=1.0)
+        lab.stop(monitor, grace=1.0)
+        lab.stop(ap1_monitor, grace=1.0)
+        if issued is not None:
+            restore_ap1(lab)
+            # The moment the link went down in AP1's kernel; the return of `ip link set`
+            # comes a few ms later, the process start before it even more.
+            uplink = lab.ap(1).uplink_ifname
+            cut = next(
+                (
+                    t
+                    for t, e in monitor_events(lab.logs(ap1_monitor))
+                    if t >= issued and link_is_up(e, uplink) is False
+                ),
+                cut,
+            )
+    left = sdnsup_objects(lab)
+    if left or nft_table(lab) is not None:
+        raise BenchError(f"sdnsup left state behind after SIGTERM: {sorted(left)}")
+    changes = log_records(lab, proc, AP_CHANGE)
+    expected = next(
+        (
+            (t, ln)
+            for t, ln in changes
+            if cut is not None and t >= cut and "failover: AP ap1 " in ln and "via ap2" in ln
+        ),
+        None,
+    )
+    false = [ln for t, ln in changes if (t, ln) != expected]
+
+    def measured() -> Run:
+        if failure is not None:
+            raise failure
+        return analyse(lab, setting, client, monitor, cut, expected, changes)
 
     try:
-        heal: Heal = wait_for("the state to be restored after the flap", HEAL_TIMEOUT, healed)
+        run = measured()
     except BenchError as exc:
-        raise BenchError(f"{exc}; sdnsup's log:\n{lab.logs(proc)}") from None
-    after = sdnsup_objects(lab)
-    if after != before:
-        raise BenchError(f"state after the heal differs: {sorted(before)} -> {sorted(after)}")
-    stop_sdnsup(lab, proc)
-    return heal
+        if false:
+            raise FalseFailover(false, exc) from exc
+        raise
+    assert expected is not None and cut is not None  # else analyse() raised
+    chosen = log_records(lab, proc, r"AP chosen: ")
+    began = chosen[0][0] if chosen else launched
+    applied = [
+        (t, float(m.group(1)) / 1000)
+        for t, ln in log_records(lab, proc, APPLIED.pattern)
+        if t >= expected[0] and (m := APPLIED.search(ln))
+    ]
+    if applied:  # the first apply after the verdict
+        run.apply_took = applied[0][1]
+    run.near_misses = sum(
+        int(m.group(1))
+        for _, ln in log_records(lab, proc, NEAR_MISS.pattern)
+        if (m := NEAR_MISS.search(ln))
+    )
+    run.false_failovers = false
+    # the dark window itself is not "watched": there an AP change is expected
+    run.watched = max(0.0, stopped - began - run.verdict)
+    return run
 
 
-# --- runs and the table ----------------------------------------------------------------------
+def analyse(
+    lab: Lab,
+    setting: Setting,
+    client: subprocess.Popen[bytes] | None,
+    monitor: subprocess.Popen[bytes],
+    cut: float | None,
+    expected: tuple[float, str] | None,
+    changes: list[tuple[float, str]],
+) -> Run:
+    """The figures of one run from the client's replies, the monitor and sdnsup's verdict."""
+    if expected is None:
+        lines = "\n".join(ln for _, ln in changes) or "(no AP change logged)"
+        raise BenchError(f"no 'failover: AP ap1 ... now via ap2' after the cut:\n{lines}")
+    assert client is not None and cut is not None  # set whenever the run got this far
+    ap1, ap2 = overlay(lab, 1), overlay(lab, 2)
+    got = sorted(json_lines(lab, client), key=lambda r: r["recv"])
+    steered = [r for r in got if r["seen"] in (ap1, ap2)]
+    before = [r for r in steered if r["recv"] < cut]
+    if not before or before[-1]["seen"] != ap1:
+        raise BenchError("traffic was not going through AP1 before the cut")
+    window = [before[-1], *(r for r in steered if r["recv"] >= cut)]
+    gaps = [(b["recv"] - a["recv"], a) for a, b in itertools.pairwise(window)]
+    dark, start = max(gaps, key=lambda g: g[0])
+    first_next = next(r for r in window if r["seen"] == ap2)
+    verdict, line = expected
+    detected = re.search(r"detected (\d+) ms", line)
+    if detected is None:
+        raise BenchError(f"no detection time in: {line}")
+    via = re.escape(str(lab.ap(2).addr))
+    switch = next(
+        (
+            t
+            for t, e in monitor_events(lab.logs(monitor))
+            if t >= cut and re.match(rf"id \d+ via {via} ", e)
+        ),
+        None,
+    )
+    return Run(
+        setting=setting.name,
+        dark=dark,
+        dark_start=start["recv"] - cut,
+        verdict=verdict - cut,
+        switch=None if switch is None else switch - cut,
+        first_next=first_next["recv"] - cut,
+        logged_detection=float(detected.group(1)) / 1000,
+        unsteered=len(got) - len(steered),
+        timeline=[(r["recv"] - cut, ap_of(lab, r["seen"])) for r in got],
+        apply_took=None,
+    )
+
+
+# --- the plot -------------------------------------------------------------------------------
+
+COLORS = {"ap1": "tab:blue", "ap2": "tab:orange", "ap3": "tab:green", "other": "tab:gray"}
+
+
+def representative(runs: Sequence[Run]) -> Run:
+    """The run whose dark window is the median (the lower one of an even count)."""
+    ordered = sorted(runs, key=lambda r: r.dark)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def plot(chosen: dict[str, Run], path: Path) -> None:
+    """Replies per BIN over time, stacked by AP, one panel per setting, cut and switch
+    marked; written to ``path`` (matplotlib's Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(11, 3.6 * len(chosen)), squeeze=False)
+    for ax, (name, run) in zip(axes[:, 0], chosen.items(), strict=True):
+        setting = SETTINGS[name]
+        lo = -0.25
+        hi = run.first_next + AFTER_SWITCH
+        edges = [lo + i * BIN for i in range(int((hi - lo) / BIN) + 1)]
+        bottom = [0] * (len(edges) - 1)
+        for ap in ("ap1", "ap2", "ap3", "other"):
+            counts = [0] * (len(edges) - 1)
+            for t, who in run.timeline:
+                if who == ap and lo <= t < edges[-1]:
+                    counts[int((t - lo) / BIN)] += 1
+            if any(counts):
+                label = f"replies via {ap.upper()}" if ap != "other" else "not through an AP"
+                left = [e * 1000 for e in edges[:-1]]
+                ax.bar(left, counts, width=BIN * 1000, bottom=bottom, align="edge",
+                       color=COLORS[ap], label=label)  # fmt: skip
+                bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+        top = max(bottom, default=1) + 1
+        ax.axvline(0, color="red", linestyle="--", linewidth=1.5)
+        ax.text(2, top * 0.92, "AP1 link cut", color="red", fontsize=9)
+        ax.axvline(run.verdict * 1000, color="black", linestyle=":", linewidth=1.5)
+        ax.text(run.verdict * 1000 - 2, top * 0.80, "sdnsup: AP1 dead", fontsize=9, ha="right")
+        if run.switch is not None:
+            ax.axvline(run.switch * 1000, color="green", linestyle="-", linewidth=1.5)
+            ax.text(run.switch * 1000 + 2, top * 0.68, "nexthop -> AP2", color="green", fontsize=9)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        dark_lo = run.dark_start * 1000
+        ax.axvspan(dark_lo, dark_lo + run.dark * 1000, color="red", alpha=0.07)
+        ax.set_ylim(0, top)
+        ax.set_xlim(lo * 1000, hi * 1000)
+        ax.set_xlabel("time since AP1's link was cut (ms)")
+        ax.set_ylabel(f"replies per {BIN * 1000:.0f} ms")
+        ax.set_title(
+            f"{setting.describe()}\ndark window {run.dark * 1000:.0f} ms"
+            f" (target < {DARK_TARGET[name] * 1000:.0f} ms); run with the median dark window",
+            fontsize=10,
+        )
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- runs, tables, JSON ---------------------------------------------------------------------
 
 
 @dataclass
 class Results:
-    convergence: list[Convergence] = field(default_factory=list)
-    failover: list[Failover] = field(default_factory=list)
-    heal: list[Heal] = field(default_factory=list)
+    runs: dict[str, list[Run]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # AP changes while no AP died in runs they spoilt (not in ``runs``), per setting
+    spoilt: dict[str, list[str]] = field(default_factory=dict)
 
 
-def run_once(i: int, res: Results) -> None:
-    try:
-        with Lab.create(n_aps=len(DELAYS)) as lab:
-            url = lab_with_cc(lab)
-            client = traffic(lab)
-            conv, proc = measure_convergence(lab, url, client)
-            res.convergence.append(conv)
-            res.failover.append(measure_failover(lab, proc, client))
-            stop_sdnsup(lab, proc)
-    except (BenchError, LabError, subprocess.SubprocessError) as exc:
-        res.errors.append(f"run {i} convergence/failover: {exc}")
-    try:
-        with Lab.create(n_aps=len(DELAYS)) as lab:
-            res.heal.append(measure_heal(lab, lab_with_cc(lab)))
-    except (BenchError, LabError, subprocess.SubprocessError) as exc:
-        res.errors.append(f"run {i} flap heal: {exc}")
+# A: one CPU-bound process (for --stress), ending on its own after argv[1] seconds.
+BURNER = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end: pass"
 
 
-Row = tuple[str, str, str, str, str]
+def measure(setting: Setting, runs: int, idle: float, stress: int, res: Results) -> None:
+    """``runs`` failovers with ``setting``, in one lab; failed runs are retried a few times.
+    With ``stress``, that many busy loops share A's CPUs meanwhile (false failovers?)."""
+    done = res.runs.setdefault(setting.name, [])
+    with Lab.create(n_aps=len(DELAYS)) as lab:
+        url = lab_with_cc(lab)
+        lifetime = attempts(runs) * (START_TIMEOUT + idle + 10.0)
+        for i in range(stress):
+            lab.popen(lab.ns_a, *python(BURNER, lifetime), label=f"a-burner{i}")
+        for attempt in range(1, attempts(runs) + 1):
+            if len(done) >= runs:
+                break
+            print(f"{setting.name} run {len(done) + 1}/{runs}...", file=sys.stderr, flush=True)
+            try:
+                done.append(failover_run(lab, url, setting, idle))
+            except FalseFailover as exc:
+                # A finding, not a broken measurement: counted, and the run is taken again.
+                res.spoilt.setdefault(setting.name, []).extend(exc.lines)
+                print(f"  {exc}", file=sys.stderr)
+            except (BenchError, *LAB_ERRORS) as exc:
+                res.errors.append(f"{setting.name} attempt {attempt}: {exc}")
 
 
-def row(label: str, values: Sequence[float | None], expected: str = "", unit: str = "ms") -> Row:
-    """A table row: p50, max and each run's value, in ``unit`` (seconds shown as ms)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return (label, "-", "-", "-", expected)
-    scale = 1000 if unit == "ms" else 1
-    p50, top = (f"{v * scale:.1f} {unit}" for v in (statistics.median(vals), max(vals)))
-    return (label, p50, top, " ".join(f"{v * scale:.0f}" for v in vals), expected)
-
-
-def print_table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for r in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
-def report(res: Results, runs: int) -> None:
-    c, f, h = res.convergence, res.failover, res.heal
-    ka = keepalive
-    # The K-th missed probe starts K intervals after the last good one and fails at its
-    # deadline: K x interval + deadline after the last answer (minus its RTT); the cut falls
-    # anywhere in the interval after that answer.
-    verdict = ka.KEEPALIVE_MISSES * ka.KEEPALIVE_INTERVAL + ka.KEEPALIVE_TIMEOUT
-    dark = f"< 1 s ({verdict - ka.KEEPALIVE_INTERVAL:.1f}-{verdict:.1f} s + apply)"
-    beyond = [x.seconds - x.cc for x in c]
-    rows = [
-        row("convergence: launch -> first packet at B via AP1", [x.seconds for x in c],
-            "start-up + a few RTTs of AP1"),
-        row("  python -c 'import sdnsup.cli' (interpreter + import)", [x.startup for x in c]),
-        row("  launch -> CC request on the wire (whole start-up)", [x.cc for x in c]),
-        row("  CC request -> first AP probe on the wire", [x.probe - x.cc for x in c]),
-        row("  first probe -> routing state in the kernel", [x.kernel - x.probe for x in c]),
-        row(f"  state -> first packet at B (one per {SEND_INTERVAL * 1000:.0f} ms)",
-            [x.seconds - x.kernel for x in c]),
-        row("  convergence beyond start-up (CC request -> B)", beyond, "a few RTTs of AP1"),
-        row("  ... in AP1 RTTs", [v / x.ap_rtt for v, x in zip(beyond, c, strict=True)],
-            unit="RTT"),
-        row("  AP1's RTT (udp echo, median of 5)", [x.ap_rtt for x in c]),
-        row("  AP1's RTT as sdnsup logged it", [x.logged_rtt for x in c]),
-        row("failover: dark window (longest reply gap)", [x.dark for x in f], dark),
-        row("  cut -> first reply via AP2", [x.cut_to_next for x in f]),
-        row("  detection logged by sdnsup (from last answer)", [x.detection for x in f],
-            f"{verdict:.1f} s - RTT (misses x interval + deadline)"),
-        row("flap heal: link up -> sdnsup's state restored", [x.seconds for x in h],
-            f"< 100 ms (coalesce {netmon.COALESCE * 1000:.0f} ms + apply)"),
-    ]  # fmt: skip
-    print_table(("measurement", "p50", "max", f"each run ({runs} runs)", "expected"), rows)
-    print()
-    seen = "; ".join(sorted({x.after for x in f})) or "-"
-    print(f"B saw after the failover dark window: {seen} (AP2's overlay address is 10.10.10.12)")
-    kinds = "; ".join(sorted({f"{x.last} ({x.restored} objects restored)" for x in h})) or "-"
-    print(f"flap heal completed by the last: {kinds}")
-    for err in res.errors:
-        print(f"FAILED {err}")
-
-
-def print_settings(runs: int) -> None:
-    ka, sv = keepalive, supervisor
-    delays = ", ".join(f"AP{i} {d * 1000:.0f} ms" for i, d in DELAYS.items())
-    print("sdnsup with its default settings (none overridden):")
-    print(
-        f"  keepalive every {ka.KEEPALIVE_INTERVAL} s, probe deadline {ka.KEEPALIVE_TIMEOUT} s,"
-        f" dead after {ka.KEEPALIVE_MISSES} misses; re-probe every {sv.REPROBE_INTERVAL:.0f} s"
-        f" +-{sv.JITTER:.0%}; netlink coalesce {netmon.COALESCE * 1000:.0f} ms;"
-        f" verify every {VERIFY_INTERVAL:.0f} s"
-    )
-    print(
-        f"lab: 3 APs whose agents answer probes after {delays}; the lab CC lists all three;"
-        f" CIDRs {CIDRS}"
-    )
-    print(
-        f"traffic: a new UDP socket from A to B every {SEND_INTERVAL * 1000:.0f} ms; runs: {runs},"
-        " a fresh lab for each run of each measurement kind\n"
-    )
+def report(res: Results, runs: int, idle: float) -> dict[str, Any]:
+    figures: dict[str, Any] = {"runs_requested": runs, "idle_seconds": idle, "settings": {}}
+    for name, done in res.runs.items():
+        setting = SETTINGS[name]
+        lo, hi = setting.verdict_after_failure()
+        target = f"< {DARK_TARGET[name] * 1000:.0f} ms"
+        applies = [r.switch - r.verdict if r.switch is not None else None for r in done]
+        after = [r.first_next - r.switch if r.switch is not None else None for r in done]
+        rows = [
+            stat_row("dark window (longest gap between replies via an AP)",
+                     [r.dark for r in done], target),
+            stat_row("  its last reply via AP1 -> the cut", [-r.dark_start for r in done],
+                     f"< {SEND_INTERVAL * 1000:.0f} ms (one send interval)"),
+            stat_row("  cut -> verdict (detection)", [r.verdict for r in done],
+                     f"{lo * 1000:.0f}-{hi * 1000:.0f} ms (misses x deadline [+ interval])"),
+            stat_row("  verdict -> AP2 nexthop in the kernel (apply)", applies, "a few ms"),
+            stat_row("    of which the apply itself (sdnsup's own figure, both nexthops)",
+                     [r.apply_took for r in done], "the rest: handing it to the applier"),
+            stat_row("  nexthop -> first reply via AP2 (routing, conntrack)", after,
+                     f"<= {SEND_INTERVAL * 1000:.0f} ms + RTT"),
+            stat_row("  verdict -> first reply via AP2 (apply + the above)",
+                     [r.first_next - r.verdict for r in done]),
+            stat_row("detection as sdnsup logged it (from AP1's last answer)",
+                     [r.logged_detection for r in done]),
+        ]  # fmt: skip
+        benchlib.print_table(f"failover, {setting.describe()}", STAT_HEAD, rows)
+        false = [ln for r in done for ln in r.false_failovers] + res.spoilt.get(name, [])
+        watched = sum(r.watched for r in done)
+        probes = watched / max(setting.interval, 1e-9)
+        unsteered = sum(r.unsteered for r in done)
+        dark = maybe_stat([r.dark for r in done])
+        if dark is None:
+            print("  no run succeeded")
+        else:
+            over = sum(v >= DARK_TARGET[name] for v in dark.values)
+            print(
+                f"  p50 {ms(dark.median)}, max {ms(dark.max)} over {dark.n} runs: "
+                + (f"{target} in every run" if not over else f"MISSES {target} in {over} runs")
+            )
+        print(
+            f"  false failovers (AP changes while no AP died): {len(false)} in {watched:.1f} s"
+            f" watched (~{probes:.0f} keepalive probes)"
+        )
+        for ln in false[:5]:
+            print(f"    {ln}")
+        near = sum(r.near_misses for r in done)
+        print(
+            f"  keepalive probes missed without a verdict (fewer than {setting.misses} in a"
+            f" row): {near}"
+        )
+        print(f"  replies that did not go through an AP: {unsteered} (expected 0)")
+        figures["settings"][name] = {
+            "keepalive": {
+                "interval": setting.interval,
+                "timeout": setting.timeout,
+                "misses": setting.misses,
+                "flags": list(setting.args),
+            },
+            "target_dark_window": DARK_TARGET[name],
+            "expected_detection": [lo, hi],
+            "dark_window": maybe_stat([r.dark for r in done]),
+            "detection": maybe_stat([r.verdict for r in done]),
+            "apply": maybe_stat(applies),
+            "switch_to_first_reply": maybe_stat(after),
+            "verdict_to_first_reply": maybe_stat([r.first_next - r.verdict for r in done]),
+            "last_reply_before_cut": maybe_stat([-r.dark_start for r in done]),
+            "logged_detection": maybe_stat([r.logged_detection for r in done]),
+            "false_failovers": len(false),
+            "false_failover_lines": false,
+            "watched_seconds": watched,
+            "near_misses": sum(r.near_misses for r in done),
+            "apply_duration": maybe_stat([r.apply_took for r in done]),
+            "unsteered_replies": unsteered,
+        }
+    return figures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--runs", type=int, default=5, help="repeated runs (default 5)")
+    parser.add_argument("--runs", type=int, default=20, help="runs per setting (default 20)")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        choices=sorted(SETTINGS),
+        help="measure only this setting (repeatable; default: both)",
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=2.0,
+        help="seconds of steady traffic before each cut, watched for false failovers (default 2)",
+    )
+    parser.add_argument(
+        "--stress",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N CPU-bound loops in A during the runs, to see whether a busy host causes"
+        " false failovers (default 0)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be 1 or more")
-    reason = unavailable_reason()
-    if reason is not None:
-        print(f"cannot build a lab here: {reason}", file=sys.stderr)
-        return 77
+    if not 0 <= args.stress <= 16:
+        parser.error("--stress must be between 0 and 16")
+    if not 0 <= args.idle <= 60:
+        parser.error("--idle must be between 0 and 60 seconds")
+    if (code := no_lab_exit()) is not None:
+        return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    print_settings(args.runs)
+    names = args.setting or ["default", "aggressive"]
+    print(
+        "sdnsup failover, AP1's link cut under traffic; sdnsup logs at debug level (its apply"
+        " durations and keepalive misses); keepalive settings:"
+    )
+    for name in names:
+        print(f"  {SETTINGS[name].describe()}  {' '.join(SETTINGS[name].args)}")
+    delays = ", ".join(f"AP{i} {d * 1000:.0f} ms" for i, d in DELAYS.items())
+    print(
+        f"lab: 3 APs whose agents answer probes after {delays}; a new UDP flow A -> B every"
+        f" {SEND_INTERVAL * 1000:.0f} ms; {args.runs} runs per setting, one lab per setting,"
+        f" a fresh sdnsup per run, {args.idle:g} s of steady traffic before each cut"
+        + (f"; {args.stress} CPU-bound loops running in A" if args.stress else "")
+    )
     res = Results()
-    for i in range(1, args.runs + 1):
-        print(f"run {i}/{args.runs}...", file=sys.stderr, flush=True)
-        run_once(i, res)
-    report(res, args.runs)
-    return 0 if not res.errors else 1
+    for name in names:
+        measure(SETTINGS[name], args.runs, args.idle, args.stress, res)
+    figures = report(res, args.runs, args.idle)
+    figures["stress_loops"] = args.stress
+    chosen = {name: representative(done) for name, done in res.runs.items() if done}
+    if chosen:
+        png = benchlib.RESULTS_DIR / "failover.png"
+        plot(chosen, png)
+        figures["plot"] = str(png)
+        print(f"\n(timeline of the median run of each setting: {png})")
+    for err in res.errors:
+        print(f"FAILED {err}")
+    benchlib.write_json("failover", figures)
+    short = [n for n in names if len(res.runs.get(n, [])) < args.runs]
+    return 1 if short else 0
 
 
 if __name__ == "__main__":

@@ -212,6 +212,31 @@ def _positive_seconds(value: float) -> float:
     return value
 
 
+def _keepalive_seconds(minimum: float) -> Callable[[float], float]:
+    """A keepalive timer: positive, and not below ``minimum`` (see :mod:`sdnsup.keepalive`:
+    shorter timers measure the host's scheduler, not the AP, and cause false failovers)."""
+
+    def check(value: float) -> float:
+        value = _positive_seconds(value)
+        if value < minimum:
+            raise _Invalid(
+                f"must be at least {minimum:g} s (shorter timers fail over on scheduling "
+                f"noise, not on a dead AP), got {value:g}"
+            )
+        return value
+
+    return check
+
+
+def _keepalive_misses(value: int) -> int:
+    if value < keepalive.MIN_MISSES:
+        raise _Invalid(
+            f"must be {keepalive.MIN_MISSES} or more, got {value} (with fewer, a single lost "
+            "probe is a failover)"
+        )
+    return value
+
+
 def _at_least(minimum: int) -> Callable[[int], int]:
     def check(value: int) -> int:
         if value < minimum:
@@ -494,34 +519,43 @@ OPTIONS: tuple[Option, ...] = (
         "keepalive-interval",
         FLOAT,
         default=keepalive.KEEPALIVE_INTERVAL,
-        check=_positive_seconds,
+        check=_keepalive_seconds(keepalive.MIN_INTERVAL),
         metavar="S",
         group=_G_KEEP,
         help=f"seconds between keepalive probes of the active AP (default "
         f"{keepalive.KEEPALIVE_INTERVAL:g}: with the default timeout and misses a dead AP is "
-        "detected 0.6-0.8 s after it fails, inside a 1 s dark window)",
+        "detected 0.6-0.8 s after it fails, inside a 1 s dark window; at least "
+        f"{keepalive.MIN_INTERVAL:g}: faster probing gains little and loads the AP). The most "
+        "aggressive "
+        f"settings, {keepalive.MIN_INTERVAL:g}/{keepalive.MIN_TIMEOUT:g}/"
+        f"{keepalive.MIN_MISSES}, detect a dead AP "
+        f"{keepalive.MIN_MISSES * keepalive.MIN_TIMEOUT:g}-"
+        f"{keepalive.MIN_MISSES * keepalive.MIN_TIMEOUT + keepalive.MIN_INTERVAL:g} s after it "
+        "fails",
     ),
     Option(
         "keepalive-timeout",
         FLOAT,
         default=keepalive.KEEPALIVE_TIMEOUT,
-        check=_positive_seconds,
+        check=_keepalive_seconds(keepalive.MIN_TIMEOUT),
         metavar="S",
         group=_G_KEEP,
         help=f"deadline of one keepalive probe in seconds (default "
         f"{keepalive.KEEPALIVE_TIMEOUT:g}: an AP on a directly connected network answers in "
-        "milliseconds, so a later answer is as bad as none)",
+        f"milliseconds, so a later answer is as bad as none; at least {keepalive.MIN_TIMEOUT:g}:"
+        " a busy host can take tens of ms to read an answer, and must not fail over for it)",
     ),
     Option(
         "keepalive-misses",
         INTEGER,
         default=keepalive.KEEPALIVE_MISSES,
-        check=_at_least(1),
+        check=_keepalive_misses,
         metavar="K",
         group=_G_KEEP,
         help=f"missed keepalive probes in a row that make the AP dead (default "
         f"{keepalive.KEEPALIVE_MISSES}: one lost datagram or a busy AP never causes a "
-        "failover; also BFD's usual detect multiplier)",
+        f"failover; also BFD's usual detect multiplier; at least {keepalive.MIN_MISSES}, so "
+        "that one lost probe never does)",
     ),
     Option(
         "reprobe-interval",

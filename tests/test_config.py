@@ -310,7 +310,7 @@ def test_world_writable_config_is_a_warning(tmp_path):
             "key 'log_level': must be one of debug, info, warning, error, got 'verbose'",
         ),
         ({"log_format": '"xml"'}, "key 'log_format': must be one of text, json, got 'xml'"),
-        ({"keepalive_misses": "0"}, "key 'keepalive_misses': must be 1 or more, got 0"),
+        ({"keepalive_misses": "0"}, "key 'keepalive_misses': must be 2 or more, got 0"),
         (
             {"verify_interval": "-0.5"},
             "key 'verify_interval': must be a positive number of seconds, got -0.5",
@@ -383,7 +383,12 @@ def test_environment_errors_name_the_variable(env, message):
             ["--keepalive-timeout", "0"],
             "--keepalive-timeout: must be a positive number of seconds, got 0",
         ),
-        (["--keepalive-misses", "0"], "--keepalive-misses: must be 1 or more, got 0"),
+        (["--keepalive-misses", "0"], "--keepalive-misses: must be 2 or more, got 0"),
+        # below the most aggressive supported settings: timers that fail over on scheduling
+        # noise, or a single lost probe
+        (["--keepalive-interval", "0.01"], "--keepalive-interval: must be at least 0.05 s"),
+        (["--keepalive-timeout", "0.049"], "--keepalive-timeout: must be at least 0.05 s"),
+        (["--keepalive-misses", "1"], "--keepalive-misses: must be 2 or more, got 1"),
         (["--retries", "-2"], "--retries: must be 0 or more, got -2"),
         (["--mark=-0x1"], "--mark: must be a 32-bit value (0 to 0xffffffff), got -0x1"),
         (["--table", "seven"], "--table: 'seven' is not a number (e.g. 4096 or 0x1000)"),
@@ -412,6 +417,16 @@ def test_environment_errors_name_the_variable(env, message):
 )
 def test_command_line_errors_name_the_flag(argv, message):
     assert error(["-r", "10.0.0.0/8", "--ap", "10.77.0.11", *argv]).startswith(message)
+
+
+def test_the_most_aggressive_keepalive_settings_are_accepted():
+    argv = ["--keepalive-interval", "0.05", "--keepalive-timeout", "0.05"]
+    opts = resolve(["-r", "10.0.0.0/8", "--ap", "10.77.0.11", *argv, "--keepalive-misses", "2"])
+    assert (opts.keepalive_interval, opts.keepalive_timeout, opts.keepalive_misses) == (
+        0.05,
+        0.05,
+        2,
+    )
 
 
 @pytest.mark.parametrize(
@@ -447,7 +462,7 @@ def test_all_problems_are_reported_at_once(tmp_path):
     message = error(["--config", str(path), "--keepalive-misses", "0"], {"SDNSUP_MARK": "x"})
     assert message.startswith("3 problems:\n  ")
     assert f"{path}: unknown key 'keepalive_intervall'" in message
-    assert "--keepalive-misses: must be 1 or more, got 0" in message
+    assert "--keepalive-misses: must be 2 or more, got 0" in message
     assert "environment SDNSUP_MARK: 'x' is not a number" in message
 
 
