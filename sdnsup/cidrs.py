@@ -41,10 +41,13 @@ def _entries(spec: str) -> Iterable[tuple[str, str]]:
         if part.startswith("@"):
             path = Path(part[1:])
             try:
-                text = path.read_text(encoding="utf-8")
+                # utf-8-sig: a byte order mark (Windows editors) is not part of line 1
+                text = path.read_text(encoding="utf-8-sig")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"cannot read CIDR file {path}: {exc}") from exc
-            for lineno, line in enumerate(text.splitlines(), start=1):
+            # read_text() already turned \r\n and \r into \n; splitlines() would also break
+            # at form feeds, NEL or U+2028 inside a comment and shift every line number.
+            for lineno, line in enumerate(text.split("\n"), start=1):
                 line = line.split("#", 1)[0].strip()
                 if line:
                     yield f"{path}:{lineno}", line
@@ -69,6 +72,11 @@ def parse_cidrs(specs: Iterable[str], *, allow_default: bool = False) -> CidrSet
     problems: list[str] = []
     seen: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, str] = {}
     for where, text in (e for spec in specs for e in _entries(spec)):
+        if "%" in text:
+            # ipaddress accepts an IPv6 zone index (fd00::%eth0/64) and keeps it in the
+            # network; routes and set elements have none, so it never equals a read-back.
+            problems.append(f"{where}: {text!r} has a zone index (%...); a CIDR has none")
+            continue
         try:
             net = ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
@@ -77,6 +85,12 @@ def parse_cidrs(specs: Iterable[str], *, allow_default: bool = False) -> CidrSet
                 problems.append(f"{where}: {text} has host bits set (did you mean {fixed}?)")
             else:
                 problems.append(f"{where}: {text!r} is not a CIDR like 10.10.10.0/24")
+            continue
+        mapped = net.network_address.ipv4_mapped if isinstance(net, IPv6Network) else None
+        if mapped is not None and net.prefixlen >= 96:
+            # No packet carries a v4-mapped destination: such a CIDR would never match.
+            v4 = IPv4Network((mapped, net.prefixlen - 96))
+            problems.append(f"{where}: {net} is IPv4-mapped IPv6 (did you mean {v4}?)")
             continue
         if net.prefixlen == 0 and not allow_default:
             problems.append(

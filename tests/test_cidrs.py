@@ -64,3 +64,13 @@ def test_100k_lines_parse_quickly(tmp_path):
         "".join(f"10.{i >> 8 & 255}.{i & 255}.{(i >> 16) * 16}/28\n" for i in range(100_000))
     )
     assert len(parse_cidrs([f"@{f}"])) == 100_000
+
+
+def test_ipv4_mapped_zoned_and_bom_inputs(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_cidrs(["::ffff:10.10.10.0/120,fd00::%eth0/64"])
+    assert "is IPv4-mapped IPv6 (did you mean 10.10.10.0/24?)" in str(info.value)
+    assert "'fd00::%eth0/64' has a zone index" in str(info.value)
+    listing = tmp_path / "cidrs.txt"
+    listing.write_text("\ufeff10.0.0.0/24 # saved by Notepad, with a byte order mark\n")
+    assert parse_cidrs([f"@{listing}"]).v4 == {ipaddress.ip_network("10.0.0.0/24")}
