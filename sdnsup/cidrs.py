@@ -89,8 +89,8 @@ def parse_cidrs(specs: Iterable[str], *, allow_default: bool = False) -> CidrSet
         mapped = net.network_address.ipv4_mapped if isinstance(net, IPv6Network) else None
         if mapped is not None and net.prefixlen >= 96:
             # No packet carries a v4-mapped destination: such a CIDR would never match.
-            v4 = IPv4Network((mapped, net.prefixlen - 96))
-            problems.append(f"{where}: {net} is IPv4-mapped IPv6 (did you mean {v4}?)")
+            as_v4 = IPv4Network((mapped, net.prefixlen - 96))
+            problems.append(f"{where}: {net} is IPv4-mapped IPv6 (did you mean {as_v4}?)")
             continue
         if net.prefixlen == 0 and not allow_default:
             problems.append(
