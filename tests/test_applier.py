@@ -297,3 +297,13 @@ def test_sysctl_record_restores_after_a_crash_including_older_records(tmp_path):
     applier.teardown()
     assert ctl.values == {"net/ipv4/conf/eth1/src_valid_mark": 0, COMPAT: 1}
     assert not record.exists()
+
+
+def test_after_a_reread_that_found_nothing_to_do_the_next_apply_compares_by_identity():
+    applier, _, _, _ = make()
+    desired = state(",".join(f"10.{i}.0.0/16" for i in range(50)))
+    applier.apply(desired)
+    applier.resync()  # a heal: the kernel is read back into fresh objects
+    assert not applier.apply(desired).total_writes
+    assert applier.applied is not None
+    assert applier.applied.routes[(7300, NHID_V4)] is desired.cidrs4
