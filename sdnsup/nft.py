@@ -144,9 +144,9 @@ def ruleset_objects(
         inner = key if keep == 0xFFFFFFFF else {"&": [key, keep]}
         return {"mangle": {"key": key, "value": {"|": [inner, mark]}}}
 
-    def has_mark(key: dict[str, Any]) -> dict[str, Any]:
+    def has_mark(key: dict[str, Any], op: str = "==") -> dict[str, Any]:
         left = key if mask == 0xFFFFFFFF else {"&": [key, mask]}
-        return {"match": {"op": "==", "left": left, "right": mark}}
+        return {"match": {"op": op, "left": left, "right": mark}}
 
     def daddr_in(proto: str, set_name: str) -> dict[str, Any]:
         return {
@@ -170,9 +170,17 @@ def ruleset_objects(
             "right": "syn",
         }
     }
+    ct_not_new = {"match": {"op": "!=", "left": {"ct": {"key": "state"}}, "right": "new"}}
+    # Every packet of the host passes these chains; most belong to established connections
+    # sdnsup does not steer, and the first rule lets them go after two conntrack lookups
+    # (the rest would end the same way, after a set lookup and a rule per shard). Steered
+    # established packets get their mark right after the exempt check, skipping the rules
+    # that only NEW connections can match.
     steer: list[list[dict[str, Any]]] = [
+        [ct_not_new, has_mark(ct_mark, "!="), {"return": None}],
         [daddr_in("ip", "exempt4"), {"return": None}],
         [daddr_in("ip6", "exempt6"), {"return": None}],
+        [ct_not_new, set_mark(meta_mark), {"return": None}],
         [ct_new, tcp_not_syn, {"return": None}],
         *(
             [ct_new, daddr_in(proto, kernel_set), set_mark(ct_mark)]

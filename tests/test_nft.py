@@ -46,9 +46,18 @@ def test_inbound_connections_get_their_mark_cleared():
     assert rule[-1]["mangle"]["value"] == {"&": [{"ct": {"key": "mark"}}, 0xFFFFEFFF]}
 
 
-def test_exempt_comes_first():
+def test_exempt_comes_before_anything_that_marks():
+    rules = [json.dumps(r) for r in rules_of(Settings(), "output")]
+    exempt = next(i for i, r in enumerate(rules) if "@exempt4" in r)
+    marking = [i for i, r in enumerate(rules) if '"mangle"' in r]
+    assert rules[exempt].endswith('{"return": null}]') and exempt < min(marking)
+
+
+def test_established_unmarked_traffic_leaves_at_the_first_rule():
+    # every packet of the host's other connections: two conntrack checks, then gone
     first = rules_of(Settings(), "output")[0]
-    assert first[0]["match"]["right"] == "@exempt4" and first[1] == {"return": None}
+    assert [x["match"]["op"] for x in first[:2]] == ["!=", "!="]
+    assert first[0]["match"]["right"] == "new" and first[-1] == {"return": None}
 
 
 def test_table_commands_replace_atomically_and_round_trip():
