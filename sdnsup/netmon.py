@@ -124,9 +124,11 @@ PROC_NETLINK = "/proc/thread-self/net/netlink"
 # one per event; forgotten when this many accumulate (every ip/nft run has a new one).
 _FOREIGN_MAX = 1024
 
-# The kernel doubles the value and charges each notification's skb truesize (~0.5-1.5 KiB)
-# against it: 8 MiB holds several thousand unread events (same size as sdnsup.rtnl).
-RCVBUF = 8 << 20
+# The kernel doubles the value and charges each notification's skb truesize against it.
+# sdnsup's own load of 100k CIDRs sends ~13 MiB of set-element notifications in one burst
+# (nf_tables packs them into page-sized skbs): 8 MiB overflowed, and every overflow costs a
+# full re-read of the kernel. 32 MiB holds it; it is kernel memory, used only while unread.
+RCVBUF = 32 << 20
 # Notifications are built in skbs of at most NLMSG_GOODSIZE (a page or 8 KiB); 64 KiB is
 # ample, and MSG_TRUNC tells us if it ever is not.
 _RECV_BYTES = 64 << 10
