@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import Stat, print_table, ratio, stat, write_json  # scripts/ is sys.path[0]
+from benchlib import Stat, positive_int, print_table, ratio, stat, write_json
 
 SIZES = (1_000, 10_000, 100_000)
 # One subprocess pair per CIDR costs milliseconds; beyond this, extrapolate.
@@ -247,10 +247,8 @@ def outer(runs: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--runs", type=int, default=3, help="repeated runs (default 3)")
+    parser.add_argument("--runs", type=positive_int, default=3, help="repeated runs (default 3)")
     args = parser.parse_args()
-    if args.runs < 1:
-        parser.error("--runs must be 1 or more")
     if os.environ.get("SDNSUP_BENCH_INNER") == "1":
         inner(args.runs)
         return 0

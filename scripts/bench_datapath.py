@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import Stat, print_table, ratio, stat, write_json
+from benchlib import Stat, positive_int, print_table, ratio, stat, write_json
 
 from sdnsup.lab import Lab, LabError, WaitTimeout, unavailable_reason, wait_for
 
@@ -485,7 +485,7 @@ def report_sdnsup(runs: Runs, figures: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--runs", type=int, default=5, help="repeated runs (default 5)")
+    parser.add_argument("--runs", type=positive_int, default=5, help="repeated runs (default 5)")
     parser.add_argument(
         "--seconds",
         type=float,
@@ -496,8 +496,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--forwarded", action="store_true", help="also measure flows from a container C behind A"
     )
     args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be 1 or more")
     if not 1 <= args.seconds <= 10:
         parser.error("--seconds must be between 1 and 10")
     reason = unavailable_reason()

@@ -817,7 +817,9 @@ def report(res: Results, runs: int, idle: float) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--runs", type=int, default=20, help="runs per setting (default 20)")
+    parser.add_argument(
+        "--runs", type=benchlib.positive_int, default=20, help="runs per setting (default 20)"
+    )
     parser.add_argument(
         "--setting",
         action="append",
@@ -839,8 +841,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         " false failovers (default 0)",
     )
     args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be 1 or more")
     if not 0 <= args.stress <= 16:
         parser.error("--stress must be between 0 and 16")
     if not 0 <= args.idle <= 60:

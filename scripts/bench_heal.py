@@ -406,10 +406,10 @@ def report(res: Results, runs: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--runs", type=int, default=10, help="repeated runs (default 10)")
+    parser.add_argument(
+        "--runs", type=benchlib.positive_int, default=10, help="repeated runs (default 10)"
+    )
     args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be 1 or more")
     if (code := no_lab_exit()) is not None:
         return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]

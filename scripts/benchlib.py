@@ -9,6 +9,7 @@ could not be taken at all).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -40,6 +41,17 @@ class Stat:
         if self.n == 1:
             return f"{m} {unit}"
         return f"{m} {unit} ({lo}-{hi}, n={self.n})"
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for ``--runs`` and other counts: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def stat(values: Iterable[float]) -> Stat:
