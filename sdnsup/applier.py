@@ -339,12 +339,13 @@ class Applier:
         ``elements=False`` leaves set contents out (the table is still found), for teardown,
         which deletes the table whatever it holds.
         """
-        return KernelState(
-            nexthops=frozenset(self._routes.nexthops(self._proto)),
-            routes=group_routes(self._routes.routes(self._proto)),
-            rules=frozenset(self._routes.rules(self._proto)),
-            table=self._nft.read(self._settings.nft_table, elements=elements),
-        )
+        with _gc_paused():
+            return KernelState(
+                nexthops=frozenset(self._routes.nexthops(self._proto)),
+                routes=group_routes(self._routes.routes(self._proto)),
+                rules=frozenset(self._routes.rules(self._proto)),
+                table=self._nft.read(self._settings.nft_table, elements=elements),
+            )
 
     def resync(self) -> None:
         """Forget what was applied: the next :meth:`apply` reads the kernel first."""
@@ -532,11 +533,12 @@ class Applier:
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection during an apply.
+    """No cyclic garbage collection while reading or applying kernel state.
 
-    An apply allocates objects in bursts (route messages, set deltas), none of them in a
-    reference cycle; a collection that happens to run meanwhile scans every live object, and
-    with 100k CIDRs held that is a few milliseconds of an apply whose budget is ten. The
+    Both allocate objects in bursts (a 100k-route dump creates ~300k objects, an apply route
+    messages and set deltas), none of them in a reference cycle; every collection meanwhile
+    scans every live object. Measured: a 100k dump takes 0.9 s with the collector, 0.6 s
+    without; a one-CIDR change at 100k CIDRs loses milliseconds of a 10 ms budget. The
     collector runs as usual right after.
     """
     enabled = gc.isenabled()

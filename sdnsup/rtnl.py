@@ -19,9 +19,7 @@ Kernel references: include/uapi/linux/{netlink,rtnetlink,nexthop,fib_rules}.h.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import gc
 import ipaddress
 import itertools
 import os
@@ -422,23 +420,6 @@ def _parse_ack(flags: int, data: bytes, start: int, end: int) -> tuple[int, str 
     return code, text
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building many objects.
-
-    A 100k-route dump creates ~300k objects, none of them in a reference cycle; each
-    allocation burst would trigger collections that scan everything alive. Measured on a
-    100k dump: 0.9 s with the collector, 0.6 s without.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, force, size)
@@ -643,11 +624,10 @@ class RtnlRoutes:
         unpack_nla = _NLA.unpack_from
         unpack_u32 = _U32.unpack_from
         out: set[Route] = set()
-        with _gc_paused():
-            for family in (socket.AF_INET, socket.AF_INET6):
-                # rtm_protocol in a dump request is a kernel-side filter under strict checking.
-                body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_UNSPEC, proto, 0, 0, 0)
-                out.update(self._dump("routes", RTM_GETROUTE, body, parse))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            # rtm_protocol in a dump request is a kernel-side filter under strict checking.
+            body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_UNSPEC, proto, 0, 0, 0)
+            out.update(self._dump("routes", RTM_GETROUTE, body, parse))
         return out
 
     def nexthops(self, proto: int) -> set[Nexthop]:
