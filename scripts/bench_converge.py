@@ -55,7 +55,6 @@ from bench_failover import (
     log_records,
     maybe_stat,
     monitor_events,
-    no_lab_exit,
     overlay,
     python,
     repeat,
@@ -254,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--runs", type=benchlib.positive_int, default=10, help="repeated runs (default 10)"
     )
     args = parser.parse_args(argv)
-    if (code := no_lab_exit()) is not None:
+    if (code := benchlib.no_lab_exit()) is not None:
         return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     delays = ", ".join(f"AP{i} {d * 1000:.0f} ms" for i, d in DELAYS.items())

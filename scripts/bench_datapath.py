@@ -50,9 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import Stat, positive_int, print_table, ratio, stat, write_json
+from benchlib import Stat, no_lab_exit, positive_int, print_table, ratio, stat, write_json
 
-from sdnsup.lab import Lab, LabError, WaitTimeout, unavailable_reason, wait_for
+from sdnsup.lab import Lab, LabError, WaitTimeout, wait_for
 
 N_CIDRS = 100_000
 STEERED_NET = "10.10.10.0/25"  # holds B's 10.10.10.1; one of the N_CIDRS
@@ -498,10 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 10:
         parser.error("--seconds must be between 1 and 10")
-    reason = unavailable_reason()
-    if reason is not None:
-        print(f"cannot build a lab here: {reason}", file=sys.stderr)
-        return 77
+    if (code := no_lab_exit()) is not None:
+        return code
     if shutil.which("iperf3") is None:
         print("FAILED: iperf3 is not installed (scripts/bench installs it)", file=sys.stderr)
         return 1

@@ -64,7 +64,7 @@ from typing import Any, TypeVar
 import benchlib
 
 from sdnsup import keepalive
-from sdnsup.lab import Lab, WaitTimeout, unavailable_reason
+from sdnsup.lab import Lab, WaitTimeout
 from sdnsup.lab import wait_for as lab_wait_for
 from sdnsup.lab.commands import LabError
 from sdnsup.lab.services import lab_script
@@ -341,15 +341,6 @@ def repeat(runs: int, once: Callable[[], T], errors: list[str]) -> list[T]:
         except (BenchError, *LAB_ERRORS) as exc:
             errors.append(f"attempt {attempt}: {exc}")
     return done
-
-
-def no_lab_exit() -> int | None:
-    """77 (with the reason on stderr) when no lab can be built here, else None."""
-    reason = unavailable_reason()
-    if reason is None:
-        return None
-    print(f"cannot build a lab here: {reason}", file=sys.stderr)
-    return 77
 
 
 def ms(seconds: float | None, digits: int = 1) -> str:
@@ -845,7 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--stress must be between 0 and 16")
     if not 0 <= args.idle <= 60:
         parser.error("--idle must be between 0 and 60 seconds")
-    if (code := no_lab_exit()) is not None:
+    if (code := benchlib.no_lab_exit()) is not None:
         return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     names = args.setting or ["default", "aggressive"]

@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from bench_datapath import wait_idle, write_cidr_file
-from benchlib import Stat, print_table, stat, write_json
+from benchlib import Stat, no_lab_exit, print_table, stat, write_json
 
 from sdnsup import keepalive, supervisor
 from sdnsup.daemon import VERIFY_INTERVAL
-from sdnsup.lab import Lab, LabError, WaitTimeout, unavailable_reason, wait_for
+from sdnsup.lab import Lab, LabError, WaitTimeout, wait_for
 
 DELAYS = {1: 0.005, 2: 0.040, 3: 0.080}  # AP index -> probe answer delay (as bench failover)
 CIDRS = ("10.10.10.0/24", "fd10:10:10::/64")  # B's subnets, both families
@@ -314,10 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 2 <= args.seconds <= 3600:
         parser.error("--seconds must be between 2 and 3600")
-    reason = unavailable_reason()
-    if reason is not None:
-        print(f"cannot build a lab here: {reason}", file=sys.stderr)
-        return 77
+    if (code := no_lab_exit()) is not None:
+        return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     errors: list[str] = []
     phases: list[Footprint] = []

@@ -50,7 +50,6 @@ from bench_failover import (
     maybe_stat,
     monitor_events,
     nft_table,
-    no_lab_exit,
     python,
     repeat,
     sdnsup_objects,
@@ -410,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--runs", type=benchlib.positive_int, default=10, help="repeated runs (default 10)"
     )
     args = parser.parse_args(argv)
-    if (code := no_lab_exit()) is not None:
+    if (code := benchlib.no_lab_exit()) is not None:
         return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     print(

@@ -55,9 +55,9 @@ from typing import Any
 
 from bench_datapath import wait_idle
 from bench_footprint import ProcSample, fd_kinds, is_sdnsup, sample
-from benchlib import print_table, stat, write_json
+from benchlib import no_lab_exit, print_table, stat, write_json
 
-from sdnsup.lab import Lab, LabError, WaitTimeout, unavailable_reason, wait_for
+from sdnsup.lab import Lab, LabError, WaitTimeout, wait_for
 from sdnsup.lab.commands import run
 from sdnsup.lab.traffic import A_TO_B, B_TO_A, Attempt, ConnectionStream
 from sdnsup.routes import RTPROT_SDNSUP
@@ -625,10 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ap_flaps < 0 or args.link_flaps < 0 or args.ap_flaps + args.link_flaps == 0:
         parser.error("--ap-flaps and --link-flaps must be >= 0, and not both 0")
-    reason = unavailable_reason()
-    if reason is not None:
-        print(f"cannot build a lab here: {reason}", file=sys.stderr)
-        return 77
+    if (code := no_lab_exit()) is not None:
+        return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     started = time.monotonic()
     res = Soak(asked=(args.ap_flaps, args.link_flaps))

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -52,6 +53,17 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
+
+
+def no_lab_exit() -> int | None:
+    """77 (with the reason on stderr) when no lab can be built here, else None."""
+    from sdnsup.lab import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is None:
+        return None
+    print(f"cannot build a lab here: {reason}", file=sys.stderr)
+    return 77
 
 
 def stat(values: Iterable[float]) -> Stat:
