@@ -41,6 +41,7 @@ from sdnsup.discovery import (
     parse_answer,
 )
 from sdnsup.errors import BadAnswerError, DiscoveryError
+from tests.test_discovery import CC, run  # the MockClock runner the client tests use
 
 IPv4Address = ipaddress.IPv4Address
 IPv6Address = ipaddress.IPv6Address
@@ -356,19 +357,6 @@ def test_at_most_max_aps_are_accepted(n: int) -> None:
 
 
 # --- through the CC client ---------------------------------------------------------------------
-
-CC = "https://cc.example:8443"
-TEST_DEADLINE = 100_000.0  # virtual seconds
-
-
-def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-    """Run ``fn`` on a MockClock that jumps ahead whenever every task sleeps."""
-
-    async def main() -> Any:
-        with trio.fail_after(TEST_DEADLINE):
-            return await fn()
-
-    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 class Pieces(httpx.AsyncByteStream):
