@@ -39,7 +39,16 @@ from sdnsup.routes import (
     RoutesBackend,
     Rule,
 )
-from sdnsup.state import NHID_V4, NHID_V6, DesiredState, Settings
+from sdnsup.state import (
+    NHID_V4,
+    NHID_V6,
+    PRIORITY_SPAN,
+    DesiredState,
+    Settings,
+    Slot,
+    slot_nhid,
+    slot_of_nhid,
+)
 from sdnsup.sysctl import (
     NEXTHOP_COMPAT_MODE,
     SysctlBackend,
@@ -87,16 +96,28 @@ class KernelState:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What to write, in execution order. Empty plan = nothing to do."""
+    """What to write, in execution order. Empty plan = nothing to do.
 
-    replace_nexthops: tuple[Nexthop, ...] = ()
+    The order keeps every live connection on its AP through a change: new objects first
+    (nexthops, routes, table, pins, rules that send a slot's packets to the slot's own
+    table), then the nexthops that change in place (the active AP's: the switch itself),
+    then rules that lead to a table whose nexthop just changed, and deletions last. So a
+    connection pinned to the AP that stops being active is already routed by its slot's
+    rules when the switch happens, and one pinned to the AP that becomes active again
+    leaves its slot's rules only after the CIDR routes lead to that AP.
+    """
+
+    create_nexthops: tuple[Nexthop, ...] = ()
     add_routes: tuple[Route, ...] = ()
     replace_table: NftTable | None = None
+    replace_pins: NftTable | None = None
     # {set_name: (add, delete)}
     set_changes: dict[str, tuple[frozenset[Element], frozenset[Element]]] = field(
         default_factory=dict
     )
     add_rules: tuple[Rule, ...] = ()
+    replace_nexthops: tuple[Nexthop, ...] = ()
+    add_rules_late: tuple[Rule, ...] = ()
     delete_rules: tuple[Rule, ...] = ()
     delete_table: str | None = None
     delete_routes: tuple[Route, ...] = ()
@@ -105,11 +126,14 @@ class Plan:
     def __bool__(self) -> bool:
         return any(
             (
-                self.replace_nexthops,
+                self.create_nexthops,
                 self.add_routes,
                 self.replace_table,
+                self.replace_pins,
                 self.set_changes,
                 self.add_rules,
+                self.replace_nexthops,
+                self.add_rules_late,
                 self.delete_rules,
                 self.delete_table,
                 self.delete_routes,
@@ -126,6 +150,8 @@ class ApplyResult:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     ap_links: dict[int, Link] = field(default_factory=dict)
+    # (IP version, slot number) -> the link of that slot's AP
+    slot_links: dict[tuple[int, int], Link] = field(default_factory=dict)
 
     @property
     def total_writes(self) -> int:
@@ -165,6 +191,23 @@ def render(
     routes: dict[RouteGroup, frozenset[IPNetwork]] = {}
     rules: set[Rule] = set()
     valid_mark: set[str] = set()
+    links: dict[IPAddress, Link | None] = {}
+
+    def on_link(ap: IPAddress, what: str) -> Link | None:
+        if ap not in links:
+            link = resolve(ap)
+            if link is None:
+                result.problems.append(f"{what} {ap} is unreachable: no route to it")
+            elif link.gateway is not None:
+                result.problems.append(
+                    f"{what} {ap} is not on a directly connected network (the main table "
+                    f"reaches it via {link.gateway} on {link.ifname}); sdnsup uses the AP as "
+                    "next hop"
+                )
+                link = None
+            links[ap] = link
+        return links[ap]
+
     for version, cidrs, ap, nhid in (
         (4, desired.cidrs4, desired.ap4, NHID_V4),
         (6, desired.cidrs6, desired.ap6, NHID_V6),
@@ -172,15 +215,7 @@ def render(
         if not cidrs:
             continue
         family = _family(version)
-        link = resolve(ap) if ap is not None else None
-        if ap is not None and link is None:
-            result.problems.append(f"AP {ap} is unreachable: no route to it")
-        elif link is not None and link.gateway is not None:
-            result.problems.append(
-                f"AP {ap} is not on a directly connected network (the main table reaches it "
-                f"via {link.gateway} on {link.ifname}); sdnsup uses the AP as next hop"
-            )
-            link = None
+        link = on_link(ap, "AP") if ap is not None else None
         if ap is not None and link is not None:
             nexthops.add(Nexthop(nhid, family, ap, link.ifindex))
             result.ap_links[version] = link
@@ -192,11 +227,13 @@ def render(
             nexthops.add(Nexthop(nhid, family, None, 0))
         routes[(s.table, nhid)] = frozenset(cidrs)
         if link is not None or desired.no_ap == "blackhole":
-            rules.add(Rule(family, s.priority, s.mark, s.mask, s.table))
-    # The active AP is always exempt, even if the CIDRs cover it: its own traffic (probes,
-    # and the forwarded packets' next hop) must never be steered into itself.
-    exempt4: frozenset[Element] = desired.exempt4 | _host_nets(desired.ap4)
-    exempt6: frozenset[Element] = desired.exempt6 | _host_nets(desired.ap6)
+            rules.add(Rule(family, s.priority, s.mark, s.mark, s.table))
+    pins = _render_slots(desired, on_link, strict_rpf, nexthops, routes, rules, valid_mark, result)
+    # The APs are always exempt, even if the CIDRs cover them: their own traffic (probes,
+    # and the forwarded packets' next hop) must never be steered into themselves.
+    slot_addrs = [a for slot in desired.slots for a in (slot.addr4, slot.addr6)]
+    exempt4: frozenset[Element] = desired.exempt4 | _host_nets(desired.ap4, *slot_addrs, v=4)
+    exempt6: frozenset[Element] = desired.exempt6 | _host_nets(desired.ap6, *slot_addrs, v=6)
     table = render_table(
         s,
         {
@@ -205,6 +242,7 @@ def render(
             "exempt4": exempt4,
             "exempt6": exempt6,
         },
+        pins,
     )
     state = KernelState(
         nexthops=frozenset(nexthops),
@@ -216,8 +254,60 @@ def render(
     return state, result
 
 
-def _host_nets(addr: IPAddress | None) -> frozenset[Element]:
-    return frozenset() if addr is None else frozenset({ipaddress.ip_network(addr)})
+_DEFAULT_ROUTE: dict[int, frozenset[IPNetwork]] = {
+    4: frozenset({ipaddress.IPv4Network("0.0.0.0/0")}),
+    6: frozenset({ipaddress.IPv6Network("::/0")}),
+}
+RT_TABLE_MAIN = 254
+
+
+def _render_slots(
+    desired: DesiredState,
+    on_link: Callable[[IPAddress, str], Link | None],
+    strict_rpf: Callable[[str], bool],
+    nexthops: set[Nexthop],
+    routes: dict[RouteGroup, frozenset[IPNetwork]],
+    rules: set[Rule],
+    valid_mark: set[str],
+    result: ApplyResult,
+) -> list[tuple[IPAddress, int]]:
+    """Add each AP slot's objects; return the pins (address, slot) for nftables.
+
+    Per slot and family: a nexthop naming the AP (its id records the slot, which is how a
+    restarted sdnsup finds which AP each slot stands for) and ``default`` through it in the
+    slot's table. A draining slot also gets two rules: its marked packets that arrive *from*
+    its AP's interface (replies, to this host or to a container) take the normal route, as
+    they would without sdnsup; the others (its connections' own packets, and the reverse-path
+    check of its replies, which the kernel looks up as coming from ``lo``) take the slot's
+    table. A default route is enough there: only connections to the CIDRs carry the mark.
+    """
+    s = desired.settings
+    pins: list[tuple[IPAddress, int]] = []
+    for slot in desired.slots:
+        for version, addr in ((4, slot.addr4), (6, slot.addr6)):
+            if addr is None or not (desired.cidrs4 if version == 4 else desired.cidrs6):
+                continue
+            link = on_link(addr, f"AP of slot {slot.number}")
+            if link is None:
+                continue  # its connections follow the active AP (the CIDR routes' rule)
+            family = _family(version)
+            nhid = slot_nhid(version, slot.number)
+            nexthops.add(Nexthop(nhid, family, addr, link.ifindex))
+            routes[(s.slot_table(slot.number), nhid)] = _DEFAULT_ROUTE[version]
+            pins.append((addr, slot.number))
+            result.slot_links[(version, slot.number)] = link
+            if slot.draining:
+                mark = s.slot_mark(slot.number)
+                rules.add(Rule(family, s.priority - PRIORITY_SPAN, mark, s.mask, RT_TABLE_MAIN,
+                               link.ifname))  # fmt: skip
+                rules.add(Rule(family, s.priority - 1, mark, s.mask, s.slot_table(slot.number)))
+                if version == 4 and strict_rpf(link.ifname):
+                    valid_mark.add(link.ifname)
+    return pins
+
+
+def _host_nets(*addrs: IPAddress | None, v: int) -> frozenset[Element]:
+    return frozenset(ipaddress.ip_network(a) for a in addrs if a is not None and a.version == v)
 
 
 class _Deltas:
@@ -247,10 +337,14 @@ def diff(actual: KernelState, target: KernelState) -> Plan:
     deltas = _Deltas()
     by_id = {nh.id: nh for nh in actual.nexthops}
     target_ids = {nh.id for nh in target.nexthops}
-    replace_nh = tuple(
-        sorted((nh for nh in target.nexthops if by_id.get(nh.id) != nh), key=lambda n: n.id)
-    )
+    changed = sorted((nh for nh in target.nexthops if by_id.get(nh.id) != nh), key=lambda n: n.id)
+    create_nh = tuple(nh for nh in changed if nh.id not in by_id)
+    replace_nh = tuple(nh for nh in changed if nh.id in by_id)
     delete_nh = tuple(sorted(i for i in by_id if i not in target_ids))
+    # Tables whose routes lead to a nexthop that changes in place: a rule starts sending
+    # traffic there only once the nexthop is in its final state (see Plan).
+    replaced = {nh.id for nh in replace_nh}
+    late_tables = {table for (table, nhid) in target.routes if nhid in replaced}
 
     add_routes: list[Route] = []
     readded: dict[int, set[IPNetwork]] = {}
@@ -269,7 +363,7 @@ def diff(actual: KernelState, target: KernelState) -> Plan:
         again = readded.get(table, set())
         delete_routes.extend(Route(dst, table, nhid) for dst in gone if dst not in again)
 
-    replace_table = None
+    replace_table = replace_pins = None
     set_changes: dict[str, tuple[frozenset[Element], frozenset[Element]]] = {}
     delete_table = None
     if target.table is None:
@@ -278,17 +372,23 @@ def diff(actual: KernelState, target: KernelState) -> Plan:
     elif actual.table is None or actual.table.ruleset != target.table.ruleset:
         replace_table = target.table
     else:
+        if actual.table.pins != target.table.pins:
+            replace_pins = target.table
         for name in sorted(set(actual.table.elements) | set(target.table.elements)):
             add, delete = deltas(actual.table.set(name), target.table.set(name))
             if add or delete:
                 set_changes[name] = (add, delete)
 
+    new_rules = sorted(target.rules - actual.rules)
     return Plan(
-        replace_nexthops=replace_nh,
+        create_nexthops=create_nh,
         add_routes=tuple(add_routes),
         replace_table=replace_table,
+        replace_pins=replace_pins,
         set_changes=set_changes,
-        add_rules=tuple(sorted(target.rules - actual.rules)),
+        add_rules=tuple(r for r in new_rules if r.table not in late_tables),
+        replace_nexthops=replace_nh,
+        add_rules_late=tuple(r for r in new_rules if r.table in late_tables),
         delete_rules=tuple(sorted(actual.rules - target.rules)),
         delete_table=delete_table,
         delete_routes=tuple(delete_routes),
@@ -350,6 +450,36 @@ class Applier:
     def resync(self) -> None:
         """Forget what was applied: the next :meth:`apply` reads the kernel first."""
         self._applied = None
+
+    def recover_slots(self, settings: Settings) -> tuple[Slot, ...]:
+        """The AP slots an earlier sdnsup left in the kernel (after ``kill -9``, a restart).
+
+        Each slot's nexthop names its AP: connections pinned to it keep their AP if the new
+        process keeps the slot. A slot with policy rules was draining. The active AP's
+        nexthop is not a slot (its AP also has one).
+        """
+        found: dict[int, dict[int, IPAddress]] = {}
+        for nh in self._routes.nexthops(self._proto):
+            key = slot_of_nhid(nh.id)
+            if key is None or key[1] == 0 or nh.gateway is None:
+                continue
+            version, number = key
+            if 1 <= number <= settings.slots and nh.gateway.version == version:
+                found.setdefault(number, {})[version] = nh.gateway
+        draining = {
+            r.table - settings.table
+            for r in self._routes.rules(self._proto)
+            if r.priority == settings.priority - 1
+        }
+        return tuple(
+            Slot(
+                number,
+                addrs.get(4),  # type: ignore[arg-type]
+                addrs.get(6),  # type: ignore[arg-type]
+                draining=number in draining,
+            )
+            for number, addrs in sorted(found.items())
+        )
 
     def apply(self, desired: DesiredState) -> ApplyResult:
         """Make the kernel hold exactly what ``desired`` implies.
@@ -459,10 +589,21 @@ class Applier:
             return True
 
         proto = self._proto
-        for nh in plan.replace_nexthops:
-            if not failed("replace nexthop", self._routes.replace_nexthop(nh, proto)):
-                nexthops[nh.id] = nh
-                result.writes["nexthop"] += 1
+
+        def write_nexthops(what: str, items: Sequence[Nexthop]) -> None:
+            for nh in items:
+                if not failed(what, self._routes.replace_nexthop(nh, proto)):
+                    nexthops[nh.id] = nh
+                    result.writes["nexthop"] += 1
+
+        def add_rules(items: Sequence[Rule]) -> None:
+            if items:
+                bad = failed("add rule", self._routes.add_rules(items, proto))
+                done_rules = [r for r in items if r not in bad]
+                rules.update(done_rules)
+                result.writes["rule"] += len(done_rules)
+
+        write_nexthops("create nexthop", plan.create_nexthops)
         if plan.add_routes:
             bad = failed("add route", self._routes.add_routes(plan.add_routes, proto))
             added = [r for r in plan.add_routes if r not in bad]
@@ -473,6 +614,11 @@ class Applier:
                 table = new_table
                 result.writes["nft table"] += 1
                 result.writes["nft element"] += sum(len(v) for v in new_table.elements.values())
+        if plan.replace_pins is not None and table is not None:
+            new_pins = replace(table, pins=plan.replace_pins.pins)
+            if guarded("nftables", lambda: self._nft.replace_pins(new_pins)):
+                table = new_pins
+                result.writes["nft pins"] += 1
         elements_changed = False
         if plan.set_changes and table is not None:
             changes, current = plan.set_changes, table
@@ -480,11 +626,9 @@ class Applier:
                 elements_changed = True
                 for add, delete in changes.values():
                     result.writes["nft element"] += len(add) + len(delete)
-        if plan.add_rules:
-            bad = failed("add rule", self._routes.add_rules(plan.add_rules, proto))
-            done_rules = [r for r in plan.add_rules if r not in bad]
-            rules |= set(done_rules)
-            result.writes["rule"] += len(done_rules)
+        add_rules(plan.add_rules)
+        write_nexthops("replace nexthop", plan.replace_nexthops)
+        add_rules(plan.add_rules_late)
         if plan.delete_rules:
             bad = failed("delete rule", self._routes.delete_rules(plan.delete_rules, proto=proto))
             done_rules = [r for r in plan.delete_rules if r not in bad]

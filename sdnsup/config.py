@@ -569,6 +569,29 @@ OPTIONS: tuple[Option, ...] = (
         "switch needs an AP >10 ms and >33%% faster, so RTT jitter never flaps)",
     ),
     Option(
+        "drain-interval",
+        FLOAT,
+        default=keepalive.DRAIN_INTERVAL,
+        check=_keepalive_seconds(keepalive.MIN_INTERVAL),
+        metavar="S",
+        group=_G_KEEP,
+        help=f"seconds between keepalive probes of an AP that still carries pinned connections "
+        f"but takes no new ones (default {keepalive.DRAIN_INTERVAL:g}, each probe with the same deadline "
+        "and misses as the active AP's: a dead draining AP is found 2-3 s after it fails, far "
+        "sooner than the minutes its connections' retransmissions would take, at a fifth of "
+        "the active AP's probe rate)",
+    ),
+    Option(
+        "abort-sockets",
+        BOOLEAN,
+        default=True,
+        group=_G_KEEP,
+        help="when an AP with pinned connections dies, abort this host's sockets of those "
+        "connections (what ss -K does), so that an application blocked on an idle connection "
+        "gets ECONNABORTED at once instead of after minutes of retransmissions (default on; "
+        "connections forwarded for containers move to the new AP, whose far side resets them)",
+    ),
+    Option(
         "no-ap",
         STRING,
         default="fallback",
@@ -585,9 +608,11 @@ OPTIONS: tuple[Option, ...] = (
         check=_u32,
         metavar="N",
         group=_G_KERNEL,
-        help=f"conntrack and packet mark bits to set (default {DEFAULT_MARK:#x}: bit 12, unused by "
-        "kube-proxy 0x4000/0x8000, Cilium 0x0f00, Istio 0x539, wg-quick 0xca6c, Tailscale "
-        "0xff0000 and Calico 0xffff0000)",
+        help=f"conntrack and packet mark bit(s) every steered connection carries (default "
+        f"{DEFAULT_MARK:#x}: bit 13, used by none of kube-proxy 0x4000, Calico 0xffff0000, "
+        "Tailscale 0xff0000, Cilium 0x0f00 + identities 0xffff0000, wg-quick 0xca6c or Istio "
+        "0x539/0x53a in their default modes; only Cilium's IPsec key bits and a kube-router "
+        "DSR hash can reach it)",
     ),
     Option(
         "mask",
@@ -596,8 +621,11 @@ OPTIONS: tuple[Option, ...] = (
         check=_u32,
         metavar="N",
         group=_G_KERNEL,
-        help=f"mark bits sdnsup owns; it never changes any other bit (default {DEFAULT_MASK:#x}, "
-        "the mark's own bit, so other tools' marks stay untouched)",
+        help=f"mark bits sdnsup owns; it never changes any other bit. The bits beside --mark hold "
+        "the AP slot a connection is pinned to: N bits give 2^N-1 slots (at most 15), at least "
+        f"2 bits (default {DEFAULT_MASK:#x}: bits 1, 7 and 12 beside the mark, 7 slots; bits "
+        "7 and 12 are free of all the tools above in their default modes, bit 1 is only "
+        "Istio's inside pod namespaces)",
     ),
     Option(
         "table",
@@ -768,6 +796,8 @@ class RunOptions:
     keepalive_timeout: float
     keepalive_misses: int
     reprobe_interval: float
+    drain_interval: float
+    abort_sockets: bool
     no_ap: NoApPolicy
     mark: int
     mask: int

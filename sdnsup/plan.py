@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sdnsup.applier import KernelState, NexthopCompat, render
-from sdnsup.nft import NftTable, element_json, table_commands
+from sdnsup.nft import PINS_CHAIN, NftTable, element_json, table_commands
 from sdnsup.routes import RTPROT_SDNSUP, IPAddress, Link
-from sdnsup.state import DesiredState
+from sdnsup.state import DesiredState, slot_of_nhid
 from sdnsup.sysctl import NEXTHOP_COMPAT_MODE
 
 
@@ -56,6 +56,11 @@ def _statement(s: dict[str, Any]) -> str:
         return f"{_expr(body['key'])} set {_expr(body['value'])}"
     if kind in ("return", "masquerade", "accept", "drop"):
         return kind
+    if kind in ("jump", "goto"):
+        return f"{kind} {body['target']}"
+    if kind == "vmap":
+        pairs = ", ".join(f"{_value(k)} : {_statement(v)}" for k, v in body["data"]["set"])
+        return f"{_expr(body['key'])} vmap {{ {pairs} }}"
     raise ValueError(f"no nft syntax known for statement {s!r}")
 
 
@@ -84,17 +89,19 @@ def nft_text(table: NftTable) -> str:
                 body += " elements = { " + ", ".join(_element(e) for e in elems) + " }"
             lines.append(f"\tset {s['name']} {{ {body} }}")
     rules: dict[str, list[str]] = {}
-    for obj in objects:
-        if "rule" in obj:
-            r = obj["rule"]
-            rules.setdefault(r["chain"], []).append(" ".join(_statement(x) for x in r["expr"]))
+    exprs = [(o["rule"]["chain"], o["rule"]["expr"]) for o in objects if "rule" in o]
+    exprs += [(PINS_CHAIN, expr) for expr in json.loads(table.pins)]
+    for chain, expr in exprs:
+        rules.setdefault(chain, []).append(" ".join(_statement(x) for x in expr))
     for obj in objects:
         if "chain" in obj:
             c = obj["chain"]
             lines.append(f"\tchain {c['name']} {{")
-            lines.append(
-                f"\t\ttype {c['type']} hook {c['hook']} priority {c['prio']}; policy {c['policy']};"
-            )
+            if "hook" in c:
+                lines.append(
+                    f"\t\ttype {c['type']} hook {c['hook']} priority {c['prio']}; "
+                    f"policy {c['policy']};"
+                )
             lines.extend(f"\t\t{rule}" for rule in rules.get(c["name"], []))
             lines.append("\t}")
     lines.append("}")
@@ -102,16 +109,23 @@ def nft_text(table: NftTable) -> str:
 
 
 def ip_commands(
-    state: KernelState, links: dict[int, Link], nexthop_compat: NexthopCompat = "auto"
+    state: KernelState,
+    links: dict[int, Link],
+    nexthop_compat: NexthopCompat = "auto",
+    slot_links: dict[tuple[int, int], Link] | None = None,
 ) -> list[str]:
-    """The ``ip`` commands equivalent to the netlink messages run sends for ``state``."""
+    """The ``ip`` commands equivalent to the netlink messages run sends for ``state``.
+
+    ``links``: IP version -> the active AP's link; ``slot_links``: (version, slot) -> link.
+    """
     out = []
     for nh in sorted(state.nexthops, key=lambda n: n.id):
         fam = "-4" if nh.family == socket.AF_INET else "-6"
         if nh.gateway is None:
             where = "blackhole"
         else:
-            link = links.get(4 if nh.family == socket.AF_INET else 6)
+            version, slot = slot_of_nhid(nh.id) or (4 if nh.family == socket.AF_INET else 6, 0)
+            link = (slot_links or {}).get((version, slot)) if slot else links.get(version)
             where = f"via {nh.gateway} dev {link.ifname if link else '<interface to the AP>'}"
         out.append(f"ip {fam} nexthop replace id {nh.id} {where} proto {RTPROT_SDNSUP}")
     for (table, nhid), dsts in sorted(state.routes.items()):
@@ -119,9 +133,10 @@ def ip_commands(
             out.append(f"ip route replace {dst} nhid {nhid} table {table} proto {RTPROT_SDNSUP}")
     for rule in sorted(state.rules):
         fam = "-4" if rule.family == socket.AF_INET else "-6"
+        iif = f" iif {rule.iifname}" if rule.iifname else ""
         out.append(
-            f"ip {fam} rule add fwmark {rule.fwmark:#x}/{rule.fwmask:#x} lookup {rule.table} "
-            f"priority {rule.priority} proto {RTPROT_SDNSUP}"
+            f"ip {fam} rule add fwmark {rule.fwmark:#x}/{rule.fwmask:#x}{iif} lookup "
+            f"{rule.table} priority {rule.priority} proto {RTPROT_SDNSUP}"
         )
     for ifname in sorted(state.valid_mark):
         out.append(f"sysctl -w net.ipv4.conf.{ifname}.src_valid_mark=1")
@@ -159,5 +174,5 @@ def plan(
         parts.append(nft_text(state.table).rstrip())
     parts.append("")
     parts.append("# routing: what run does through netlink, as ip commands")
-    parts.extend(ip_commands(state, result.ap_links, nexthop_compat))
+    parts.extend(ip_commands(state, result.ap_links, nexthop_compat, result.slot_links))
     return "\n".join(parts) + "\n"

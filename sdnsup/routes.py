@@ -1,7 +1,9 @@
 """Routes, nexthops and policy rules: the values sdnsup keeps in the kernel and the seam to it.
 
 sdnsup owns, per address family: one kernel nexthop object naming the active AP, one route per
-user CIDR in its table pointing at that nexthop (``nhid``), and one ``fwmark`` policy rule.
+user CIDR in its table pointing at that nexthop (``nhid``), and one ``fwmark`` policy rule;
+and per AP slot in use (see :class:`sdnsup.state.Slot`) a nexthop naming the slot's AP, a
+default route through it in the slot's table, and, while the slot drains, two policy rules.
 Everything it writes carries sdnsup's own protocol number (:data:`RTPROT_SDNSUP`) so that a
 restarted process finds leftovers of an earlier run, and never touches anything else.
 
@@ -56,13 +58,18 @@ class Route:
 
 @dataclass(frozen=True, slots=True, order=True)
 class Rule:
-    """``fwmark MARK/MASK lookup TABLE priority PRIORITY`` for one family."""
+    """``fwmark MARK/MASK [iif IIFNAME] lookup TABLE priority PRIORITY`` for one family.
+
+    ``iifname`` empty matches any input interface. Locally sent packets and the kernel's
+    reverse-path checks are looked up as coming from ``lo``.
+    """
 
     family: int
     priority: int
     fwmark: int
     fwmask: int
     table: int
+    iifname: str = ""
 
 
 @dataclass(frozen=True, slots=True)

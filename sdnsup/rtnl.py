@@ -96,6 +96,7 @@ NHA_GATEWAY = 6
 NHA_FDB = 11
 
 # --- include/uapi/linux/fib_rules.h -------------------------------------------------------
+FRA_IIFNAME = 3
 FRA_PRIORITY = 6
 FRA_FWMARK = 10
 FRA_TABLE = 15
@@ -491,7 +492,7 @@ def _nexthop_message(kind: int, flags: int, seq: int, nexthop: Nexthop, proto: i
 
 
 def _rule_message(kind: int, flags: int, seq: int, rule: Rule, proto: int | None) -> bytes:
-    """A complete RTM_NEWRULE/RTM_DELRULE: ``fwmark MARK/MASK lookup TABLE pref PRIORITY``.
+    """A complete RTM_NEWRULE/RTM_DELRULE: ``fwmark MARK/MASK [iif IF] lookup TABLE pref P``.
 
     ``proto`` None leaves FRA_PROTOCOL out (a delete then matches any protocol).
     """
@@ -503,6 +504,8 @@ def _rule_message(kind: int, flags: int, seq: int, rule: Rule, proto: int | None
     body += _attr_u32(FRA_FWMARK, rule.fwmark)
     body += _attr_u32(FRA_FWMASK, rule.fwmask)
     body += _attr_u32(FRA_TABLE, table)
+    if rule.iifname:
+        body += _attr(FRA_IIFNAME, rule.iifname.encode() + b"\0")
     if proto is not None:
         body += _attr(FRA_PROTOCOL, bytes([proto]))
     return _message(kind, flags, seq, body)
@@ -687,6 +690,7 @@ class RtnlRoutes:
                 _u32(a.get(FRA_FWMARK)),
                 _u32(a.get(FRA_FWMASK)),
                 _u32(a.get(FRA_TABLE), table),
+                a.get(FRA_IIFNAME, b"").split(b"\0", 1)[0].decode(errors="replace"),
             )
 
         out: set[Rule] = set()

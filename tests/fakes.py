@@ -106,7 +106,8 @@ class FakeRoutes:
         ]
         lines += [
             f"rule fam{r.family} prio {r.priority} fwmark {r.fwmark:#x}/{r.fwmask:#x} "
-            f"lookup {r.table} proto {p}"
+            + (f"iif {r.iifname} " if r.iifname else "")
+            + f"lookup {r.table} proto {p}"
             for r, p in sorted(self.ru.items())
         ]
         return "\n".join(lines)
@@ -124,7 +125,7 @@ class FakeNft:
         table = self.tables.get(name)
         if table is None or elements:
             return table
-        return NftTable(table.name, table.ruleset, {}, table.shards)
+        return NftTable(table.name, table.ruleset, {}, table.shards, table.pins)
 
     def replace(self, table: NftTable) -> None:
         self.tables[table.name] = table
@@ -143,8 +144,13 @@ class FakeNft:
             elements[set_name] = (elements.get(set_name, frozenset()) - delete) | add
             self.element_writes += len(add) + len(delete)
         self.tables[name] = NftTable(
-            t.name, t.ruleset, {k: v for k, v in elements.items() if v}, t.shards
+            t.name, t.ruleset, {k: v for k, v in elements.items() if v}, t.shards, t.pins
         )
+        self.transactions += 1
+
+    def replace_pins(self, table: NftTable) -> None:
+        t = self.tables[table.name]
+        self.tables[table.name] = NftTable(t.name, t.ruleset, t.elements, t.shards, table.pins)
         self.transactions += 1
 
     def delete(self, name: str) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from sdnsup.applier import Applier, KernelState, diff, render
 from sdnsup.errors import KernelError
 from sdnsup.routes import RTPROT_SDNSUP, Nexthop, Route, Rule
-from sdnsup.state import EMPTY, NHID_V4, NHID_V6, DesiredState, Settings
+from sdnsup.state import EMPTY, NHID_V4, NHID_V6, DesiredState, Settings, Slot, slot_nhid
 from tests.fakes import FakeNft, FakeRoutes, FakeSysctl, link
 
 N = ipaddress.ip_network
@@ -50,7 +50,7 @@ def test_apply_builds_rule_routes_nexthop_and_table():
         f"nexthop {NHID_V4:#x} 10.77.0.11 if2 proto {RTPROT_SDNSUP}",
         f"route 10.10.10.0/24 table 7300 nhid {NHID_V4:#x} proto {RTPROT_SDNSUP}",
         f"route 10.10.20.0/24 table 7300 nhid {NHID_V4:#x} proto {RTPROT_SDNSUP}",
-        f"rule fam2 prio 7300 fwmark 0x1000/0x1000 lookup 7300 proto {RTPROT_SDNSUP}",
+        f"rule fam2 prio 7300 fwmark 0x2000/0x2000 lookup 7300 proto {RTPROT_SDNSUP}",
     ]
     table = nft.tables["sdnsup"]
     assert table.set("dst4") == {N("10.10.10.0/24"), N("10.10.20.0/24")}
@@ -140,7 +140,7 @@ def test_leftovers_of_a_killed_run_are_adopted_without_duplicates():
         Route(N("10.10.10.0/24"), 7400, NHID_V4),
         Route(N("10.10.30.0/24"), 7400, NHID_V4),
     }
-    assert routes.rules(RTPROT_SDNSUP) == {Rule(socket.AF_INET, 7300, 0x1000, 0x1000, 7400)}
+    assert routes.rules(RTPROT_SDNSUP) == {Rule(socket.AF_INET, 7300, 0x2000, 0x2000, 7400)}
     assert other.apply(wanted).total_writes == 0
 
 
@@ -174,7 +174,7 @@ def test_unreachable_or_routed_ap_is_reported_and_treated_as_no_ap():
 def test_v6_without_ap6_follows_no_ap_policy_v4_unaffected():
     applier, routes, _, _ = make()
     applier.apply(state("10.10.10.0/24,fd10::/64"))
-    assert routes.rules(RTPROT_SDNSUP) == {Rule(socket.AF_INET, 7300, 0x1000, 0x1000, 7300)}
+    assert routes.rules(RTPROT_SDNSUP) == {Rule(socket.AF_INET, 7300, 0x2000, 0x2000, 7300)}
     assert Nexthop(NHID_V6, socket.AF_INET6, None, 0) in routes.nexthops(RTPROT_SDNSUP)
 
 
@@ -225,7 +225,12 @@ STATES = [
     state("10.10.10.0/24"),
     state("10.10.10.0/24,fd10:10:10::/64", ap6=AP6),
     state("fd10:10:10::/64", ap4=None, ap6=AP6),
-    state(settings=Settings(mark=0x100, mask=0x300, table=100, priority=100)),
+    state(settings=Settings(mark=0x100, mask=0x700, table=100, priority=100)),
+    state(ap4=AP1, slots=(Slot(1, AP1),)),
+    state(ap4=AP2, slots=(Slot(1, AP1, draining=True), Slot(2, AP2))),
+    state(ap4=AP1, slots=(Slot(1, AP1), Slot(2, AP2, draining=True))),
+    state("10.10.10.0/24,fd10:10:10::/64", ap6=AP6, slots=(Slot(3, AP1, AP6),)),
+    state(ap4=None, slots=(Slot(2, AP2, draining=True),)),
 ]
 
 
@@ -307,3 +312,87 @@ def test_after_a_reread_that_found_nothing_to_do_the_next_apply_compares_by_iden
     assert not applier.apply(desired).total_writes
     assert applier.applied is not None
     assert applier.applied.routes[(7300, NHID_V4)] is desired.cidrs4
+
+
+# --- AP slots: pinned connections keep their AP through a switch ------------------------------
+
+SLOT1, SLOT2 = slot_nhid(4, 1), slot_nhid(4, 2)
+
+
+def test_a_slot_has_its_nexthop_default_route_and_pin_but_no_rule_while_active():
+    applier, routes, nft, _ = make()
+    applier.apply(state(slots=(Slot(1, AP1),)))
+    dump = routes.dump()
+    assert f"nexthop {SLOT1:#x} 10.77.0.11 if2" in dump
+    assert f"route 0.0.0.0/0 table 7301 nhid {SLOT1:#x}" in dump
+    # the only rule is the one of the CIDR routes: the active AP's connections take them
+    assert routes.rules(RTPROT_SDNSUP) == {Rule(socket.AF_INET, 7300, 0x2000, 0x2000, 7300)}
+    assert '"10.77.0.11"' in nft.tables["sdnsup"].pins and "8194" in nft.tables["sdnsup"].pins
+
+
+def test_switch_adds_the_old_slots_rules_before_it_repoints_the_active_nexthop():
+    applier, routes, _, _ = make()
+    applier.apply(state(slots=(Slot(1, AP1),)))
+    routes.calls.clear()
+    result = applier.apply(state(ap4=AP2, slots=(Slot(1, AP1, draining=True), Slot(2, AP2))))
+    # new slot's objects, then the old slot's rules, and only then the switch itself
+    assert routes.calls == [
+        f"replace_nexthop {SLOT2}",
+        "add_routes 1",
+        "add_rules 2",
+        f"replace_nexthop {NHID_V4}",
+    ]
+    assert result.writes == {"nexthop": 2, "route": 1, "rule": 2, "nft pins": 1, "nft element": 1}
+    mark1 = Settings().slot_mark(1)
+    assert routes.rules(RTPROT_SDNSUP) == {
+        Rule(socket.AF_INET, 7298, mark1, 0x3082, 254, "eth0"),
+        Rule(socket.AF_INET, 7299, mark1, 0x3082, 7301),
+        Rule(socket.AF_INET, 7300, 0x2000, 0x2000, 7300),
+    }
+
+
+def test_fail_back_repoints_the_active_nexthop_before_the_slot_leaves_its_rules():
+    applier, routes, _, _ = make()
+    applier.apply(state(ap4=AP2, slots=(Slot(1, AP1, draining=True), Slot(2, AP2))))
+    routes.calls.clear()
+    applier.apply(state(ap4=AP1, slots=(Slot(1, AP1), Slot(2, AP2, draining=True))))
+    assert routes.calls == ["add_rules 2", f"replace_nexthop {NHID_V4}", "delete_rules 2"]
+
+
+def test_rule_to_a_repointed_table_comes_after_the_repoint():
+    # no AP (fallback: no rule), then an AP: the rule must not lead to the blackhole first
+    applier, routes, _, _ = make()
+    applier.apply(state(ap4=None))
+    routes.calls.clear()
+    applier.apply(state(slots=(Slot(1, AP1),)))
+    assert routes.calls.index(f"replace_nexthop {NHID_V4}") < routes.calls.index("add_rules 1")
+
+
+def test_a_freed_slot_leaves_nothing_and_an_unreachable_one_is_reported():
+    applier, routes, nft, _ = make()
+    applier.apply(state(ap4=AP2, slots=(Slot(1, AP1, draining=True), Slot(2, AP2))))
+    applier.apply(state(ap4=AP2, slots=(Slot(2, AP2),)))
+    assert routes.nexthops(RTPROT_SDNSUP) == {
+        Nexthop(NHID_V4, socket.AF_INET, AP2, 2),
+        Nexthop(SLOT2, socket.AF_INET, AP2, 2),
+    }
+    assert len(routes.rules(RTPROT_SDNSUP)) == 1
+    assert '"10.77.0.11"' not in nft.tables["sdnsup"].pins
+    result = applier.apply(state(ap4=AP2, slots=(Slot(1, A("10.99.0.1"), draining=True),)))
+    assert result.problems == ["AP of slot 1 10.99.0.1 is unreachable: no route to it"]
+
+
+def test_slot_aps_are_exempt_from_steering():
+    applier, _, nft, _ = make()
+    applier.apply(state(ap4=AP2, slots=(Slot(1, AP1, draining=True), Slot(2, AP2))))
+    assert nft.tables["sdnsup"].set("exempt4") == {N("10.77.0.11/32"), N("10.77.0.12/32")}
+
+
+def test_recover_slots_reads_what_an_earlier_process_left():
+    applier, routes, nft, _ = make()
+    wanted = state("10.10.10.0/24,fd10::/64", ap4=AP2, ap6=None,
+                   slots=(Slot(1, AP1, AP6, draining=True), Slot(2, AP2)))  # fmt: skip
+    applier.apply(wanted)
+    other = Applier(routes, nft, FakeSysctl())
+    assert other.recover_slots(Settings()) == wanted.slots
+    assert make()[0].recover_slots(Settings()) == ()

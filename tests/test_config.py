@@ -55,7 +55,7 @@ def error(argv=(), env=None) -> str:
 # (key, TOML value, env value, CLI argv, then the expected value from file, env and CLI)
 PRECEDENCE = [
     ("keepalive_interval", "0.5", "0.4", ["--keepalive-interval", "0.3"], 0.5, 0.4, 0.3),
-    ("mask", "0x3000", "0x5000", ["--mask", "0x9000"], 0x3000, 0x5000, 0x9000),
+    ("mask", "0x3082", "0x2086", ["--mask", "0x20f0"], 0x3082, 0x2086, 0x20F0),
     ("table", "0x100", "300", ["--table", "0x12c0"], 256, 300, 4800),
     ("allow_default", "true", "no", ["--allow-default"], True, False, True),
     ("allow_default", "false", "1", ["--no-allow-default"], False, True, False),
@@ -535,7 +535,8 @@ def test_mark_outside_mask_stays_settings_job_and_names_sources(tmp_path):
     )
     # All flags: the message's own --mark/--mask/--table say enough.
     assert error(["-r", "10.0.0.0/8", "--ap", "10.7.0.1", "--table", "254"]) == (
-        "--table 254 is reserved or invalid; use 1-252 or 256-4294967295"
+        "--table 254 is reserved or invalid: sdnsup uses tables 254-261 (one per AP slot); "
+        "use 1-245 or 256-4294967288"
     )
 
 
@@ -591,7 +592,9 @@ def test_help_teaches_defaults_and_reasons():
     for expected in [
         "-r CIDRS, --routes CIDRS",
         "--allow-default, --no-allow-default",
-        "default 0x1000: bit 12, unused by kube-proxy",
+        "default 0x2000: bit 13, used by none of kube-proxy",
+        "default 0x3082: bits 1, 7 and 12 beside the mark, 7 slots",
+        "default on; connections forwarded for containers",
         "default 7300: not Tailscale's 52",
         "before the main table's 32766",
         "default 0.2: with the default timeout and misses a dead AP is detected 0.6-0.8 s",

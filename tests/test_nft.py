@@ -32,18 +32,18 @@ def test_output_chain_is_route_type_so_mark_changes_reroute():
 
 
 def test_marks_are_masked_so_foreign_bits_survive():
-    s = Settings(mark=0x100, mask=0x300)
+    s = Settings(mark=0x100, mask=0x700)
     text = json.dumps(rules_of(s, "prerouting"))
-    # set: x & ~(mask & ~mark) | mark  -> keeps every bit outside 0x200
-    assert '{"&": [{"ct": {"key": "mark"}}, 4294966783]}, 256]' in text
+    # set: x & ~(mask & ~mark) | mark  -> keeps every bit outside 0x600
+    assert '{"&": [{"ct": {"key": "mark"}}, 4294965759]}, 256]' in text
     clear = json.dumps(rules_of(s, "input"))
-    assert '{"&": [{"ct": {"key": "mark"}}, 4294966527]}' in clear  # ~0x300
+    assert '{"&": [{"ct": {"key": "mark"}}, 4294965503]}' in clear  # ~0x700
 
 
 def test_inbound_connections_get_their_mark_cleared():
     (rule,) = rules_of(Settings(), "input")
     assert rule[0]["match"]["right"] == "new"
-    assert rule[-1]["mangle"]["value"] == {"&": [{"ct": {"key": "mark"}}, 0xFFFFEFFF]}
+    assert rule[-1]["mangle"]["value"] == {"&": [{"ct": {"key": "mark"}}, 0xFFFFCF7D]}
 
 
 def test_exempt_comes_before_anything_that_marks():
@@ -56,8 +56,45 @@ def test_exempt_comes_before_anything_that_marks():
 def test_established_unmarked_traffic_leaves_at_the_first_rule():
     # every packet of the host's other connections: two conntrack checks, then gone
     first = rules_of(Settings(), "output")[0]
-    assert [x["match"]["op"] for x in first[:2]] == ["!=", "!="]
+    assert [x["match"]["op"] for x in first[:2]] == ["!=", "=="]
     assert first[0]["match"]["right"] == "new" and first[-1] == {"return": None}
+    assert first[1]["match"] == {
+        "op": "==",
+        "left": {"&": [{"ct": {"key": "mark"}}, 0x2000]},
+        "right": 0,
+    }
+
+
+def test_every_slot_value_restores_its_own_packet_mark():
+    s = Settings()
+    (vmap,) = [r[0]["vmap"] for r in rules_of(s, "output") if "vmap" in r[0]]
+    targets = {value: verdict["goto"]["target"] for value, verdict in vmap["data"]["set"]}
+    assert targets == {s.slot_mark(n): f"mark_{n}" for n in range(s.slots + 1)}
+    assert len(targets) == 8  # the flag alone (not pinned yet) and slots 1-7
+    for n in range(s.slots + 1):
+        ((statement,),) = rules_of(s, f"mark_{n}")
+        assert statement["mangle"]["key"] == {"meta": {"key": "mark"}}
+        assert statement["mangle"]["value"]["|"][1] == s.slot_mark(n)
+
+
+def test_new_connections_are_pinned_after_routing_in_the_original_direction_only():
+    rules = [json.dumps(r) for r in rules_of(Settings(), "pinning")]
+    assert '"right": 8192' in rules[0] and rules[0].endswith('{"return": null}]')  # only unpinned
+    assert '"direction"' in rules[1] and '"reply"' in rules[1]
+    assert rules[2] == '[{"jump": {"target": "pins"}}]'
+    # routed elsewhere than to an AP: the normal route, for life
+    assert '"@exempt4"' in rules[3] and '"!="' in rules[3]
+
+
+def test_pins_name_each_slot_address_and_round_trip_apart_from_the_ruleset():
+    s = Settings()
+    a4, a6 = ipaddress.ip_address("10.77.0.11"), ipaddress.ip_address("fd77::12")
+    t = render_table(s, {"dst4": frozenset({N("10.0.0.0/24")})}, [(a6, 2), (a4, 1)])
+    pins = json.loads(t.pins)
+    assert [p[0]["match"]["right"] for p in pins] == ["10.77.0.11", "fd77::12"]
+    assert pins[1][1]["mangle"]["value"]["|"][1] == s.slot_mark(2)
+    other = render_table(s, {"dst4": frozenset({N("10.0.0.0/24")})}, [(a4, 1)])
+    assert other.ruleset == t.ruleset and other.pins != t.pins
 
 
 def test_table_commands_replace_atomically_and_round_trip():

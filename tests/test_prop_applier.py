@@ -3,7 +3,8 @@
 The applier runs on the fake kernel of :mod:`tests.fakes` through sequences of steps:
 
 * apply a desired state: CIDRs of both families (none at all included), an AP per family that
-  is on-link, routed, unreachable or absent, CC addresses to exempt, either no-AP policy;
+  is on-link, routed, unreachable or absent, AP slots (active or draining, their APs as
+  reachable or not as the active AP's), CC addresses to exempt, either no-AP policy;
 * damage the kernel the way an operator or a flapping link does (delete the table, a set
   element, a route, every route of the table, a nexthop, the rule; put sysctls back; leave a
   stray object tagged as sdnsup's), then heal as the daemon does: re-read, apply again;
@@ -37,7 +38,7 @@ from sdnsup.applier import Applier
 from sdnsup.errors import KernelError, NftError
 from sdnsup.nft import NftTable, render_table
 from sdnsup.routes import RTPROT_SDNSUP, Failure, Link, Nexthop, Route, Rule
-from sdnsup.state import NHID_V4, NHID_V6, DesiredState, NoApPolicy, Settings
+from sdnsup.state import NHID_V4, NHID_V6, DesiredState, NoApPolicy, Settings, Slot, slot_nhid
 from tests.fakes import FakeNft, FakeRoutes, FakeSysctl, link
 
 IPv4Network = ipaddress.IPv4Network
@@ -87,8 +88,8 @@ FOREIGN_TABLE = NftTable("docker", "[]")
 
 SETTINGS = [
     Settings(),
-    Settings(mark=0x100, mask=0x300, table=7400, priority=7400),
-    Settings(mark=0x2000, mask=0x2000, table=51, priority=100),
+    Settings(mark=0x100, mask=0x700, table=7400, priority=7400),
+    Settings(mark=0x2000, mask=0x2006, table=51, priority=100),
 ]
 
 
@@ -170,7 +171,7 @@ class Kernel:
     nexthops: frozenset[Nexthop] = frozenset()
     routes: frozenset[Route] = frozenset()
     rules: frozenset[Rule] = frozenset()
-    table: tuple[str, dict[str, frozenset[Any]]] | None = None  # ruleset, non-empty sets
+    table: tuple[str, dict[str, frozenset[Any]], str] | None = None  # ruleset, sets, pins
     sysctls: dict[str, int] = field(default_factory=lambda: dict(SYSCTLS))
 
 
@@ -197,7 +198,7 @@ def model(desired: DesiredState, foreign_nh: bool) -> Kernel:
         routes |= {Route(c, s.table, nhid) for c in cidrs}
         # No usable AP: "fallback" drops the rule (normal routing), "blackhole" keeps it.
         if usable or desired.no_ap == "blackhole":
-            rules.add(Rule(family, s.priority, s.mark, s.mask, s.table))
+            rules.add(Rule(family, s.priority, s.mark, s.mark, s.table))
         if family == socket.AF_INET and usable:
             assert found is not None
             strict = (
@@ -209,11 +210,36 @@ def model(desired: DesiredState, foreign_nh: bool) -> Kernel:
             )
             if strict:
                 sysctls[VALID_MARK.format(found.ifname)] = 1
+    # Each slot whose AP is usable: its nexthop, a default route in its table, a pin; while
+    # draining, a rule sending its replies the normal way and one sending the rest to its
+    # table. Its AP is exempt whether usable or not.
+    pins, hosts4, hosts6 = [], set(), set()
+    for slot in desired.slots:
+        for addr, hosts, cidrs in ((slot.addr4, hosts4, desired.cidrs4),
+                                   (slot.addr6, hosts6, desired.cidrs6)):  # fmt: skip
+            if addr is None:
+                continue
+            hosts.add(N(addr))
+            found = LINKS.get(str(addr))
+            if not cidrs or found is None or found.gateway is not None:
+                continue
+            v = addr.version
+            family = socket.AF_INET if v == 4 else socket.AF_INET6
+            nhid = slot_nhid(v, slot.number)
+            nexthops.add(Nexthop(nhid, family, addr, found.ifindex))
+            routes.add(Route(N("0.0.0.0/0" if v == 4 else "::/0"), s.table + slot.number, nhid))
+            pins.append((addr, slot.number))
+            if slot.draining:
+                mark = s.slot_mark(slot.number)
+                rules.add(Rule(family, s.priority - 2, mark, s.mask, 254, found.ifname))
+                rules.add(Rule(family, s.priority - 1, mark, s.mask, s.table + slot.number))
+                if v == 4 and found.ifname == "eth1":  # strict, see SYSCTLS
+                    sysctls[VALID_MARK.format(found.ifname)] = 1
     # Compat mode off while steering, unless other software has nexthop objects.
     if not foreign_nh:
         sysctls[COMPAT] = 0
-    hosts4 = {N(desired.ap4)} if desired.ap4 is not None else set()
-    hosts6 = {N(desired.ap6)} if desired.ap6 is not None else set()
+    hosts4 |= {N(desired.ap4)} if desired.ap4 is not None else set()
+    hosts6 |= {N(desired.ap6)} if desired.ap6 is not None else set()
     elements = {
         "dst4": frozenset(desired.cidrs4),
         "dst6": frozenset(desired.cidrs6),
@@ -221,9 +247,13 @@ def model(desired: DesiredState, foreign_nh: bool) -> Kernel:
         "exempt6": frozenset(desired.exempt6 | hosts6),
     }
     elements = {k: v for k, v in elements.items() if v}
-    ruleset = render_table(s, elements).ruleset  # the chains and rules have their own tests
+    table = render_table(s, elements, pins)  # the chains and rules have their own tests
     return Kernel(
-        frozenset(nexthops), frozenset(routes), frozenset(rules), (ruleset, elements), sysctls
+        frozenset(nexthops),
+        frozenset(routes),
+        frozenset(rules),
+        (table.ruleset, elements, table.pins),
+        sysctls,
     )
 
 
@@ -233,7 +263,9 @@ def observe(host: Host, table: str) -> Kernel:
         frozenset(host.routes.nexthops(RTPROT_SDNSUP)),
         frozenset(host.routes.routes(RTPROT_SDNSUP)),
         frozenset(host.routes.rules(RTPROT_SDNSUP)),
-        None if found is None else (found.ruleset, {k: v for k, v in found.elements.items() if v}),
+        None
+        if found is None
+        else (found.ruleset, {k: v for k, v in found.elements.items() if v}, found.pins),
         dict(host.ctl.values),
     )
 
@@ -286,6 +318,7 @@ class State:
     exempt4: frozenset[IPv4Network]
     exempt6: frozenset[IPv6Network]
     no_ap: NoApPolicy
+    slots: tuple[Slot, ...] = ()
 
     def desired(self, s: Settings) -> DesiredState:
         return DesiredState(
@@ -297,6 +330,7 @@ class State:
             exempt6=self.exempt6,
             no_ap=self.no_ap,
             settings=s,
+            slots=self.slots,
         )
 
 
@@ -319,6 +353,29 @@ def draw_state(draw: st.DrawFn, pool4: list[Any], pool6: list[Any]) -> State:
         exempt4=some(CC4, 2),
         exempt6=some(CC6, 2),
         no_ap=draw(st.sampled_from(NO_AP)),
+        slots=draw(_slots()),
+    )
+
+
+def _slots() -> st.SearchStrategy[tuple[Slot, ...]]:
+    """Up to three slots (numbers 1-3: every SETTINGS holds them), APs from the same pool."""
+    one = st.builds(
+        lambda a4, a6, draining: (a4, a6, draining),
+        st.sampled_from(AP4S),
+        st.sampled_from(AP6S),
+        st.booleans(),
+    )
+    return st.lists(one, max_size=3).map(
+        lambda items: tuple(
+            Slot(
+                n,
+                None if a4 is None else ipaddress.IPv4Address(a4),
+                None if a6 is None else ipaddress.IPv6Address(a6),
+                draining,
+            )
+            for n, (a4, a6, draining) in enumerate(items, 1)
+            if a4 is not None or a6 is not None
+        )
     )
 
 
