@@ -575,11 +575,11 @@ OPTIONS: tuple[Option, ...] = (
         check=_keepalive_seconds(keepalive.MIN_INTERVAL),
         metavar="S",
         group=_G_KEEP,
-        help=f"seconds between keepalive probes of an AP that still carries pinned connections "
-        f"but takes no new ones (default {keepalive.DRAIN_INTERVAL:g}, each probe with the same deadline "
-        "and misses as the active AP's: a dead draining AP is found 2-3 s after it fails, far "
-        "sooner than the minutes its connections' retransmissions would take, at a fifth of "
-        "the active AP's probe rate)",
+        help="seconds between keepalive probes of an AP that still carries pinned connections "
+        f"but takes no new ones (default {keepalive.DRAIN_INTERVAL:g}, each probe with the "
+        "same deadline and misses as the active AP's: a dead draining AP is found 2-3 s "
+        "after it fails, far sooner than the minutes its connections' retransmissions would "
+        "take, at a fifth of the active AP's probe rate)",
     ),
     Option(
         "abort-sockets",
