@@ -215,9 +215,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Kernel backends load libnftables and open netlink sockets: only now.
     from sdnsup import control, probe
     from sdnsup.applier import Applier
+    from sdnsup.conntrack import Conntrack
     from sdnsup.netmon import Monitor, Watch
     from sdnsup.nft import LibNftables
     from sdnsup.notify import Notifier
+    from sdnsup.pins import PinKeeper
     from sdnsup.rtnl import RtnlRoutes
     from sdnsup.supervisor import Supervisor
     from sdnsup.sysctl import ProcSysctl
@@ -231,9 +233,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             nexthop_compat=opts.nexthop_compat,
         )
         mailbox = Mailbox()
+        # The previous run's AP slots (after kill -9 or a restart): their connections keep
+        # their AP. Read before anything is decided, so the first state applied keeps them.
+        recovered = applier.recover_slots(settings)
+        keeper = PinKeeper(
+            Conntrack(),
+            settings,
+            abort_sockets=opts.abort_sockets,
+            report=lambda report: supervisor.on_pins(report),
+        )
         supervisor = Supervisor(
             aps=aps if opts.ap is not None else None,
-            desired_for=lambda ap, known: desired_for(config, ap, known),
+            desired_for=lambda ap, known, slots: desired_for(config, ap, known, slots),
             post=mailbox.post,
             probe_all=probe.probe_all,
             probe_once=probe.probe_once,
@@ -244,6 +255,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             keepalive_timeout=opts.keepalive_timeout,
             keepalive_misses=opts.keepalive_misses,
             reprobe_interval=opts.reprobe_interval,
+            slot_capacity=settings.slots,
+            recovered=recovered,
+            default_probe=opts.probe,
+            retire=keeper.retire,
+            drain_interval=opts.drain_interval,
         )
         supervisor.status.cc_url = cc.url if cc is not None else None
         monitor = Monitor(Watch.for_settings(settings))
@@ -270,6 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     control_path=control.default_socket_path(),
                     notifier=notifier,
                     metrics_listen=opts.metrics,
+                    pins=keeper,
                 )
             finally:
                 if cc is not None:

@@ -37,8 +37,9 @@ never negative (a wall clock stepped backwards reads 0.0), ``null`` means unknow
         "rtt_ms": 2.6                  float | null, last RTT measured (keepalive)
       },
       "aps": [                         every known AP: the directory's order (the CC's order
-        {                                   of preference), then the active AP if the
-                                            directory no longer lists it
+        {                                   of preference), then APs the directory no longer
+                                            lists that still carry connections (the active
+                                            AP, draining ones)
           "id": "ap1", "addr": "...", "addr6": null,
           "probe": {"kind": "udp",     str: "udp" | "tcp" | "icmp" | "http"
                     "port": 7300,      int | null (null for icmp)
@@ -53,9 +54,20 @@ never negative (a wall clock stepped backwards reads 0.0), ``null`` means unknow
           "alive": true,               bool | null, answered in the last probe round
                                             (rounds run every 30 s and right after a
                                             failover); null if not probed yet
-          "active": false              bool
+          "active": false,             bool
+          "role": "draining",          str: "active" (takes new connections) | "draining"
+                                            (alive, keeps its pinned connections, takes no
+                                            new ones) | "dead" (died; its connections are
+                                            being moved to the active AP) | "idle"
+          "slot": 1,                   int | null, its AP slot (the connection mark's value)
+          "pinned": 12                 int | null, live connections pinned to it at the
+                                            last count (every 2 s while draining, 10 s
+                                            while active); null: not counted yet or no slot
         }, ...
       ],
+      "slots": {"used": 2, "capacity": 7,     int: AP slots held / the mark's capacity
+                "sockets_aborted": 3,          int: local sockets of dead APs' connections
+                "error": null},                str | null: the pin keeper's last error
       "cidrs": {"ipv4": 2, "ipv6": 1},                     int, CIDRs steered per family
       "failovers": {"count": 1, "last_cause": "AP ap1 (...) dead: ...",
                     "last_at": "...Z", "last_ago_s": 303.4},   int, str|null, str|null,
@@ -203,6 +215,14 @@ def snapshot(
         # The CC stopped listing the active AP; the supervisor moves off it at its next
         # decision. Until then it still carries the traffic, so show it.
         known.append(active)
+    slots = {}
+    for entry in status.slots.entries.values():
+        match = next((k for k in known if k.id == entry.ap.id), None)
+        if match is None:
+            known.append(entry.ap)  # e.g. drained by the CC: still carries connections
+            match = entry.ap
+        if entry.role != "dead" or match not in slots:
+            slots[match] = entry
     aps = []
     for ap in known:
         rank, result = results.get(ap.id, (None, None))
@@ -221,6 +241,9 @@ def snapshot(
                 "loss": loss,
                 "alive": alive,
                 "active": ap == active,
+                "role": slots[ap].role if ap in slots else "active" if ap == active else "idle",
+                "slot": slots[ap].number if ap in slots else None,
+                "pinned": slots[ap].pinned if ap in slots else None,
             }
         )
     active_ap = None
@@ -243,6 +266,12 @@ def snapshot(
         "active_ap": active_ap,
         "aps": aps,
         "cidrs": {"ipv4": cidrs4, "ipv6": cidrs6},
+        "slots": {
+            "used": len(status.slots.entries),
+            "capacity": status.slots.capacity,
+            "sockets_aborted": status.sockets_aborted,
+            "error": status.pins_error,
+        },
         "failovers": {
             "count": status.failovers,
             "last_cause": status.last_failover,
@@ -629,7 +658,7 @@ def _table(rows: Iterable[list[str]]) -> list[str]:
 
 
 def _ap_rows(aps: Iterable[Mapping[str, Any]]) -> list[list[str]]:
-    rows = [[" ", "AP", "ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE"]]
+    rows = [[" ", "AP", "ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE", "ROLE", "PINNED"]]
     for ap in aps:
         probe = ap.get("probe") or {}
         kind = str(probe.get("kind", "?"))
@@ -642,7 +671,14 @@ def _ap_rows(aps: Iterable[Mapping[str, Any]]) -> list[list[str]]:
         alive = ap.get("alive")
         state = "not probed" if alive is None else "alive" if alive else "dead"
         addrs = "+".join(a for a in (ap.get("addr"), ap.get("addr6")) if a)
-        rows.append(["*" if ap.get("active") else " ", ap["id"], addrs, kind, rtt, loss, state])
+        role = str(ap.get("role") or ("active" if ap.get("active") else "idle"))
+        if ap.get("slot") is not None:
+            role += f" (slot {ap['slot']})"
+        pinned = "-" if ap.get("pinned") is None else str(ap["pinned"])
+        rows.append(
+            ["*" if ap.get("active") else " ", ap["id"], addrs, kind, rtt, loss, state, role,
+             pinned]
+        )  # fmt: skip
     return rows
 
 
@@ -670,12 +706,22 @@ def render(snap: Mapping[str, Any]) -> str:
     aps = snap.get("aps") or []
     if aps:
         lines += _table(_ap_rows(aps))
-        lines.append("(* = active AP; loss and state from the last probe round)")
+        lines.append(
+            "(* = active AP: new connections take it; a draining AP keeps the connections "
+            "pinned to it; loss and state from the last probe round)"
+        )
     else:
         lines.append("no AP known yet")
     lines.append("")
     lines.append(_events("failovers: ", snap.get("failovers") or {}))
     lines.append(_events("heals:     ", snap.get("heals") or {}))
+    slots = snap.get("slots") or {}
+    if slots:
+        lines.append(
+            f"AP slots:  {slots.get('used', 0)} of {slots.get('capacity', 0)} in use, "
+            f"{slots.get('sockets_aborted', 0)} sockets of dead APs aborted"
+            + (f"; error: {slots['error']}" if slots.get("error") else "")
+        )
     cc = snap.get("cc") or {}
     if cc.get("url"):
         refreshed = (

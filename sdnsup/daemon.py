@@ -29,7 +29,8 @@ from sdnsup.applier import Applier, ApplyResult
 from sdnsup.aps import AccessPoint
 from sdnsup.cidrs import CidrSet
 from sdnsup.errors import KernelError, SdnsupError
-from sdnsup.state import DesiredState, NoApPolicy, Settings
+from sdnsup.pins import PinKeeper
+from sdnsup.state import DesiredState, NoApPolicy, Settings, Slot
 from sdnsup.supervisor import Status
 
 log = logging.getLogger("sdnsup")
@@ -70,9 +71,13 @@ class RunConfig:
 
 
 def desired_for(
-    config: RunConfig, ap: AccessPoint | None, known: Sequence[AccessPoint] = ()
+    config: RunConfig,
+    ap: AccessPoint | None,
+    known: Sequence[AccessPoint] = (),
+    slots: tuple[Slot, ...] = (),
 ) -> DesiredState:
-    """The state that steers the configured CIDRs through ``ap`` (None: no AP).
+    """The state that steers new connections to the configured CIDRs through ``ap`` (None:
+    no AP), and those pinned to ``slots`` through their slot's AP.
 
     Every known AP and the CC are exempt from steering.
     """
@@ -88,6 +93,7 @@ def desired_for(
         exempt6=frozenset(ipaddress.IPv6Network(a) for a in addrs if a.version == 6),
         no_ap=config.no_ap,
         settings=config.settings,
+        slots=slots,
     )
 
 
@@ -291,6 +297,7 @@ async def serve(
     control_path: Path | None = None,
     notifier: Any = None,
     metrics_listen: tuple[str, int] | None = None,
+    pins: PinKeeper | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then remove everything sdnsup owns.
 
@@ -310,6 +317,8 @@ async def serve(
             the first state is applied, STATUS on changes, WATCHDOG from the event loop,
             STOPPING before teardown. A no-op outside systemd.
         metrics_listen: (host, port) for Prometheus metrics (None: off).
+        pins: the :class:`sdnsup.pins.PinKeeper`, told of every applied state (None: no
+            counting, no re-pinning; tests of the kernel side alone).
 
     Raises:
         DiscoveryError: initial discovery exhausted its retries.
@@ -330,10 +339,13 @@ async def serve(
 
     def on_applied(desired: DesiredState, result: ApplyResult) -> None:
         nonlocal ready
+        if pins is not None:
+            pins.applied(desired.slots)
         if monitor is not None:
             from sdnsup.netmon import Watch
 
             links = [link.ifindex for link in result.ap_links.values()]
+            links += [link.ifindex for link in result.slot_links.values()]
             # No AP interface known (AP unreachable): watch every interface, so that the
             # link that brings it back triggers a re-check.
             monitor.watch = Watch.for_settings(desired.settings, links or None)
@@ -356,6 +368,8 @@ async def serve(
             nursery.start_soon(
                 supervised, "verify", lambda: verify_loop(mailbox, config.verify_interval)
             )
+            if pins is not None:
+                nursery.start_soon(supervised, "pins", pins.run)
             if control_path is not None:
                 from sdnsup import control
 

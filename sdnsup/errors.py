@@ -11,7 +11,8 @@ boundary, ``raise X(...) from exc``, so callers handle one tree::
     │   └── BadAnswerError   the CC answered, but not with a valid AP list
     └── KernelError          a netlink or nftables operation failed
         ├── RoutesError      routes, nexthops, policy rules, sysctls
-        └── NftError         the nftables table
+        ├── NftError         the nftables table
+        └── ConntrackError   conntrack entries, socket destroy (sock_diag)
 
 Every message is meant for an operator: it says what failed and what to do about it.
 """
@@ -68,3 +69,7 @@ class RoutesError(KernelError):
 
 class NftError(KernelError):
     """An nftables transaction failed."""
+
+
+class ConntrackError(KernelError):
+    """Reading or changing conntrack entries, or destroying sockets, failed."""

@@ -124,6 +124,8 @@ def _known_aps(status: Status) -> list[str]:
     ids = [ap.id for ap in status.aps]
     if status.active is not None and status.active.id not in ids:
         ids.append(status.active.id)
+    # APs that left the list but still carry pinned connections (draining)
+    ids += [e.ap.id for e in status.slots.entries.values() if e.ap.id not in ids]
     return ids
 
 
@@ -192,6 +194,40 @@ def render(status: Status, *, cidrs4: int, cidrs6: int) -> str:
     info = family("sdnsup_active_ap_info", "gauge", "The AP traffic is steered through now.")
     if active_id is not None:
         info.add(1, ap=active_id)
+
+    roles = {e.ap.id: e for e in status.slots.entries.values() if e.role != "dead"}
+    role = family(
+        "sdnsup_ap_role",
+        "gauge",
+        "1 for the AP's role: active (new connections take it), draining (keeps its pinned "
+        "connections, takes no new ones) or idle.",
+    )
+    for ap_id in ids:
+        current = (
+            roles[ap_id].role if ap_id in roles else "active" if ap_id == active_id else "idle"
+        )
+        for name in ("active", "draining", "idle"):
+            role.add(1 if name == current else 0, ap=ap_id, role=name)
+    pinned = family(
+        "sdnsup_ap_pinned_connections",
+        "gauge",
+        "Live connections pinned to the AP at the last count (draining: every 2 s).",
+    )
+    for ap_id in ids:
+        entry = roles.get(ap_id)
+        if entry is not None and entry.pinned is not None:
+            pinned.add(entry.pinned, ap=ap_id)
+    family("sdnsup_slots_used", "gauge", "AP slots held by APs with pinned connections.").add(
+        len(status.slots.entries)
+    )
+    family("sdnsup_slots_capacity", "gauge", "AP slots the connection mark can hold.").add(
+        status.slots.capacity
+    )
+    family(
+        "sdnsup_sockets_aborted_total",
+        "counter",
+        "Local sockets of connections pinned to an AP that died, aborted (--abort-sockets).",
+    ).add(status.sockets_aborted)
 
     family(
         "sdnsup_failovers_total", "counter", "Failovers after the active AP stopped answering."

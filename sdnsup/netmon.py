@@ -100,7 +100,16 @@ from sdnsup.rtnl import (
     _set_buffer,
     _u32,
 )
-from sdnsup.state import DEFAULT_PRIORITY, DEFAULT_TABLE, NFT_TABLE, NHID_V4, NHID_V6, Settings
+from sdnsup.state import (
+    DEFAULT_PRIORITY,
+    DEFAULT_TABLE,
+    NFT_TABLE,
+    NHID_V4,
+    NHID_V6,
+    PRIORITY_SPAN,
+    Settings,
+    slot_nhid,
+)
 
 log = logging.getLogger("sdnsup.netmon")
 
@@ -259,6 +268,7 @@ class Watch:
     nexthop_ids: frozenset[int] = frozenset({NHID_V4, NHID_V6})
     nft_table: str = NFT_TABLE
     ifindexes: frozenset[int] | None = None
+    slots: int = 0  # AP slots: tables table+1.., nexthop ids, rules below priority
 
     @classmethod
     def for_settings(cls, settings: Settings, ifindexes: Iterable[int] | None = None) -> Watch:
@@ -266,12 +276,25 @@ class Watch:
         return cls(
             table=settings.table,
             priority=settings.priority,
+            nexthop_ids=frozenset(
+                slot_nhid(v, n) for v in (4, 6) for n in range(settings.slots + 1)
+            ),
             nft_table=settings.nft_table,
             ifindexes=None if ifindexes is None else frozenset(ifindexes),
+            slots=settings.slots,
         )
 
     def watches(self, ifindex: int) -> bool:
         return self.ifindexes is None or ifindex in self.ifindexes
+
+    def owns_table(self, table: int) -> bool:
+        """The CIDR routes' table or an AP slot's."""
+        return self.table <= table <= self.table + self.slots
+
+    def owns_priority(self, priority: int) -> bool:
+        """The CIDR routes' rule or a draining slot's (just below it)."""
+        low = self.priority - (PRIORITY_SPAN if self.slots else 0)
+        return low <= priority <= self.priority
 
 
 def relevant(event: Event, watch: Watch) -> str | None:
@@ -310,7 +333,7 @@ def relevant(event: Event, watch: Watch) -> str | None:
         where = event.ifname or f"interface #{event.ifindex}"
         return f"address {event.prefix} {'deleted from' if event.deleted else 'added on'} {where}"
     if kind == "route":
-        if event.table != watch.table:
+        if not watch.owns_table(event.table):
             return None
         if event.deleted:
             if event.proto != watch.proto:
@@ -320,7 +343,7 @@ def relevant(event: Event, watch: Watch) -> str | None:
             return f"route {event.prefix} in table {event.table} replaced by protocol {event.proto}"
         return None
     if kind == "rule":
-        if event.deleted and event.proto == watch.proto and event.priority == watch.priority:
+        if event.deleted and event.proto == watch.proto and watch.owns_priority(event.priority):
             return f"policy rule {event.priority} deleted"
         return None
     if kind == "nexthop":

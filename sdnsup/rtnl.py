@@ -33,7 +33,8 @@ from sdnsup.errors import RoutesError
 from sdnsup.routes import Failure, IPAddress, Link, Nexthop, Route, Rule
 
 T = TypeVar("T")
-W = TypeVar("W", Route, Nexthop, Rule)  # what a batch writes
+W = TypeVar("W", Route, Nexthop, Rule)  # what a batch of RtnlRoutes writes
+B = TypeVar("B")  # what any batch writes
 
 # --- include/uapi/linux/netlink.h ---------------------------------------------------------
 NLMSG_NOOP = 1
@@ -194,16 +195,16 @@ def _oserror(code: int, extack: str | None = None) -> OSError:
 
 
 class _Netlink:
-    """One NETLINK_ROUTE socket: sequence numbers, dumps, requests, windowed batches.
+    """One netlink socket: sequence numbers, dumps, requests, windowed batches.
 
+    ``protocol``: NETLINK_ROUTE (:class:`RtnlRoutes`), NETLINK_NETFILTER for conntrack or
+    NETLINK_SOCK_DIAG (:mod:`sdnsup.conntrack`): the request/ack/dump protocol is the same.
     The socket belongs to the network namespace of the thread that created it, for its
-    whole life. Not thread-safe; :class:`RtnlRoutes` serialises callers.
+    whole life. Not thread-safe; its owner serialises callers.
     """
 
-    def __init__(self) -> None:
-        sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
-        )
+    def __init__(self, protocol: int = socket.NETLINK_ROUTE) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         try:
             _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, _RCVBUF)
             _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, _SNDBUF)
@@ -340,10 +341,10 @@ class _Netlink:
 
     def batch(
         self,
-        items: Iterable[W],
-        encode: Callable[[W, int], bytes],
+        items: Iterable[B],
+        encode: Callable[[B, int], bytes],
         ok: frozenset[int] = frozenset(),
-    ) -> list[Failure]:
+    ) -> list[tuple[B, OSError]]:
         """Send one request per item, a window per ``sendmsg``; collect the refusals.
 
         The requests carry no NLM_F_ACK: the kernel then answers only the ones it refuses
@@ -360,17 +361,17 @@ class _Netlink:
             ok: errnos that count as success (EEXIST for an add, ENOENT for a delete...).
 
         Returns:
-            One :class:`Failure` per message the kernel refused, in request order.
+            (item, error) for each message the kernel refused, in request order.
 
         Raises:
             OSError: the socket failed (send, receive, timeout, ENOBUFS); which messages of
             the current window were applied is then unknown.
         """
         self.begin()
-        failures: list[Failure] = []
+        failures: list[tuple[B, OSError]] = []
         it = iter(items)
         while True:
-            pending: dict[int, W] = {}
+            pending: dict[int, B] = {}
             parts: list[bytes] = []
             size = 0
             for item in it:
@@ -400,7 +401,7 @@ class _Netlink:
                     item = pending.pop(seq)
                     code, text = _parse_ack(flags, data, start, end)
                     if code and code not in ok:
-                        failures.append(Failure(item, _oserror(code, text)))
+                        failures.append((item, _oserror(code, text)))
 
 
 def _parse_ack(flags: int, data: bytes, start: int, end: int) -> tuple[int, str | None]:
@@ -761,7 +762,7 @@ class RtnlRoutes:
         """
         with self._lock:
             try:
-                return self._nl.batch(items, encode, ok)
+                return [Failure(item, err) for item, err in self._nl.batch(items, encode, ok)]
             except OSError as exc:
                 hint = ""
                 if exc.errno == errno.ENOBUFS:

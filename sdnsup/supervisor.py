@@ -15,6 +15,12 @@ a desired state posted to the applier's mailbox. Its tasks, all in one nursery:
 
 An AP declared dead comes back only after a hold-down and several good probes in a row
 (:class:`sdnsup.probe.Hysteresis`): fail-back flaps without one (mwan3 asks for 5 good rounds).
+
+A change of AP breaks no live connection unless its AP died: each AP that carries pinned
+connections keeps an AP slot (:mod:`sdnsup.slots`). The AP that stops being active drains:
+its connections keep it, under a slower keepalive (``drain_interval``), until the pin keeper
+(:mod:`sdnsup.pins`) reports that none is left; if it dies meanwhile, its slot is retired
+and its connections follow the active AP at once.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from typing import Any, Protocol
 import trio
 
 from sdnsup import keepalive
-from sdnsup.aps import AccessPoint
+from sdnsup.aps import AccessPoint, ProbeSpec
 from sdnsup.errors import DiscoveryError, SdnsupError
+from sdnsup.pins import PinReport
 from sdnsup.probe import Hysteresis
-from sdnsup.state import DesiredState
+from sdnsup.slots import SlotEntry, SlotTable
+from sdnsup.state import DesiredState, Slot
 
 log = logging.getLogger("sdnsup")
 
@@ -95,6 +103,9 @@ class Status:
     last_heal: str | None = None
     last_heal_at: float | None = None
     started_at: float = field(default_factory=time.time)
+    slots: SlotTable = field(default_factory=lambda: SlotTable(0))
+    sockets_aborted: int = 0  # local sockets of dead APs' connections
+    pins_error: str | None = None  # the pin keeper's last error, None once a round succeeds
 
 
 def jittered(seconds: float) -> float:
@@ -110,9 +121,14 @@ class Supervisor:
 
     Args:
         aps: the static AP list, or None to ask the CC.
-        desired_for: builds the desired state for an active AP (None: no AP) and the
-            currently known APs (all of them are exempt from steering).
+        desired_for: builds the desired state for an active AP (None: no AP), the
+            currently known APs (all of them are exempt from steering) and the AP slots.
         post: hands a desired state to the applier (latest wins).
+        slot_capacity: how many AP slots the mark holds.
+        recovered: slots an earlier process left in the kernel (their connections keep
+            their AP), probed with ``default_probe`` until the directory names their AP.
+        retire: tells the pin keeper that a slot's AP died.
+        drain_interval: keepalive interval of a draining AP.
         cc: the CC client (with ``fetch()``) when there is no static list.
         discover: initial discovery with retries: ``await discover(cc)``; raises
             :class:`~sdnsup.errors.DiscoveryError` when the retries are exhausted.
@@ -123,7 +139,9 @@ class Supervisor:
         self,
         *,
         aps: Sequence[AccessPoint] | None,
-        desired_for: Callable[[AccessPoint | None, Sequence[AccessPoint]], DesiredState],
+        desired_for: Callable[
+            [AccessPoint | None, Sequence[AccessPoint], tuple[Slot, ...]], DesiredState
+        ],
         post: Callable[[DesiredState], None],
         probe_all: ProbeAll,
         probe_once: ProbeOnce,
@@ -134,8 +152,26 @@ class Supervisor:
         keepalive_timeout: float = keepalive.KEEPALIVE_TIMEOUT,
         keepalive_misses: int = keepalive.KEEPALIVE_MISSES,
         reprobe_interval: float = REPROBE_INTERVAL,
+        slot_capacity: int = 7,
+        recovered: Sequence[Slot] = (),
+        default_probe: ProbeSpec | None = None,
+        retire: Callable[[int], None] = lambda _number: None,
+        drain_interval: float = keepalive.DRAIN_INTERVAL,
     ) -> None:
-        self.status = Status()
+        self.status = Status(slots=SlotTable(slot_capacity))
+        self.slots = self.status.slots
+        self._retire = retire
+        self._drain_interval = drain_interval
+        self._decided = False  # nothing is posted before the first decision
+        self._slots_changed = trio.Event()
+        self._slot_full_logged: str | None = None
+        found = self.slots.recover(recovered, aps or (), default_probe or ProbeSpec(), time.time())
+        if found:
+            log.info(
+                "kept %d AP slots of the previous run, their connections keep their AP: %s",
+                len(found),
+                ", ".join(f"slot {e.number} {e.ap}" for e in found),
+            )
         self._static = tuple(aps) if aps is not None else None
         self._desired_for = desired_for
         self._post = post
@@ -159,19 +195,52 @@ class Supervisor:
     def active(self) -> AccessPoint | None:
         return self.status.active
 
-    def _set_active(self, ap: AccessPoint | None, phase: Phase, line: str) -> None:
+    def _known(self) -> list[AccessPoint]:
+        """The directory's APs, then those only a slot still knows (exempt from steering)."""
+        known = list(self.status.aps)
+        known += [e.ap for e in self.slots.entries.values() if e.ap not in known]
+        return known
+
+    def _desired(self) -> DesiredState:
+        return self._desired_for(self.status.active, self._known(), self.slots.state())
+
+    def _set_active(
+        self, ap: AccessPoint | None, phase: Phase, line: str, died: AccessPoint | None = None
+    ) -> None:
+        """Make ``ap`` the AP new connections take; ``died``: the AP whose death caused it
+        (its slot is retired, its connections follow ``ap``)."""
         st = self.status
+        now = time.time()
+        if died is not None:
+            gone = self.slots.find(died)
+            if gone is not None:
+                self.slots.retire(gone.number, now)
+                self._retire(gone.number)
+        before = self.slots.active
         changed = ap != st.active
+        if ap is None:
+            self.slots.deactivate(now)
+        elif self.slots.activate(ap, now) is None:
+            log.warning(
+                "AP %s has no slot: all %d hold pinned connections; its new connections follow "
+                "whichever AP is active until a slot is freed",
+                ap,
+                self.slots.capacity,
+            )
+        if before is not None and before.role == "draining":
+            line += f"; {before.ap} drains (slot {before.number}): its connections keep it"
         st.phase = phase
         if changed:
             st.active = ap
-            st.active_since = time.time() if ap else None
+            st.active_since = now if ap else None
             if self._ka_scope is not None:
                 self._ka_scope.cancel()
             self._active_changed.set()
             self._active_changed = trio.Event()
         log.info("%s", line)
-        self._post(self._desired_for(ap, st.aps))
+        self._decided = True
+        self._post(self._desired())
+        self._slots_changed.set()
 
     def _result_for(self, ap: AccessPoint | None) -> Any:
         return next((r for r in self.status.ranking if r.ap == ap), None)
@@ -237,6 +306,20 @@ class Supervisor:
                 f"AP {self.active} is no longer listed; switched to {best.ap} ({_ms(best.rtt)})",
             )
         elif best.ap != self.active and (current is None or self._should_switch(current, best)):
+            if self.slots.find(best.ap) is None and self.slots.free_number() is None:
+                # Switching would leave the faster AP's connections unpinned: the next switch
+                # would break them. Stay until a slot drains.
+                if self._slot_full_logged != best.ap.id:
+                    self._slot_full_logged = best.ap.id
+                    log.info(
+                        "staying on AP %s although %s is faster: all %d AP slots hold "
+                        "pinned connections",
+                        self.active,
+                        best.ap,
+                        self.slots.capacity,
+                    )
+                return
+            self._slot_full_logged = None
             self._set_active(
                 best.ap,
                 Phase.CONNECTED,
@@ -267,13 +350,17 @@ class Supervisor:
         )
         if nxt is not None:
             self._set_active(
-                nxt.ap, Phase.CONNECTED, f"failover: {cause}; now via {nxt.ap} ({_ms(nxt.rtt)})"
+                nxt.ap,
+                Phase.CONNECTED,
+                f"failover: {cause}; now via {nxt.ap} ({_ms(nxt.rtt)})",
+                died=death.ap,
             )
         else:
             self._set_active(
                 None,
                 Phase.NO_AP,
                 f"failover: {cause}; no other live AP, traffic takes the no-AP path",
+                died=death.ap,
             )
         # Confirm the choice and learn what changed, off the critical path.
         self._reprobe.set()
@@ -284,6 +371,7 @@ class Supervisor:
         old = {a.id for a in st.aps}
         new = {a.id for a in aps}
         st.aps = tuple(aps)
+        self.slots.update_directory(aps)
         if ttl is not None:
             self._ttl = ttl
         if old != new:
@@ -295,9 +383,75 @@ class Supervisor:
                 f", gone {', '.join(removed)}" if removed else "",
             )
             self._reprobe.set()
-        if st.active is not None:
+        if self._decided:
             # the exempt set follows the list of known APs
-            self._post(self._desired_for(st.active, st.aps))
+            self._post(self._desired())
+            self._slots_changed.set()
+
+    def on_drain_death(self, entry: SlotEntry, death: keepalive.Death) -> None:
+        """A draining AP missed K probes: its connections follow the active AP."""
+        now = trio.current_time()
+        self._hysteresis.mark_dead(entry.ap.id, now)
+        self.slots.retire(entry.number, time.time())
+        self._retire(entry.number)
+        pinned = "" if entry.pinned is None else f" with {entry.pinned} pinned connections"
+        log.info(
+            "draining AP %s dead%s: %d probes missed, detected %.0f ms after its last answer "
+            "(%s); its connections now follow %s",
+            entry.ap,
+            pinned,
+            death.misses,
+            death.detection * 1000,
+            death.last_error,
+            self.active or "the no-AP path",
+        )
+        self._post(self._desired())
+        self._slots_changed.set()
+
+    def on_pins(self, report: PinReport) -> None:
+        """Take the pin keeper's round into account: counts, freed slots, dead APs' sockets."""
+        st = self.status
+        for number, count in report.counts.items():
+            entry = self.slots.entries.get(number)
+            if entry is not None:
+                entry.pinned = count
+        for number, (moved, aborted, took) in sorted(report.retired.items()):
+            st.sockets_aborted += aborted
+            log.info(
+                "slot %d: %d connections of its dead AP re-pinned to follow %s, %d local "
+                "sockets aborted %.0f ms after the verdict",
+                number,
+                moved,
+                self.active or "the no-AP path",
+                aborted,
+                took,
+            )
+        changed = False
+        for number in sorted(report.vacated):
+            entry = self.slots.vacated(number)
+            if entry is None:
+                continue
+            changed = True
+            if entry.role == "draining":
+                log.info(
+                    "AP %s drained: no connection pinned to it any more after %.0f s; slot %d "
+                    "freed",
+                    entry.ap,
+                    max(0.0, time.time() - entry.since),
+                    number,
+                )
+        if report.orphans:
+            log.info(
+                "%d connections pinned to slots no AP holds any more now follow the active AP",
+                report.orphans,
+            )
+        if report.error != st.pins_error:
+            if report.error is not None:
+                log.warning("connection pins: %s", report.error)
+            st.pins_error = report.error
+        if changed and self._decided:
+            self._post(self._desired())
+            self._slots_changed.set()
 
     # --- tasks -------------------------------------------------------------------------------
 
@@ -317,6 +471,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._probe_loop)
             nursery.start_soon(self._keepalive_loop)
+            nursery.start_soon(self._drain_loop)
             if self._cc is not None:
                 nursery.start_soon(self._refresh_loop)
             task_status.started()
@@ -359,6 +514,39 @@ class Supervisor:
             self._ka_scope = None
             if not scope.cancelled_caught and self.active == ap:
                 self.on_death(death)
+
+    async def _drain_loop(self) -> None:
+        """Keep one slow keepalive per draining AP (none before the first decision: until
+        then nothing is applied, and a death would have nowhere to send its connections)."""
+        watching: dict[int, tuple[AccessPoint, trio.CancelScope]] = {}
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._slots_changed = trio.Event()
+                want = {e.number: e.ap for e in self.slots.draining()} if self._decided else {}
+                for number, (ap, scope) in list(watching.items()):
+                    if want.get(number) != ap:
+                        scope.cancel()
+                        del watching[number]
+                for number, ap in want.items():
+                    if number not in watching:
+                        scope = trio.CancelScope()
+                        watching[number] = (ap, scope)
+                        nursery.start_soon(self._watch_draining, number, ap, scope)
+                await self._slots_changed.wait()
+
+    async def _watch_draining(self, number: int, ap: AccessPoint, scope: trio.CancelScope) -> None:
+        _interval, timeout, misses = self._ka
+        with scope:
+            death = await keepalive.watch(
+                ap,
+                self._probe_once,
+                interval=self._drain_interval,
+                probe_timeout=timeout,
+                misses=misses,
+            )
+            entry = self.slots.entries.get(number)
+            if entry is not None and entry.role == "draining" and entry.ap == ap:
+                self.on_drain_death(entry, death)
 
     async def _refresh_loop(self) -> None:
         failures = 0

@@ -174,3 +174,57 @@ class FakeSysctl:
 def link(ifindex: int, ifname: str, gateway: str | None = None) -> Link:
     gw = ipaddress.ip_address(gateway) if gateway else None
     return Link(ifindex=ifindex, ifname=ifname, gateway=gw, prefsrc=None)
+
+
+class FakeConntrack:
+    """A ConntrackBackend: entries with marks, sockets that exist or not, calls recorded."""
+
+    def __init__(self) -> None:
+        from sdnsup.conntrack import Entry
+
+        self.entries: list[Entry] = []
+        self.sockets: set[Entry] = set()  # entries that have a local socket
+        self.aborted: list[Entry] = []
+        self.calls: list[str] = []
+
+    def add(self, mark: int, *, port: int, local: bool = True, tcp_state: int | None = 3) -> None:
+        import socket
+
+        from sdnsup.conntrack import Entry
+
+        entry = Entry(
+            socket.AF_INET,
+            socket.IPPROTO_TCP,
+            ipaddress.IPv4Address("172.31.1.2" if local else "10.88.0.2"),
+            ipaddress.IPv4Address("10.10.10.1"),
+            port,
+            8080,
+            mark,
+            tcp_state,
+        )
+        self.entries.append(entry)
+        if local:
+            self.sockets.add(entry)
+
+    def pinned(self, value: int, mask: int) -> list:  # type: ignore[type-arg]
+        self.calls.append(f"pinned {value:#x}")
+        return [e for e in self.entries if e.mark & mask == value]
+
+    def repin(self, entries, value: int, mask: int) -> int:  # type: ignore[no-untyped-def]
+        from dataclasses import replace
+
+        moved = 0
+        keys = {(e.src, e.sport) for e in entries}
+        for i, e in enumerate(self.entries):
+            if (e.src, e.sport) in keys:
+                self.entries[i] = replace(e, mark=e.mark & ~mask | value)
+                moved += 1
+        self.calls.append(f"repin {moved} -> {value:#x}")
+        return moved
+
+    def abort_sockets(self, entries) -> int:  # type: ignore[no-untyped-def]
+        done = [e for e in entries if e in self.sockets and e.live]
+        self.aborted += done
+        self.sockets -= set(done)
+        self.calls.append(f"abort {len(done)}")
+        return len(done)

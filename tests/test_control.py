@@ -26,6 +26,7 @@ from sdnsup.control import (
     snapshot,
 )
 from sdnsup.probe import ProbeResult
+from sdnsup.slots import SlotEntry, SlotTable
 from sdnsup.supervisor import Phase, Status
 
 T0 = 1_764_100_000.0  # 2025-11-25T19:46:40Z
@@ -40,10 +41,12 @@ AP2 = AccessPoint(
 )
 AP3 = AccessPoint("ap3", addr6=ipaddress.IPv6Address("fd31:1::13"), probe=ProbeSpec("icmp", 0))
 AP4 = AccessPoint("ap4", addr4=ipaddress.IPv4Address("172.31.1.14"))
+# no longer listed by the CC, still carrying connections
+AP5 = AccessPoint("ap5", addr4=ipaddress.IPv4Address("172.31.1.15"))
 
 
 def filled_status() -> Status:
-    return Status(
+    st = Status(
         phase=Phase.CONNECTED,
         active=AP2,
         active_since=NOW - 192.04,
@@ -64,10 +67,18 @@ def filled_status() -> Status:
         last_heal="nftables table inet sdnsup deleted",
         last_heal_at=NOW - 5.0,
         started_at=T0,
+        slots=SlotTable(7),
+        sockets_aborted=2,
     )
+    st.slots.entries[2] = SlotEntry(2, AP2, "active", NOW - 192.04, pinned=7)
+    st.slots.entries[1] = SlotEntry(1, AP1, "draining", NOW - 192.04, pinned=3)
+    st.slots.entries[3] = SlotEntry(3, AP5, "draining", NOW - 500.0, pinned=1)
+    return st
 
 
-def ap_row(ap, *, probe, rtt, probed, rank, loss, alive, active):
+def ap_row(
+    ap, *, probe, rtt, probed, rank, loss, alive, active, role="idle", slot=None, pinned=None
+):
     return {
         "id": ap.id,
         "addr": str(ap.addr4) if ap.addr4 else None,
@@ -79,6 +90,9 @@ def ap_row(ap, *, probe, rtt, probed, rank, loss, alive, active):
         "loss": loss,
         "alive": alive,
         "active": active,
+        "role": role,
+        "slot": slot,
+        "pinned": pinned,
     }
 
 
@@ -102,7 +116,19 @@ GOLDEN = {
         "rtt_ms": 2.5,
     },
     "aps": [
-        ap_row(AP1, probe=UDP, rtt=41.2, probed=True, rank=2, loss=0.333, alive=True, active=False),
+        ap_row(
+            AP1,
+            probe=UDP,
+            rtt=41.2,
+            probed=True,
+            rank=2,
+            loss=0.333,
+            alive=True,
+            active=False,
+            role="draining",
+            slot=1,
+            pinned=3,
+        ),
         ap_row(
             AP2,
             probe={"kind": "http", "port": 7301, "path": "/health"},
@@ -112,6 +138,9 @@ GOLDEN = {
             loss=0.0,
             alive=True,
             active=True,
+            role="active",
+            slot=2,
+            pinned=7,
         ),
         ap_row(
             AP3,
@@ -126,8 +155,22 @@ GOLDEN = {
         ap_row(
             AP4, probe=UDP, rtt=None, probed=False, rank=None, loss=None, alive=None, active=False
         ),
+        ap_row(
+            AP5,
+            probe=UDP,
+            rtt=None,
+            probed=False,
+            rank=None,
+            loss=None,
+            alive=None,
+            active=False,
+            role="draining",
+            slot=3,
+            pinned=1,
+        ),
     ],
     "cidrs": {"ipv4": 2, "ipv6": 1},
+    "slots": {"used": 3, "capacity": 7, "sockets_aborted": 2, "error": None},
     "failovers": {
         "count": 1,
         "last_cause": "AP ap1 (172.31.1.11) dead: 3 probes missed",
@@ -221,13 +264,22 @@ def test_render_connected():
     rows = {line.split()[0]: line for line in lines if line.strip()}
     active = rows["*"]
     assert active.split() == [
-        "*", "ap2", "172.31.1.12+fd31:1::12", "http:7301/health", "2.5", "ms", "0%", "alive"
+        "*", "ap2", "172.31.1.12+fd31:1::12", "http:7301/health", "2.5", "ms", "0%", "alive",
+        "active", "(slot", "2)", "7",
     ]  # fmt: skip
-    assert rows["ap1"].split()[1:] == ["172.31.1.11", "udp:7300", "41.2", "ms", "33%", "alive"]
-    assert rows["ap3"].split()[1:] == ["fd31:1::13", "icmp", "19.9", "ms", "100%", "dead"]
-    assert rows["ap4"].split()[1:] == ["172.31.1.14", "udp:7300", "-", "-", "not", "probed"]
+    assert rows["ap1"].split()[1:] == [
+        "172.31.1.11", "udp:7300", "41.2", "ms", "33%", "alive", "draining", "(slot", "1)", "3"
+    ]  # fmt: skip
+    assert rows["ap3"].split()[1:] == [
+        "fd31:1::13", "icmp", "19.9", "ms", "100%", "dead", "idle", "-"
+    ]  # fmt: skip
+    assert rows["ap4"].split()[1:] == [
+        "172.31.1.14", "udp:7300", "-", "-", "not", "probed", "idle", "-"
+    ]  # fmt: skip
+    assert rows["ap5"].split()[-4:] == ["draining", "(slot", "3)", "1"]
+    assert "AP slots:  3 of 7 in use, 2 sockets of dead APs aborted" in lines
     # aligned: every column starts at the same offset in the header and the rows
-    for col in ("ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE"):
+    for col in ("ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE", "ROLE", "PINNED"):
         at = header.index(col)
         for row in (rows["*"], rows["ap1"], rows["ap3"], rows["ap4"]):
             assert row[at - 1] == " " and row[at] != " ", (col, row)

@@ -15,6 +15,7 @@ from sdnsup import metrics
 from sdnsup.aps import AccessPoint
 from sdnsup.errors import ConfigError
 from sdnsup.metrics import parse_listen, render, serve_metrics
+from sdnsup.slots import SlotEntry, SlotTable
 from sdnsup.supervisor import Phase, Status
 
 
@@ -46,7 +47,12 @@ def filled_status() -> Status:
         cc_url="https://cc.example.net",
         heals=5,
         started_at=1_700_000_000.25,
+        slots=SlotTable(7),
+        sockets_aborted=4,
     )
+    gone = AccessPoint("drained", addr4=ipaddress.IPv4Address("10.77.0.19"))
+    st.slots.entries[1] = SlotEntry(1, AP1, "active", 0.0, pinned=9)
+    st.slots.entries[2] = SlotEntry(2, gone, "draining", 0.0, pinned=3)
     return st
 
 
@@ -80,7 +86,23 @@ def test_render_golden_lines():
         'sdnsup_ap_probe_loss_ratio{ap="ap1"}': "0",
         'sdnsup_ap_probe_loss_ratio{ap="ap2"}': "0.3333333333333333",
         'sdnsup_ap_probe_loss_ratio{ap="ap3"}': "1",
+        'sdnsup_ap_alive{ap="drained"}': "0",
         'sdnsup_active_ap_info{ap="ap1"}': "1",
+        **{
+            f'sdnsup_ap_role{{ap="{ap}",role="{role}"}}': "1" if role == current else "0"
+            for ap, current in (
+                ("ap1", "active"),
+                ("ap2", "idle"),
+                ("ap3", "idle"),
+                ("drained", "draining"),
+            )
+            for role in ("active", "draining", "idle")
+        },
+        'sdnsup_ap_pinned_connections{ap="ap1"}': "9",
+        'sdnsup_ap_pinned_connections{ap="drained"}': "3",
+        "sdnsup_slots_used": "2",
+        "sdnsup_slots_capacity": "7",
+        "sdnsup_sockets_aborted_total": "4",
         "sdnsup_failovers_total": "2",
         "sdnsup_heals_total": "5",
         'sdnsup_cidrs{family="ipv4"}': "12",

@@ -10,7 +10,9 @@ import trio.testing
 
 from sdnsup.aps import AccessPoint
 from sdnsup.errors import SdnsupError
+from sdnsup.pins import PinReport
 from sdnsup.probe import HOLD_DOWN
+from sdnsup.state import Slot
 from sdnsup.supervisor import Phase, Supervisor
 
 
@@ -35,9 +37,17 @@ class World:
     def __init__(self, rtts: dict[AccessPoint, float | None]) -> None:
         self.rtts = dict(rtts)
         self.posted: list[AccessPoint | None] = []
+        self.slots: list[tuple[Slot, ...]] = []  # the slots of every posted state
+        self.probed: list[tuple[float, AccessPoint]] = []  # keepalive probes (time, AP)
+        self.retired: list[int] = []
         self.rounds = 0
 
+    def post(self, state: tuple[AccessPoint | None, tuple[Slot, ...]]) -> None:
+        self.posted.append(state[0])
+        self.slots.append(state[1])
+
     async def probe_once(self, ap: AccessPoint, *, timeout: float) -> float:
+        self.probed.append((trio.current_time(), ap))
         rtt = self.rtts.get(ap)
         if rtt is None or rtt > timeout:
             await trio.sleep(timeout)
@@ -71,10 +81,12 @@ class World:
                 cur.rtt is None or (cur.rtt - cand.rtt > 0.010 and cand.rtt < cur.rtt * 0.67)
             )
 
+        kw.setdefault("retire", self.retired.append)
         return Supervisor(
             aps=aps,
-            desired_for=lambda active, known: active,  # the test records the AP itself
-            post=self.posted.append,
+            # the test records the active AP and the slots themselves
+            desired_for=lambda active, known, slots: (active, slots),
+            post=self.post,
             probe_all=self.probe_all,
             probe_once=self.probe_once,
             should_switch=should_switch,
@@ -209,3 +221,128 @@ def test_cc_refresh_failure_keeps_the_current_ap_and_new_list_is_used():
         assert sup.active == AP2
 
     run(world, sup, scenario)
+
+
+# --- AP slots: the AP that stops being active drains ------------------------------------------
+
+
+def slot(number, ap, draining=False):
+    return Slot(number, ap.addr4, ap.addr6, draining)
+
+
+def test_a_faster_ap_takes_new_connections_while_the_old_one_drains_then_is_freed():
+    world = World({AP1: 0.040, AP2: 0.060})
+    sup = world.make([AP1, AP2], reprobe_interval=5.0, drain_interval=1.0)
+
+    async def scenario():
+        await trio.sleep(1)
+        assert world.slots[-1] == (slot(1, AP1),)
+        world.rtts[AP2] = 0.005
+        with trio.fail_after(7):
+            while sup.active != AP2:  # noqa: ASYNC110 - virtual time
+                await trio.sleep(0.01)
+        # AP1 keeps its slot, draining: its connections keep it
+        assert world.slots[-1] == (slot(1, AP1, draining=True), slot(2, AP2))
+        # ...and stays under a keepalive at the slower cadence
+        switched = trio.current_time()
+        await trio.sleep(3)
+        probes = [t for t, a in world.probed if a == AP1 and t > switched]
+        assert 3 <= len(probes) <= 4  # every second (and maybe one probe round)
+        sup.on_pins(PinReport(counts={1: 3}))
+        assert sup.slots.entries[1].pinned == 3
+        await trio.sleep(3)
+        assert world.slots[-1][0].draining  # still draining: 3 connections left
+        sup.on_pins(PinReport(counts={1: 0}, vacated=frozenset({1})))
+        assert world.slots[-1] == (slot(2, AP2),)
+        before = len([1 for _, a in world.probed if a == AP1])
+        await trio.sleep(5)
+        # its keepalive stopped with the slot (only probe rounds reach it now)
+        assert len([1 for _, a in world.probed if a == AP1]) - before <= 1
+
+    run(world, sup, scenario)
+    assert world.retired == []
+
+
+def test_a_draining_ap_that_dies_is_retired_and_its_connections_follow_the_active_one():
+    world = World({AP1: 0.040, AP2: 0.060})
+    sup = world.make([AP1, AP2], reprobe_interval=5.0, drain_interval=1.0)
+
+    async def scenario():
+        await trio.sleep(1)
+        world.rtts[AP2] = 0.005
+        await trio.sleep(7)
+        assert world.slots[-1][0] == slot(1, AP1, draining=True)
+        world.rtts[AP1] = None
+        await trio.sleep(4)  # 3 misses at a 1 s interval
+        assert world.retired == [1]
+        assert world.slots[-1] == (slot(2, AP2),)  # its routes go: packets take the active AP
+        assert sup.slots.entries[1].role == "dead"  # ... but the number is not free yet
+        sup.on_pins(PinReport(vacated=frozenset({1}), retired={1: (2, 1, 3.0)}))
+        assert 1 not in sup.slots.entries and sup.status.sockets_aborted == 1
+
+    run(world, sup, scenario)
+    assert sup.active == AP2
+
+
+def test_the_active_ap_dying_retires_its_slot_and_fail_back_reuses_the_draining_slot():
+    world = World({AP1: 0.005, AP2: 0.020, AP3: 0.040})
+    sup = world.make([AP1, AP2, AP3], reprobe_interval=5.0)
+
+    async def scenario():
+        await trio.sleep(1)
+        world.rtts[AP1] = None
+        await trio.sleep(2)
+        assert sup.active == AP2 and world.retired == [1]
+        assert world.slots[-1] == (slot(2, AP2),)
+        # AP1 comes back: after the hold-down it is chosen again, AP2 drains
+        world.rtts[AP1] = 0.005
+        sup.on_pins(PinReport(vacated=frozenset({1})))
+        await trio.sleep(HOLD_DOWN + 12)
+        assert sup.active == AP1
+        assert world.slots[-1] == (slot(1, AP1), slot(2, AP2, draining=True))
+        # and back to AP2: it takes its own slot again, without a new number
+        world.rtts[AP1] = 0.100
+        await trio.sleep(12)
+        assert sup.active == AP2
+        assert world.slots[-1] == (slot(1, AP1, draining=True), slot(2, AP2))
+
+    run(world, sup, scenario)
+
+
+def test_no_optional_switch_while_every_slot_holds_connections():
+    aps = [ap(i) for i in range(1, 6)]
+    world = World({a: 0.200 for a in aps})
+    world.rtts[aps[0]] = 0.150
+    sup = world.make(aps, reprobe_interval=5.0, slot_capacity=3)
+
+    async def scenario():
+        await trio.sleep(1)
+        # each AP in turn becomes clearly faster; none drains (connections stay pinned)
+        for a, rtt in zip(aps[1:], (0.080, 0.040, 0.015, 0.003), strict=True):
+            world.rtts[a] = rtt
+            await trio.sleep(13)
+        # three slots: aps 0-2 took them; 3 and 4 are faster but would leave new
+        # connections unpinned, so sdnsup stays on aps[2]
+        assert sup.active == aps[2]
+        assert [s.number for s in world.slots[-1]] == [1, 2, 3]
+        sup.on_pins(PinReport(counts={1: 0}, vacated=frozenset({1})))
+        await trio.sleep(13)
+        assert sup.active == aps[4]  # a slot was freed: the fastest wins it
+        assert world.slots[-1][0] == slot(1, aps[4])
+
+    run(world, sup, scenario)
+
+
+def test_recovered_slots_drain_and_the_chosen_ap_reuses_its_own():
+    world = World({AP1: 0.040, AP2: 0.005})
+    recovered = (slot(3, AP1), slot(5, AP2, draining=True))
+    sup = world.make([AP1, AP2], recovered=recovered)
+
+    async def scenario():
+        await trio.sleep(0.001)
+        assert world.posted == []  # nothing decided, nothing applied: the kernel keeps all
+        await trio.sleep(1)
+
+    run(world, sup, scenario)
+    assert sup.active == AP2
+    assert world.slots[0] == (slot(3, AP1, draining=True), slot(5, AP2))

@@ -8,15 +8,19 @@ decides to stop it: SIGTERM to its process group, SIGKILL after a grace period.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # The directory that holds the ``sdnsup`` package, put on PYTHONPATH of every lab process so
 # that ``python -m sdnsup...`` works from a source checkout that is not pip-installed.
@@ -192,3 +196,118 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.description} greeting={self.greeting!r} alive={self.alive}>"
+
+
+@dataclass
+class TickerReport:
+    """What a :class:`Ticker`'s connection went through (see :mod:`sdnsup.lab.ticker`)."""
+
+    opened: bool
+    sent: int  # lines sent (0 for an idle connection)
+    answered: int
+    late: int  # lines unanswered within the ticker's timeout
+    errors: list[dict[str, Any]]  # each: t, err (ECONNRESET, ECONNABORTED, EOF...), text
+    peers: Counter[str] = field(default_factory=Counter)  # address the server saw -> lines
+    reopened_at: float | None = None  # idle: monotonic time the reconnect succeeded
+    reopened_peer: str | None = None
+
+    @property
+    def lost(self) -> int:
+        """Lines that never got their answer (sent, not answered)."""
+        return self.sent - self.answered
+
+    def __str__(self) -> str:
+        errs = ", ".join(e["err"] for e in self.errors) or "none"
+        return (
+            f"sent {self.sent}, answered {self.answered}, late {self.late}, errors {errs}, "
+            f"peers {dict(self.peers)}"
+        )
+
+
+class Ticker:
+    """A long-lived connection from a lab namespace that counts its lost lines and resets.
+
+    Backed by ``sdnsup/lab/ticker.py``; its JSON events are read by a thread as they come.
+    :meth:`stop` ends it (closing its stdin) and returns the final :class:`TickerReport`.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], description: str) -> None:
+        if proc.stdout is None or proc.stdin is None:
+            raise ValueError("a Ticker needs a process with stdin and stdout pipes")
+        self.proc = proc
+        self.description = description
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed under us: done
+            for raw in self.proc.stdout:
+                with contextlib.suppress(ValueError):
+                    event = json.loads(raw)
+                    with self._lock:
+                        self.events.append(event)
+
+    def wait_open(self, timeout: float = 5.0) -> str | None:
+        """The address the server saw when the connection opened; None if it did not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for e in self.events:
+                    if e["ev"] == "open":
+                        return str(e["peer"])
+                    if e["ev"] == "error":
+                        return None
+            time.sleep(0.01)
+        return None
+
+    def wait_for(self, ev: str, timeout: float) -> dict[str, Any] | None:
+        """The first event of kind ``ev``, waiting up to ``timeout`` seconds for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = next((e for e in self.events if e["ev"] == ev), None)
+            if found is not None:
+                return found
+            time.sleep(0.01)
+        return None
+
+    def report(self) -> TickerReport:
+        """What happened so far (the final counts once :meth:`stop` returned)."""
+        with self._lock:
+            events = list(self.events)
+        ticks = [e for e in events if e["ev"] == "tick"]
+        end = next((e for e in events if e["ev"] == "end"), None)
+        sent = int(end["sent"]) if end else max((e["seq"] for e in ticks), default=0)
+        reopen = next((e for e in events if e["ev"] == "reopen"), None)
+        return TickerReport(
+            opened=any(e["ev"] == "open" for e in events),
+            sent=sent,
+            answered=len(ticks),
+            late=sum(1 for e in events if e["ev"] == "late"),
+            errors=[e for e in events if e["ev"] == "error"],
+            peers=Counter(str(e["peer"]) for e in ticks),
+            reopened_at=reopen["t"] if reopen else None,
+            reopened_peer=reopen["peer"] if reopen else None,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> TickerReport:
+        """End the connection (EOF on the ticker's stdin) and return its final report."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_processes([self.proc], grace=0.5)
+        self._reader.join(timeout)
+        return self.report()
+
+    def __repr__(self) -> str:
+        return f"<Ticker {self.description} {self.report()}>"

@@ -50,6 +50,7 @@ from sdnsup.lab.commands import DEFAULT_TIMEOUT, Job, LabError, run, run_paralle
 from sdnsup.lab.services import (
     DEFAULT_GRACE,
     Session,
+    Ticker,
     TrackedProcess,
     in_namespace,
     lab_script,
@@ -209,6 +210,7 @@ class Lab:
         self.build_seconds: float | None = None
         self._procs: list[TrackedProcess] = []
         self._sessions: list[Session] = []
+        self._tickers: list[Ticker] = []
         self._state: Literal["planned", "up", "down"] = "planned"
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -624,6 +626,35 @@ class Lab:
             session.close(timeout=0.5)
             raise LabError(f"session {session.description} failed:\n{self.logs(proc)}")
         return session
+
+    def open_ticker(
+        self,
+        ns: str,
+        addr: object,
+        port: int = DEFAULT_PORT,
+        *,
+        idle: bool = False,
+        interval: float = 0.1,
+        timeout: float = 3.0,
+    ) -> Ticker:
+        """Open a long-lived connection from ``ns`` to a whoami server that exchanges a line
+        every ``interval`` (or, ``idle``, blocks in ``recv()`` and reconnects once it fails).
+
+        Raises :class:`~sdnsup.lab.commands.LabError` when it does not open within
+        ``timeout``. It is stopped at teardown if not before.
+        """
+        argv = lab_script(
+            "ticker", str(addr), str(port), "--interval", str(interval),
+            "--timeout", str(timeout), *(["--idle"] if idle else []),
+        )  # fmt: skip
+        label = f"{self._resolve(ns).removeprefix(self.prefix)}-ticker"
+        proc = self.popen(ns, *argv, label=label, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ticker = Ticker(proc, f"{ns}->[{addr}]:{port}")
+        self._tickers.append(ticker)
+        if ticker.wait_open(timeout + 5) is None:
+            ticker.stop(timeout=0.5)
+            raise LabError(f"ticker {ticker.description} failed:\n{self.logs(proc)}")
+        return ticker
 
     # --- faults ---------------------------------------------------------------------------
 
