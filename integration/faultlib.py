@@ -40,7 +40,7 @@ from sdnsup.lab.topology import APLink
 from sdnsup.lab.traffic import ConnectionStream, StreamReport
 from sdnsup.nft import Network, render_table, table_from_listing
 from sdnsup.routes import RTPROT_SDNSUP
-from sdnsup.state import Settings
+from sdnsup.state import NHID_V4, NHID_V6, Settings, slot_of_nhid
 
 FAULT_REPORT_ENV = "SDNSUP_FAULT_REPORT"
 
@@ -121,14 +121,16 @@ def assert_consistent(
     exempt: Collection[str] | None = None,
     settings: Settings = SETTINGS,
 ) -> None:
-    """A's kernel holds exactly sdnsup's intended state, steering through AP number ``ap``.
+    """A's kernel holds exactly sdnsup's intended state, steering through AP number ``ap``,
+    with no other AP carrying pinned connections (no draining slot).
 
     That is: one ``inet sdnsup`` table (no sdnsup table in another family) equal to what
     sdnsup renders, its sets holding ``cidrs`` and ``exempt`` (default
-    :func:`default_exempt`); one policy rule per family (fwmark, table, priority, proto); one
-    nexthop per family, proto sdnsup, via the AP's address on A's interface to it; in the
-    table, exactly one route per CIDR, through that family's nexthop; no sdnsup route in any
-    other table.
+    :func:`default_exempt`) and its pins naming the AP's slot; one policy rule per family
+    (fwmark, table, priority, proto); two nexthops per family, proto sdnsup, via the AP's
+    address on A's interface to it: the CIDR routes' and the AP's slot's; in the table,
+    exactly one route per CIDR, through the first; in the slot's table, one default route
+    through the second; no other sdnsup route.
 
     Raises:
         AssertionError: naming every difference.
@@ -155,9 +157,16 @@ def assert_consistent(
             "exempt4": frozenset(n for n in exempt_nets if n.version == 4),
             "exempt6": frozenset(n for n in exempt_nets if n.version == 6),
         }
-        want = render_table(settings, elements)
+        pins = [
+            (ipaddress.ip_address(nh["gateway"]), key[1])
+            for nh in _json(lab, "ip", "-j", "nexthop", "show")
+            if _ours(nh) and (key := slot_of_nhid(nh["id"])) and key[1]
+        ]
+        want = render_table(settings, elements, pins)
         if have.ruleset != want.ruleset:
             problems.append(f"nft table inet {settings.nft_table} differs from sdnsup's ruleset")
+        if have.pins != want.pins:
+            problems.append(f"pins {have.pins}, want {want.pins} (the slots' nexthops)")
         for name in sorted(set(have.elements) | set(want.elements)):
             if have.set(name) != want.set(name):
                 got = sorted(map(str, have.set(name)))
@@ -175,7 +184,7 @@ def assert_consistent(
         want_rule = {
             "priority": settings.priority,
             "fwmark": hex(settings.mark),
-            "fwmask": hex(settings.mask),
+            "fwmask": hex(settings.mark),
             "table": str(settings.table),
         }
         if len(rules) != 1 or any(rules[0].get(k) != v for k, v in want_rule.items()):
@@ -183,9 +192,16 @@ def assert_consistent(
 
         nexthops = [n for n in _json(lab, "ip", "-j", fam, "nexthop", "show") if _ours(n)]
         want_nh = {"gateway": str(gateway), "dev": target.ifname_in_a}
-        if len(nexthops) != 1 or any(nexthops[0].get(k) != v for k, v in want_nh.items()):
-            problems.append(f"IPv{version} nexthops: {nexthops}, want one like {want_nh}")
-        nhid = nexthops[0]["id"] if len(nexthops) == 1 else None
+        ids = sorted(slot_of_nhid(n["id"]) or (0, -1) for n in nexthops)
+        if [i[1] > 0 for i in ids] != [False, True] or any(
+            n.get(k) != v for n in nexthops for k, v in want_nh.items()
+        ):
+            problems.append(
+                f"IPv{version} nexthops: {nexthops}, want two like {want_nh}: the CIDR "
+                "routes' and one AP slot's"
+            )
+        nhid = (NHID_V4 if version == 4 else NHID_V6) if len(nexthops) == 2 else None
+        slot_nh = next((n["id"] for n in nexthops if n["id"] != nhid), None)
 
         table = _json(lab, "ip", "-j", fam, "route", "show", "table", str(settings.table))
         dsts = sorted(r["dst"] for r in table)
@@ -199,8 +215,12 @@ def assert_consistent(
             for r in _json(lab, "ip", "-j", fam, "route", "show", "table", "all")
             if _ours(r) and str(r.get("table")) != str(settings.table)
         ]
-        if stray:
-            problems.append(f"IPv{version} sdnsup routes outside table {settings.table}: {stray}")
+        slot_route = [r for r in stray if r.get("dst") == "default" and r.get("nhid") == slot_nh]
+        if len(stray) != 1 or len(slot_route) != 1:
+            problems.append(
+                f"IPv{version} sdnsup routes outside table {settings.table}: {stray}, want one "
+                f"default route through the AP slot's nexthop {slot_nh}"
+            )
     assert not problems, f"A's kernel is not sdnsup's state via AP {ap}:\n" + "\n".join(problems)
 
 

@@ -85,7 +85,7 @@ def test_large_cidr_lists_are_sharded_and_steer_like_one_set(make_lab, tmp_path)
 
 
 @pytest.mark.parametrize(
-    ("mark", "mask"), [("0x1000", "0x1000"), ("0x100", "0x300"), ("0xffffffff", "0xffffffff")]
+    ("mark", "mask"), [("0x2000", "0x3082"), ("0x100", "0x700"), ("0x1", "0xffffffff")]
 )
 def test_table_read_back_equals_rendered_for_any_mark(make_lab, mark, mask):
     lab = make_lab(n_aps=1)
@@ -95,7 +95,8 @@ def test_table_read_back_equals_rendered_for_any_mark(make_lab, mark, mask):
         "from sdnsup.state import Settings\n"
         f"t = render_table(Settings(mark={mark}, mask={mask}), "
         "{'dst4': frozenset({I.ip_network('10.0.0.0/24'), I.ip_network('10.9.9.9/32')}), "
-        "'dst6': frozenset({I.ip_network('fd00::/64')})})\n"
+        "'dst6': frozenset({I.ip_network('fd00::/64')})}, "
+        "[(I.ip_address('10.77.0.11'), 1), (I.ip_address('fd77::11'), 3)])\n"
         "b = LibNftables(); b.replace(t); print(b.read('sdnsup') == t)\n"
     )
     assert lab.exec(lab.ns_a, sys.executable, "-c", code).stdout.strip() == "True"

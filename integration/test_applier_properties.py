@@ -156,8 +156,8 @@ SYSCTL_KEYS = (
 BASELINE = {key: 1 if key.endswith("compat_mode") else 0 for key in SYSCTL_KEYS}
 SETTINGS = [
     Settings(),
-    Settings(mark=0x100, mask=0x300, table=7400, priority=7400),
-    Settings(mark=0x2000, mask=0x2000, table=51, priority=150),
+    Settings(mark=0x100, mask=0x700, table=7400, priority=7400),
+    Settings(mark=0x2000, mask=0x2006, table=51, priority=150),
 ]
 # Other software's objects, which sdnsup must never touch.
 FOREIGN_TABLE = "100"
@@ -292,7 +292,7 @@ def model(s: State) -> Kernel:
         nhs.add((nhid, ap if dev else None, dev))
         routes |= {(str(c), s.table, nhid) for c in cidrs}
         if dev or s.no_ap == "blackhole":
-            rules.add((fam, s.priority, s.mark, s.mask, s.table))
+            rules.add((fam, s.priority, s.mark, s.mark, s.table))
         if fam == "4" and dev in STRICT:
             sysctls[f"net.ipv4.conf.{dev}.src_valid_mark"] = 1
     sysctls["net.ipv4.nexthop_compat_mode"] = 0  # no other software has nexthop objects in A

@@ -143,7 +143,8 @@ def test_heals_without_restart(make_lab, case):
 
     def healed() -> bool:
         now = owned(lab)
-        return len(now["routes"]) == 2 and len(now["rules"]) == 1 and now["tables"] == ["sdnsup"]
+        # the two CIDRs' routes and the active AP slot's default route; one rule
+        return len(now["routes"]) == 3 and len(now["rules"]) == 1 and now["tables"] == ["sdnsup"]
 
     wait_for(healed, 10, f"heal after {case}")
     assert owned(lab)["nexthops"] == full["nexthops"]

@@ -6,6 +6,7 @@ import pytest
 
 from integration.helpers import owned, start_sdnsup, stop_sdnsup, sysctl, wait_for
 from sdnsup.lab import Lab
+from sdnsup.state import Settings
 
 pytestmark = pytest.mark.netns
 
@@ -95,7 +96,8 @@ def test_sigterm_leaves_nothing_and_kill9_restart_has_no_duplicates(make_lab):
     cidrs = "10.10.10.0/24,10.10.20.0/24,fd10:10:10::/64"
     proc = start_sdnsup(lab, "-r", cidrs, "--ap", ap_arg(lab), "--probe", "icmp")
     state = owned(lab)
-    assert (len(state["rules"]), len(state["routes"]), len(state["nexthops"])) == (2, 3, 2)
+    # per family: the CIDR routes' rule and nexthop, the AP slot's nexthop and default route
+    assert (len(state["rules"]), len(state["routes"]), len(state["nexthops"])) == (2, 5, 4)
     proc.kill()
     proc.wait(5)
     proc = start_sdnsup(lab, "-r", cidrs, "--ap", ap_arg(lab), "--probe", "icmp")
@@ -104,9 +106,11 @@ def test_sigterm_leaves_nothing_and_kill9_restart_has_no_duplicates(make_lab):
     assert sorted(r["dst"] for r in state["routes"]) == [
         "10.10.10.0/24",
         "10.10.20.0/24",
+        "default",
+        "default",
         "fd10:10:10::/64",
     ]
-    assert len(state["nexthops"]) == 2 and state["tables"] == ["sdnsup"]
+    assert len(state["nexthops"]) == 4 and state["tables"] == ["sdnsup"]
     assert stop_sdnsup(lab, proc) == 0
     assert owned(lab) == {"rules": [], "routes": [], "nexthops": [], "tables": []}
     assert lab.exec(lab.ns_a, "ip", "rule").stdout == before_rules
@@ -131,7 +135,8 @@ def test_foreign_mark_bit_survives(make_lab):
     assert lab.whoami(lab.ns_a, lab.b_addr) == str(lab.ap(1).overlay_addr)
     entries = lab.exec(lab.ns_a, "conntrack", "-L", "-p", "tcp", "-d", str(lab.b_addr)).stdout
     marks = {int(f.split("=")[1]) for f in entries.split() if f.startswith("mark=")}
-    assert marks == {0x4000 | 0x1000}, entries
+    # kube-proxy's bit kept; sdnsup's flag and the AP's slot (1) in sdnsup's own bits
+    assert marks == {0x4000 | Settings().slot_mark(1)}, entries
     assert stop_sdnsup(lab, proc) == 0
 
 

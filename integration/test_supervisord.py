@@ -63,7 +63,8 @@ def test_kill9_restart_converges_and_stop_tears_down(make_lab, tmp_path):
     def converged() -> bool:
         state = owned(lab)
         counts = (len(state["rules"]), len(state["routes"]), len(state["nexthops"]))
-        return counts == (2, 2, 2) and state["tables"] == ["sdnsup"]
+        # per family: one rule; the CIDR route and the AP slot's default; two nexthops
+        return counts == (2, 4, 4) and state["tables"] == ["sdnsup"]
 
     wait_for(lambda: "RUNNING" in ctl("status", "sdnsup"), 30, "supervisord to start sdnsup")
     wait_for(converged, 30, "sdnsup to apply its state")

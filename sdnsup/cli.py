@@ -29,6 +29,7 @@ from sdnsup.state import (
     DEFAULT_PRIORITY,
     DEFAULT_TABLE,
     Settings,
+    Slot,
 )
 
 log = logging.getLogger("sdnsup")
@@ -314,7 +315,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     aps = parse_static_aps(args.ap) if args.ap else ()
     settings = Settings(mark=args.mark, mask=args.mask, table=args.table, priority=args.priority)
     config = RunConfig(cidrs=cidrs, aps=aps, settings=settings, no_ap=args.no_ap)
-    desired = desired_for(config, aps[0] if aps else None)
+    # What a fresh start installs: the first AP active, in the first AP slot.
+    first = aps[0] if aps else None
+    slots = (Slot(1, first.addr4, first.addr6),) if first else ()
+    desired = desired_for(config, first, aps, slots)
     # Route lookups and sysctl reads need no privilege: the plan shows the real interface
     # towards the AP and whether strict rp_filter makes src_valid_mark necessary.
     routes = RtnlRoutes.from_system()
