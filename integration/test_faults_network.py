@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import pytest
 
@@ -24,10 +24,12 @@ from integration.faultlib import (
     FaultLab,
     assert_clean,
     assert_consistent,
+    default_exempt,
     fault_lab,
     record,
 )
 from integration.helpers import owned, wait_for
+from sdnsup.lab.services import Ticker
 from sdnsup.lab.traffic import B_TO_A, ConnectionStream
 from sdnsup.state import DEFAULT_PRIORITY, DEFAULT_TABLE, NFT_TABLE
 
@@ -227,6 +229,120 @@ def test_all_aps_dead_then_back(flab: FaultLab) -> None:
         stream.report(),
         note=f"fallback to the normal route after {fallback:.3f} s; back through AP {ap} "
         f"{back:.3f} s after the APs returned (hold-down)",
+    )
+
+
+# --- the AP changes under live sessions -------------------------------------------------------
+
+# Long-lived sessions (a line every 100 ms) through the AP in use when the fault comes.
+SESSION_LINES = 20
+# A CC change is seen at the next refresh: within 12 s with the shortest ttl (10 s +-20%).
+CHANGE_TIMEOUT = 20.0
+
+
+def _open_sessions(flab: FaultLab) -> dict[str, Ticker]:
+    lab = flab.lab
+    sessions = {
+        f"IPv{family}": lab.open_ticker(lab.ns_a, lab.b_addr if family == 4 else lab.b_addr6)
+        for family in (4, 6)
+    }
+    assert [t.wait_open() for t in sessions.values()] == [flab.overlay(1), flab.overlay6(1)]
+    return sessions
+
+
+def _sessions_note(sessions: dict[str, Ticker]) -> str:
+    reports = {name: t.stop() for name, t in sessions.items()}
+    for name, report in reports.items():
+        assert report.errors == [] and report.lost == 0, f"{name} session: {report}"
+        assert report.sent >= SESSION_LINES and len(report.peers) == 1, f"{name}: {report}"
+    lines = sum(r.sent for r in reports.values())
+    return f"{len(reports)} live sessions kept their AP: {lines} lines, 0 lost, 0 resets"
+
+
+def _change_case(
+    flab: FaultLab,
+    fault: str,
+    change: Callable[[], object],
+    expect: str,
+    prepare: Callable[[], object] = lambda: None,
+    exempt: Collection[str] | None = None,
+) -> None:
+    """A change of AP that is not a death: new connections move to AP 2 (``expect`` is the
+    log line saying why), live sessions stay on AP 1 and lose nothing. ``prepare`` runs
+    before sdnsup starts."""
+    with flab.case(fresh=True):
+        flab.stop_sdnsup()
+        prepare()
+        flab.start_sdnsup("--reprobe-interval", "1")  # find the faster AP at once
+        with flab.stream() as stream:
+            sessions = _open_sessions(flab)
+            time.sleep(0.5)
+            stream.mark(fault)
+            change()
+            wait_for(lambda: expect in flab.logs(), CHANGE_TIMEOUT, expect)
+            recovery = stream.wait_healthy(FAILOVER_TIMEOUT, via=[flab.overlay(2)])
+            time.sleep(1)
+            note = _sessions_note(sessions)
+        # the sessions ended: AP 1 drains completely, and only AP 2's state is left
+        wait_for(lambda: "drained" in flab.logs(), HEAL_TIMEOUT, "AP 1 drained")
+        wait_for(lambda: _consistent(flab, 2, exempt), HEAL_TIMEOUT, "AP 2's state only")
+    _assert_inbound_never_failed(stream)
+    record(fault, stream.report(), note=f"{note}; new connections via AP 2 after {recovery:.3f} s")
+
+
+def _consistent(flab: FaultLab, ap: int, exempt: Collection[str] | None) -> bool:
+    try:
+        assert_consistent(flab.lab, ap, exempt=exempt)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_switch_to_a_faster_ap_keeps_live_sessions(flab: FaultLab) -> None:
+    def faster() -> None:
+        flab.lab.set_ap_delay(1, 0.060)
+        flab.lab.set_ap_delay(2, 0.0)
+
+    _change_case(flab, "switch to a faster AP", faster, "switched to faster AP ap2")
+
+
+def test_cc_drain_of_the_active_ap_keeps_live_sessions(flab: FaultLab) -> None:
+    # The CC's next answer (ttl 10 s, the shortest sdnsup follows) no longer lists AP 1.
+    _change_case(
+        flab,
+        "CC drains the active AP",
+        lambda: flab.lab.set_cc(aps=[2, 3], ttl=10),
+        "no longer listed; switched to ap2",
+        prepare=lambda: flab.lab.set_cc(ttl=10),
+        # once drained, AP 1 is known to nobody: no longer exempt
+        exempt=default_exempt(flab.lab) - {str(flab.lab.ap(1).addr), str(flab.lab.ap(1).addr6)},
+    )
+
+
+def test_death_of_the_sessions_ap_ends_them_at_once(flab: FaultLab) -> None:
+    lab = flab.lab
+    with flab.case(fresh=True), flab.stream() as stream:
+        sessions = _open_sessions(flab)
+        idle = lab.open_ticker(lab.ns_a, lab.b_addr, idle=True)
+        stream.mark("death of the AP carrying live sessions")
+        cut = time.monotonic()
+        lab.ap_link_down(1)
+        recovery = stream.wait_healthy(FAILOVER_TIMEOUT, via=[flab.overlay(2)])
+        gone, back = idle.wait_for("error", 10), idle.wait_for("reopen", 10)
+        assert gone is not None and back is not None, idle.report()
+        assert gone["err"] == "ECONNABORTED" and back["peer"] == flab.overlay(2)
+        for name, ticker in sessions.items():
+            error = ticker.wait_for("error", 10)
+            assert error is not None and error["err"] == "ECONNABORTED", (name, ticker.report())
+        stream.stay_healthy(STEADY)
+        assert_consistent(lab, 2)
+    _assert_inbound_never_failed(stream)
+    record(
+        "death of the AP carrying live sessions",
+        stream.report(),
+        note=f"a blocked recv() failed {gone['t'] - cut:.3f} s after the AP died "
+        f"(ECONNABORTED), a new session worked {back['t'] - cut:.3f} s after; new "
+        f"connections via AP 2 after {recovery:.3f} s",
     )
 
 

@@ -502,6 +502,25 @@ def test_watch_of_every_interface_and_from_settings():
     assert relevant(Event("nft-set", deleted=True, family=1, nft_table="t", name="s"), custom)
 
 
+def test_watch_covers_the_ap_slots_tables_rules_and_nexthops():
+    s = Settings()  # 7 slots: tables 7301-7307, draining rules at 7298 and 7299
+    watch = Watch.for_settings(s, [5])
+    route = {"deleted": True, "prefix": "0.0.0.0/0", "proto": 245}
+    assert relevant(Event("route", table=7301, **route), watch) == (
+        "route 0.0.0.0/0 deleted from table 7301"
+    )
+    assert relevant(Event("route", table=7307, **route), watch)
+    assert relevant(Event("route", table=7308, **route), watch) is None
+    for priority in (7298, 7299):
+        assert relevant(Event("rule", deleted=True, priority=priority, proto=245), watch)
+    assert relevant(Event("rule", deleted=True, priority=7297, proto=245), watch) is None
+    slot3 = 0x5D5D0304
+    assert relevant(Event("nexthop", deleted=True, nhid=slot3, proto=245), watch) == (
+        "nexthop 0x5d5d0304 deleted"
+    )
+    assert relevant(Event("nexthop", deleted=True, nhid=0x5D5D0904, proto=245), watch) is None
+
+
 # --- the kernel-side filter ----------------------------------------------------------------
 
 
