@@ -34,16 +34,28 @@ objects in A, its open file descriptors and its RSS, with sdnsup idle. At the en
   while A's link is down), and the failures outside those fault windows, counted apart
   (expected: none).
 
+Then, in a second lab (CHANGE_APS APs, more than the 7 AP slots), the AP changes that are
+not deaths: ``--ap-changes`` (1,000) switches to a faster AP (the agents' answer delays make
+the next AP of a round robin clearly faster), with SESSIONS long-lived sessions open all along
+(a line every 100 ms each; every change closes the oldest sessions and opens as many new ones
+through the new AP, so the sessions are spread over the last few APs, and drained APs free
+their slots for others). A switch that finds every slot taken is refused by sdnsup (counted
+apart: it keeps the sessions pinned). Checked: no line lost, no session reset, no session
+changed path; at the end, with the sessions closed, every slot but the active AP's is freed
+(kernel objects, pins and conntrack marks), and sdnsup's fds and RSS did not grow.
+
 Prints a table and writes bench-results/soak.json. Exit status: 1 when a leak is found, when
-sdnsup stopped serving or did not react to a flap within FLAP_TIMEOUT (correctness results,
-not timing), or when a measurement could not be taken; 0 otherwise. ``--ap-flaps`` /
-``--link-flaps`` scale it down for a quick check; a soak that the 10-minute budget cuts short
-says so (INCOMPLETE) and checks what it did.
+sdnsup stopped serving or did not react to a flap within FLAP_TIMEOUT, when a session lost a
+line (correctness results, not timing), or when a measurement could not be taken; 0
+otherwise. ``--ap-flaps`` / ``--link-flaps`` / ``--ap-changes`` scale it down for a quick
+check; a phase that its 10-minute budget cuts short says so (INCOMPLETE) and checks what it
+did.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -477,6 +489,253 @@ def _sdnsup(*args: str) -> list[str]:
     return [sys.executable, "-m", "sdnsup.cli", *args]
 
 
+# --- AP changes under live sessions -----------------------------------------------------------
+
+AP_CHANGES = 1_000
+# More APs than the 7 AP slots of the default mask: numbers are freed and reused.
+CHANGE_APS = 9
+SESSIONS = 20
+# Each change closes this many of the oldest sessions and opens as many through the new AP:
+# a session lives SESSIONS / ROLL changes, spread over the last few APs.
+ROLL = 4
+FAST_DELAY = 0.0
+SLOW_DELAY = 0.030  # the others: > 10 ms and > 33% slower, so the anti-flap rule switches
+CHANGE_TIMEOUT = 3.0  # a probe round every 0.2 s: a switch within a few rounds
+DRAIN_TIMEOUT = 20.0  # sessions closed -> every other slot freed (counts every 2 s)
+CHANGE_ARGS = ("--reprobe-interval", "0.2")
+
+
+@dataclass
+class Changes:
+    asked: int
+    done: int = 0
+    refused: int = 0  # every slot held pinned connections: sdnsup kept the active AP
+    seconds: float = 0.0
+    switch: list[float] = field(default_factory=list)  # delays changed -> new AP active
+    opened: int = 0
+    sent: int = 0
+    answered: int = 0
+    errors: list[str] = field(default_factory=list)
+    path_changes: list[str] = field(default_factory=list)
+    most_slots: int = 0
+    leaks: list[str] = field(default_factory=list)
+    fds: tuple[int, int] = (0, 0)
+    rss_mb: tuple[float, float] = (0.0, 0.0)
+    complete: bool = False
+
+
+def _active_by_nexthop(lab: Lab) -> int | None:
+    """The AP the CIDR routes' IPv4 nexthop (slot 0's id) names."""
+    from sdnsup.state import NHID_V4
+
+    by_addr = {str(ap.addr): ap.index for ap in lab.aps}
+    for nh in _ip_json(lab, "nexthop", "show"):
+        if nh.get("id") == NHID_V4:
+            return by_addr.get(nh.get("gateway", ""))
+    return None
+
+
+def _is_active(lab: Lab, index: int) -> bool:
+    return _active_by_nexthop(lab) == index
+
+
+def _status(lab: Lab) -> dict[str, Any]:
+    out = lab.exec(lab.ns_a, *_sdnsup("status", "--json"), check=False).stdout
+    try:
+        found: dict[str, Any] = json.loads(out)
+    except ValueError:
+        return {}
+    return found or {}
+
+
+def _close(tickers: list[Any], res: Changes) -> None:
+    from sdnsup.lab.services import Ticker
+
+    for t in tickers:
+        assert isinstance(t, Ticker)
+        report = t.stop()
+        res.sent += report.sent
+        res.answered += report.answered
+        res.errors += [f"{t.description}: {e['err']} {e['text']}" for e in report.errors]
+        if len(report.peers) > 1:
+            res.path_changes.append(f"{t.description}: {dict(report.peers)}")
+
+
+def changes(args: argparse.Namespace, res: Changes) -> None:
+    from sdnsup.state import Settings
+
+    started = time.monotonic()
+    with Lab.create(n_aps=CHANGE_APS) as lab:
+        lab.start_ap_agents({i: SLOW_DELAY for i in range(2, CHANGE_APS + 1)})
+        url = lab.start_cc()
+        lab.set_cc()
+        lab.serve_whoami(lab.ns_b)
+        proc = lab.run_sdnsup(lab.ns_a, "-r", ",".join(CIDRS), "--cc", url, *CHANGE_ARGS)
+        try:
+            wait_for("sdnsup on AP 1", START_TIMEOUT, lambda: _active_by_nexthop(lab) == 1)
+            wait_idle(proc.pid)
+        except WaitTimeout as exc:
+            raise BenchError(f"{exc}:\n{lab.logs(proc)}") from None
+        base = sample(proc.pid)
+        tickers: list[Any] = []
+        dests = [lab.b_addr, lab.b_addr6]
+        deadline = started + MAX_SECONDS - FINAL_RESERVE
+        t0 = time.monotonic()
+        current = 1
+        try:
+            while res.done + res.refused < res.asked and time.monotonic() < deadline:
+                # roll the sessions: the oldest go, new ones open through the active AP
+                _close(tickers[:ROLL] if len(tickers) >= SESSIONS else [], res)
+                if len(tickers) >= SESSIONS:
+                    tickers = tickers[ROLL:]
+                while len(tickers) < SESSIONS:
+                    tickers.append(lab.open_ticker(lab.ns_a, dests[res.opened % 2]))
+                    res.opened += 1
+                target = current % CHANGE_APS + 1
+                for ap in lab.aps:
+                    lab.set_ap_delay(ap.index, FAST_DELAY if ap.index == target else SLOW_DELAY)
+                c0 = time.monotonic()
+                moved = _poll(
+                    "the switch", CHANGE_TIMEOUT, functools.partial(_is_active, lab, target)
+                )
+                if moved:
+                    res.switch.append(time.monotonic() - c0)
+                    res.done += 1
+                    current = target
+                else:
+                    res.refused += 1  # all slots held sessions: it stays (logged)
+                    lab.set_ap_delay(current, FAST_DELAY)
+                    lab.set_ap_delay(target, SLOW_DELAY)
+                    time.sleep(0.5)
+                st = _status(lab)
+                res.most_slots = max(res.most_slots, int((st.get("slots") or {}).get("used", 0)))
+                if (res.done + res.refused) % 100 == 0:
+                    print(
+                        f"{res.done} AP changes ({res.refused} refused), "
+                        f"{time.monotonic() - t0:.0f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            res.seconds = time.monotonic() - t0
+            _close(tickers, res)
+        res.complete = res.done + res.refused >= res.asked
+
+        # Every session is closed: all slots but the active AP's drain and are freed.
+        def one_slot() -> bool:
+            return int((_status(lab).get("slots") or {}).get("used", -1)) == 1
+
+        if _poll("every other slot freed", DRAIN_TIMEOUT, one_slot) is None:
+            held = _status(lab).get("slots")
+            res.leaks.append(f"slots still held {DRAIN_TIMEOUT:.0f} s after the sessions: {held}")
+        settings = Settings()
+        nexthops = [n for n in _ip_json(lab, "nexthop", "show") if _ours(n)]
+        if len(nexthops) != 4:  # per family: the CIDR routes' and the active slot's
+            res.leaks.append(f"nexthops: {nexthops}")
+        for fam in ("-4", "-6"):
+            rules = [r for r in _ip_json(lab, fam, "rule", "show") if _ours(r)]
+            if len(rules) != 1:
+                res.leaks.append(f"rules {fam}: {rules}")
+            routes = _ip_json(
+                lab, fam, "route", "show", "table", "all", "proto", str(RTPROT_SDNSUP)
+            )
+            if len(routes) != 2:
+                res.leaks.append(f"routes {fam}: {routes}")
+        nft = run(
+            ["ip", "netns", "exec", lab.ns_a, "nft", "list", "chain", "inet", "sdnsup", "pins"]
+        )
+        if nft.stdout.count("rt ip") != 1 or nft.stdout.count("rt ip6") != 1:
+            res.leaks.append(f"pins: {nft.stdout}")
+        active = _active_by_nexthop(lab)
+        for n in range(1, settings.slots + 1):
+            mark = f"{settings.slot_mark(n):#x}/{settings.mask:#x}"
+            listing = lab.exec(lab.ns_a, "conntrack", "-L", "-m", mark, check=False).stdout
+            live = [x for x in listing.splitlines() if "TIME_WAIT" not in x and "CLOSE" not in x]
+            if live and n != _slot_of(lab, active):
+                res.leaks.append(f"conntrack entries still pinned to slot {n}: {live[:3]}")
+        try:
+            wait_idle(proc.pid)
+        except WaitTimeout:
+            pass
+        end = sample(proc.pid)
+        res.fds = (base.fds, end.fds)
+        res.rss_mb = (base.rss / MB, end.rss / MB)
+        code = lab.stop(proc, grace=STOP_TIMEOUT)
+        if code != 0:
+            res.leaks.append(f"sdnsup exited {code} on SIGTERM")
+        res.leaks += [f"after SIGTERM: {x}" for x in leftovers(kernel_objects(lab))]
+
+
+def _slot_of(lab: Lab, ap: int | None) -> int | None:
+    """The slot number whose IPv4 nexthop names AP ``ap``."""
+    from sdnsup.state import slot_of_nhid
+
+    if ap is None:
+        return None
+    addr = str(lab.ap(ap).addr)
+    for nh in _ip_json(lab, "nexthop", "show"):
+        key = slot_of_nhid(nh.get("id", 0))
+        if key and key[1] and nh.get("gateway") == addr:
+            return key[1]
+    return None
+
+
+def changes_report(res: Changes) -> dict[str, Any]:
+    lost = res.sent - res.answered
+    sw = stat(res.switch) if res.switch else None
+    rows = [
+        ["AP changes done", f"{res.done} of {res.asked}", "all"],
+        ["  refused: every slot held sessions", str(res.refused), "(sdnsup keeps the AP)"],
+        ["time", f"{res.seconds:.0f} s", f"<= {MAX_SECONDS:.0f} s"],
+        ["faster AP -> sdnsup's switch", sw.fmt("ms", 0) if sw else "-", "probe every 0.2 s"],
+        ["sessions opened (20 open at any time)", str(res.opened), ""],
+        ["lines sent / answered / lost", f"{res.sent} / {res.answered} / {lost}", "0 lost"],
+        ["sessions reset or broken", str(len(res.errors)), "0"],
+        ["sessions that changed path", str(len(res.path_changes)), "0"],
+        ["most AP slots in use at once", str(res.most_slots), "<= 7"],
+        ["open fds (start -> end)", f"{res.fds[0]} -> {res.fds[1]}", "no growth"],
+        [
+            "RSS (start -> end)",
+            f"{res.rss_mb[0]:.1f} -> {res.rss_mb[1]:.1f} MB "
+            f"({res.rss_mb[1] - res.rss_mb[0]:+.2f} MB)",
+            f"< {RSS_GROWTH_LIMIT_MB:.0f} MB growth",
+        ],
+        [
+            "slots and kernel objects at the end",
+            "LEAK (below)" if res.leaks else "only the active AP's slot, nothing after SIGTERM",
+            "",
+        ],
+    ]
+    print_table(
+        f"soak: {res.asked} AP changes (not deaths) with {SESSIONS} live sessions, "
+        f"{CHANGE_APS} APs",
+        ["figure", "value", "target / check"],
+        rows,
+    )
+    for leak in res.leaks:
+        print(f"LEAK (slots) {leak}")
+    for line in (res.errors + res.path_changes)[:10]:
+        print(f"SESSION {line}")
+    if not res.complete:
+        print(f"INCOMPLETE: the {MAX_SECONDS:.0f} s budget ended the AP changes early")
+    return {
+        "asked": res.asked,
+        "done": res.done,
+        "refused": res.refused,
+        "complete": res.complete,
+        "seconds": res.seconds,
+        "switch_seconds": sw,
+        "sessions_opened": res.opened,
+        "lines": {"sent": res.sent, "answered": res.answered, "lost": lost},
+        "session_errors": res.errors,
+        "path_changes": res.path_changes,
+        "most_slots": res.most_slots,
+        "fds": list(res.fds),
+        "rss_mb": list(res.rss_mb),
+        "leaks": res.leaks,
+    }
+
+
 # --- the table --------------------------------------------------------------------------------
 
 
@@ -622,21 +881,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=LINK_FLAPS,
         help=f"flaps of A's interface (default {LINK_FLAPS})",
     )
+    parser.add_argument(
+        "--ap-changes",
+        type=int,
+        default=AP_CHANGES,
+        help=f"switches to a faster AP under live sessions (default {AP_CHANGES}; 0: skip)",
+    )
     args = parser.parse_args(argv)
-    if args.ap_flaps < 0 or args.link_flaps < 0 or args.ap_flaps + args.link_flaps == 0:
-        parser.error("--ap-flaps and --link-flaps must be >= 0, and not both 0")
+    if args.ap_flaps < 0 or args.link_flaps < 0 or args.ap_changes < 0:
+        parser.error("--ap-flaps, --link-flaps and --ap-changes must be >= 0")
     if (code := no_lab_exit()) is not None:
         return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     started = time.monotonic()
     res = Soak(asked=(args.ap_flaps, args.link_flaps))
     errors: list[str] = []
-    try:
-        with Lab.create(n_aps=N_APS) as lab:
-            soak(lab, args, res, started)
-    except (BenchError, LabError, subprocess.SubprocessError, OSError) as exc:
-        errors.append(str(exc))
-    figures = report(res)
+    if args.ap_flaps + args.link_flaps:
+        try:
+            with Lab.create(n_aps=N_APS) as lab:
+                soak(lab, args, res, started)
+        except (BenchError, LabError, subprocess.SubprocessError, OSError) as exc:
+            errors.append(str(exc))
+        figures = report(res)
+    else:
+        figures = {}
+    moves = Changes(asked=args.ap_changes)
+    if args.ap_changes:
+        try:
+            changes(args, moves)
+        except (BenchError, LabError, subprocess.SubprocessError, OSError) as exc:
+            errors.append(f"AP changes: {exc}")
+        figures["ap_changes"] = changes_report(moves)
     figures["errors"] = errors
     figures["settings"] = {
         "aps": N_APS,
@@ -648,7 +923,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json("soak", figures)
     for err in errors:
         print(f"FAILED {err}")
-    return 1 if errors or res.leaks or res.serving or res.flaps.problems else 0
+    broken = moves.leaks or moves.errors or moves.path_changes or moves.sent != moves.answered
+    return 1 if errors or res.leaks or res.serving or res.flaps.problems or broken else 0
 
 
 if __name__ == "__main__":

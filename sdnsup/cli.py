@@ -39,16 +39,20 @@ SUBCOMMANDS = ("run", "plan", "down", "status", "lab")
 RUN_EPILOG = f"""\
 how it steers traffic:
   New connections to the CIDRs (from this host or forwarded for containers) get the mark
-  {DEFAULT_MARK:#x} on their conntrack entry; every packet of a marked connection gets the
-  packet mark, and 'ip rule fwmark MARK/MASK lookup TABLE' sends it to the AP. Connections
+  {DEFAULT_MARK:#x} on their conntrack entry; after routing, the AP their first packet went to
+  is written into the mark (its slot): every later packet follows that AP for as long as it
+  lives, whichever AP becomes active ('ip rule fwmark MARK/MASK' sends it there). Connections
   that arrive from the CIDRs are never marked, so their replies take the normal route (the
   seed's inbound-reply problem). Existing connections are left alone.
 
 defaults and why:
-  --mark/--mask {DEFAULT_MARK:#x}/{DEFAULT_MASK:#x}  bit 12, unused by kube-proxy (0x4000/0x8000),
-                    Cilium (0x0f00), Istio (0x539), wg-quick (0xca6c), Tailscale
-                    (0xff0000), Calico (0xffff0000); only these bits are changed.
-  --table {DEFAULT_TABLE}       not Tailscale's 52, wg-quick's 51820 or the seed's 100.
+  --mark/--mask {DEFAULT_MARK:#x}/{DEFAULT_MASK:#x}
+                    the steered flag (bit 13) and 7 AP slots (bits 1, 7, 12): used by none
+                    of kube-proxy (0x4000), Calico (0xffff0000), Tailscale (0xff0000),
+                    Cilium (0x0f00, identities), wg-quick (0xca6c) or Istio (0x539) in their
+                    default modes; only these bits are changed.
+  --table {DEFAULT_TABLE}       (and one table per AP slot after it) not Tailscale's 52, wg-quick's
+                    51820 or the seed's 100.
   --priority {DEFAULT_PRIORITY}    before main (32766), after Tailscale's rules (5210-5270).
 
 choosing and keeping the AP:
@@ -59,6 +63,9 @@ choosing and keeping the AP:
   active AP is probed every --keepalive-interval; after --keepalive-misses misses in a row it
   is dead and traffic moves at once to the next live AP of the last ranking (with the
   defaults, within 0.6-0.8 s). A dead AP is reused only after 10 s and a clean probe round.
+  An AP that stops being chosen while alive drains: its connections keep it until they end
+  (it is probed every --drain-interval); when an AP with connections dies they move to the
+  active AP, and this host's sockets of them are aborted at once (--abort-sockets).
 
 examples:
   sdnsup -r 10.10.10.0/24 --cc https://cc.example.net --cc-token-file /etc/sdnsup/cc.token

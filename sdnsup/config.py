@@ -20,8 +20,8 @@ Example ``/etc/sdnsup/sdnsup.toml`` (every key optional; the command line still 
     cc = "https://cc.example.net"               # or: ap = ["10.77.0.11+fd77::11", "10.77.0.12"]
     cc_token_file = "cc.token"                  # relative paths: relative to this file
     keepalive_interval = 0.2
-    mark = 0x1000                               # TOML hex integers work
-    mask = 0x1000
+    mark = 0x2000                               # TOML hex integers work
+    mask = 0x2082
     no_ap = "blackhole"
     log_format = "json"
     metrics = "127.0.0.1:9730"
@@ -722,7 +722,7 @@ where options come from (highest first):
      {ENV_PREFIX}KEEPALIVE_INTERVAL=0.3  {ENV_PREFIX}ROUTES=10.0.0.0/8,@/etc/sdnsup/more.txt
      {ENV_PREFIX}ALLOW_DEFAULT=yes (true/false, yes/no, 1/0)
   3. the TOML file (--config; default {DEFAULT_CONFIG_PATH} if it exists), keys spelt
-     with underscores: keepalive_interval = 0.3, mark = 0x1000,
+     with underscores: keepalive_interval = 0.3, mask = 0x2082,
      routes = ["10.10.10.0/24", "@cidrs.txt"]. Unknown keys and wrong types are errors;
      relative paths are relative to the file's directory.
   4. the defaults above.

@@ -46,7 +46,8 @@ def test_help_teaches_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])
     out = capsys.readouterr().out
-    assert "0x1000" in out and "kube-proxy" in out and "7300" in out
+    assert "0x2000/0x3082" in out and "kube-proxy" in out and "7300" in out
+    assert "--drain-interval" in out and "AP slots" in out
 
 
 def test_without_cap_net_admin_clear_error(tmp_path):
