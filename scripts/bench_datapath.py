@@ -16,9 +16,14 @@ and 100k routes) and the sdnsup process itself:
   every state; *with* sdnsup it pays conntrack, the chains and the rule walk: the cost every
   other flow of the host pays.
 
-Three states: a **bare** A (no ruleset, no conntrack: the headline comparison, target >= 95%);
+Four states: a **bare** A (no ruleset, no conntrack: the headline comparison, target >= 95%);
 A with **conntrack** already in use (one stateful nft rule, as on any host with a stateful
-firewall or Docker: what sdnsup adds on such a host); and A **with sdnsup**. Before each
+firewall or Docker: what sdnsup adds on such a host); A **with sdnsup** (connections pinned
+to their AP: the steered flow's packets carry the AP slot's mark, set from the ct mark by a
+map lookup); and an **experiment** on sdnsup's state (see EXPERIMENT_RULE): the active AP's
+connections carry no packet mark and the CIDR table is looked up for every unmarked packet,
+which spares a locally sent steered packet its re-route and costs every other packet one more
+rule and table lookup. Before each
 measured block every path is checked with the lab's whoami server (B must see AP1's overlay
 address for the steered destination, A's own address for the other), so a state that steers
 the wrong way is a failed measurement, not a pretty number. sdnsup is measured only once it is
@@ -78,9 +83,22 @@ CONNTRACK_TABLE = (
     "}\n"
 )
 
-BARE, CONNTRACK, SDNSUP = "bare", "conntrack", "sdnsup"
-STATES = (BARE, CONNTRACK, SDNSUP)
-STATE_LABELS = {BARE: "bare A", CONNTRACK: "A with conntrack", SDNSUP: "A with sdnsup"}
+BARE, CONNTRACK, SDNSUP, UNMARKED = "bare", "conntrack", "sdnsup", "unmarked"
+STATES = (BARE, CONNTRACK, SDNSUP, UNMARKED)
+STATE_LABELS = {
+    BARE: "bare A",
+    CONNTRACK: "A with conntrack",
+    SDNSUP: "A with sdnsup",
+    UNMARKED: "experiment: active AP unmarked",
+}
+# The experiment: sdnsup's state, but packets of connections pinned to the active AP get no
+# packet mark (their slot's mark chain emptied) and an extra rule sends every packet without
+# sdnsup's flag to the CIDR table first. A locally sent packet then finds its route at the
+# first lookup, without the re-route a mark set in the output chain costs. It is not a
+# working design as it stands (a reply to an inbound connection from the CIDRs, or a
+# connection that existed before sdnsup, would need the mark instead): it measures what such
+# a design could save.
+EXPERIMENT_RULE = ("not", "fwmark", "0x2000/0x2000", "lookup", "7300", "pref", "7301")
 
 # Bounds: nothing here waits longer than this for anything.
 APPLY_TIMEOUT = 90.0  # sdnsup start-up with 100k CIDRs (12 s seen on a loaded machine)
@@ -171,6 +189,7 @@ class Bench:
         self.ap1 = lab.ap(1)
         self.sdnsup: subprocess.Popen[bytes] | None = None
         self.conntrack = False
+        self.unmarked = False
         self.route = (STEERED_NET, "via", str(self.ap1.addr), "dev", lab.a_ifname)
 
     def setup(self) -> None:
@@ -212,11 +231,27 @@ class Bench:
         applied and from there to idle; None otherwise (sdnsup not started, or already on)."""
         lab = self.lab
         started = None
-        if state == SDNSUP:
+        if state == UNMARKED and self.unmarked:
+            return None
+        if self.unmarked:  # leave the experiment: sdnsup's own state back, or nothing
+            lab.exec(lab.ns_a, "ip", "rule", "del", *EXPERIMENT_RULE)
+            self.unmarked = False
+            if state != SDNSUP:
+                lab.exec(lab.ns_a, sys.executable, "-m", "sdnsup.cli", "down")
+        if state in (SDNSUP, UNMARKED):
             self._set_conntrack(False)
             lab.exec(lab.ns_a, "ip", "route", "del", *self.route, check=False)
             if self.sdnsup is None:
                 started = self._start_sdnsup()
+            if state == UNMARKED:
+                # sdnsup would heal its ruleset: the experiment runs on the state it left
+                assert self.sdnsup is not None
+                self.sdnsup.kill()
+                self.sdnsup.wait()
+                self.sdnsup = None
+                lab.exec(lab.ns_a, "nft", "flush", "chain", "inet", "sdnsup", "mark_1")
+                lab.exec(lab.ns_a, "ip", "rule", "add", *EXPERIMENT_RULE)
+                self.unmarked = True
         else:
             self._stop_sdnsup()
             self._set_conntrack(state == CONNTRACK)
@@ -410,8 +445,10 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
             }
             vs_bare = paired(results, figure, BARE, SDNSUP)
             vs_ct = paired(results, figure, CONNTRACK, SDNSUP)
+            ex_ct = paired(results, figure, CONNTRACK, UNMARKED)
             r_bare = ratio(vs_bare[1], vs_bare[0]) if vs_bare else None
             r_ct = ratio(vs_ct[1], vs_ct[0]) if vs_ct else None
+            r_ex = ratio(ex_ct[1], ex_ct[0]) if ex_ct else None
             shown = [
                 stat(v * scale for v in got[s].values).fmt(unit, digits) if s in got else "-"
                 for s in STATES
@@ -423,6 +460,7 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
                     *shown,
                     pct(r_bare) if r_bare else "-",
                     pct(r_ct) if r_ct else "-",
+                    pct(r_ex) if r_ex else "-",
                     verdict(r_bare) if r_bare else "",
                 ]
             )
@@ -431,23 +469,31 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
                 **got,
                 "ratio_sdnsup_to_bare": r_bare,
                 "ratio_sdnsup_to_conntrack": r_ct,
+                "ratio_experiment_to_conntrack": r_ex,
             }
         per_packet = {
             s: stat(1e9 / v.udp_pps for v in results[s].values()) for s in STATES if results[s]
         }
         added: dict[str, Stat] = {}
-        for base in (BARE, CONNTRACK):
-            pair = paired(results, "udp_pps", base, SDNSUP)
+        for key, base, state in (
+            (BARE, BARE, SDNSUP),
+            (CONNTRACK, CONNTRACK, SDNSUP),
+            (UNMARKED, CONNTRACK, UNMARKED),
+        ):
+            pair = paired(results, "udp_pps", base, state)
             if pair:
                 ns_base, ns_with = (stat(1e9 / v for v in p.values) for p in pair)
-                added[base] = stat(
+                added[key] = stat(
                     w - b for b, w in zip(ns_base.values, ns_with.values, strict=True)
                 )
         cost_rows.append(
             [
                 flow.label,
                 *(per_packet[s].fmt("ns", 0) if s in per_packet else "-" for s in STATES),
-                *(added[b].fmt("ns", 0) if b in added else "-" for b in (BARE, CONNTRACK)),
+                *(
+                    added[b].fmt("ns", 0) if b in added else "-"
+                    for b in (BARE, CONNTRACK, UNMARKED)
+                ),
             ]
         )
         fig["udp_ns_per_packet"] = {**per_packet, **{f"added_vs_{b}": s for b, s in added.items()}}
@@ -456,12 +502,20 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
     print_table(
         f"datapath: sdnsup's ruleset + {N_CIDRS:,} CIDRs vs none, same path "
         f"({n_runs} runs x {seconds:g} s per iperf3 test; median (min-max))",
-        ["flow", "test", *heads, "sdnsup/bare", "sdnsup/conntrack", "target (vs bare)"],
+        [
+            "flow",
+            "test",
+            *heads,
+            "sdnsup/bare",
+            "sdnsup/conntrack",
+            "experiment/conntrack",
+            "target (vs bare)",
+        ],
         rows,
     )
     print_table(
         "datapath: time per packet, UDP at full speed (1 / datagrams per second received)",
-        ["flow", *heads, "added vs bare", "added vs conntrack"],
+        ["flow", *heads, "added vs bare", "added vs conntrack", "experiment: added vs conntrack"],
         cost_rows,
     )
     return figures
