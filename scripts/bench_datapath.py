@@ -20,10 +20,11 @@ Four states: a **bare** A (no ruleset, no conntrack: the headline comparison, ta
 A with **conntrack** already in use (one stateful nft rule, as on any host with a stateful
 firewall or Docker: what sdnsup adds on such a host); A **with sdnsup** (connections pinned
 to their AP: the steered flow's packets carry the AP slot's mark, set from the ct mark by a
-map lookup); and an **experiment** on sdnsup's state (see EXPERIMENT_RULE): the active AP's
-connections carry no packet mark and the CIDR table is looked up for every unmarked packet,
-which spares a locally sent steered packet its re-route and costs every other packet one more
-rule and table lookup. Before each
+map lookup); sdnsup's kernel state with the daemon stopped (``kill -9``: the ruleset's cost
+alone, without the daemon's CPU on a 2-CPU machine); and an **experiment** on that state (see
+EXPERIMENT_RULE), compared with it: the active AP's connections carry no packet mark and the
+CIDR table is looked up for every unmarked packet, which spares a locally sent steered
+packet its re-route and costs every other packet one more rule and table lookup. Before each
 measured block every path is checked with the lab's whoami server (B must see AP1's overlay
 address for the steered destination, A's own address for the other), so a state that steers
 the wrong way is a failed measurement, not a pretty number. sdnsup is measured only once it is
@@ -83,12 +84,14 @@ CONNTRACK_TABLE = (
     "}\n"
 )
 
-BARE, CONNTRACK, SDNSUP, UNMARKED = "bare", "conntrack", "sdnsup", "unmarked"
-STATES = (BARE, CONNTRACK, SDNSUP, UNMARKED)
+BARE, CONNTRACK, SDNSUP = "bare", "conntrack", "sdnsup"
+RULESET, UNMARKED = "ruleset", "unmarked"
+STATES = (BARE, CONNTRACK, SDNSUP, RULESET, UNMARKED)
 STATE_LABELS = {
     BARE: "bare A",
     CONNTRACK: "A with conntrack",
     SDNSUP: "A with sdnsup",
+    RULESET: "sdnsup's state, daemon stopped",
     UNMARKED: "experiment: active AP unmarked",
 }
 # The experiment: sdnsup's state, but packets of connections pinned to the active AP get no
@@ -189,7 +192,9 @@ class Bench:
         self.ap1 = lab.ap(1)
         self.sdnsup: subprocess.Popen[bytes] | None = None
         self.conntrack = False
+        self.left = False  # sdnsup's kernel state is in A (running or killed)
         self.unmarked = False
+        self.mark_chain = ""  # slot 1's mark rule, to put back after the experiment
         self.route = (STEERED_NET, "via", str(self.ap1.addr), "dev", lab.a_ifname)
 
     def setup(self) -> None:
@@ -231,28 +236,34 @@ class Bench:
         applied and from there to idle; None otherwise (sdnsup not started, or already on)."""
         lab = self.lab
         started = None
-        if state == UNMARKED and self.unmarked:
-            return None
-        if self.unmarked:  # leave the experiment: sdnsup's own state back, or nothing
+        if self.unmarked and state != UNMARKED:  # undo the experiment's two changes
             lab.exec(lab.ns_a, "ip", "rule", "del", *EXPERIMENT_RULE)
+            lab.exec(lab.ns_a, "nft", "-f", "-", input=self.mark_chain)
             self.unmarked = False
-            if state != SDNSUP:
-                lab.exec(lab.ns_a, sys.executable, "-m", "sdnsup.cli", "down")
-        if state in (SDNSUP, UNMARKED):
+        if state in (SDNSUP, RULESET, UNMARKED):
             self._set_conntrack(False)
             lab.exec(lab.ns_a, "ip", "route", "del", *self.route, check=False)
-            if self.sdnsup is None:
-                started = self._start_sdnsup()
-            if state == UNMARKED:
-                # sdnsup would heal its ruleset: the experiment runs on the state it left
-                assert self.sdnsup is not None
+            if self.sdnsup is None and (state == SDNSUP or not self.left):
+                started = self._start_sdnsup()  # adopts what a killed one left, if any
+                self.left = True
+            if state != SDNSUP and self.sdnsup is not None:
+                # sdnsup's kernel state without the daemon: its CPU is not in the figures,
+                # and it cannot heal the experiment's changes away
                 self.sdnsup.kill()
                 self.sdnsup.wait()
                 self.sdnsup = None
-                lab.exec(lab.ns_a, "nft", "flush", "chain", "inet", "sdnsup", "mark_1")
+            if state == UNMARKED and not self.unmarked:
+                chain = ("chain", "inet", "sdnsup", "mark_1")
+                listing = lab.exec(lab.ns_a, "nft", "list", *chain).stdout
+                rule = next(ln.strip() for ln in listing.splitlines() if "meta mark set" in ln)
+                self.mark_chain = f"add rule inet sdnsup mark_1 {rule}\n"
+                lab.exec(lab.ns_a, "nft", "flush", *chain)
                 lab.exec(lab.ns_a, "ip", "rule", "add", *EXPERIMENT_RULE)
                 self.unmarked = True
         else:
+            if self.sdnsup is None and self.left:  # a killed sdnsup's state: as an operator
+                lab.exec(lab.ns_a, sys.executable, "-m", "sdnsup.cli", "down")
+            self.left = False
             self._stop_sdnsup()
             self._set_conntrack(state == CONNTRACK)
             lab.exec(lab.ns_a, "ip", "route", "replace", *self.route)
@@ -445,7 +456,7 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
             }
             vs_bare = paired(results, figure, BARE, SDNSUP)
             vs_ct = paired(results, figure, CONNTRACK, SDNSUP)
-            ex_ct = paired(results, figure, CONNTRACK, UNMARKED)
+            ex_ct = paired(results, figure, RULESET, UNMARKED)
             r_bare = ratio(vs_bare[1], vs_bare[0]) if vs_bare else None
             r_ct = ratio(vs_ct[1], vs_ct[0]) if vs_ct else None
             r_ex = ratio(ex_ct[1], ex_ct[0]) if ex_ct else None
@@ -469,7 +480,7 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
                 **got,
                 "ratio_sdnsup_to_bare": r_bare,
                 "ratio_sdnsup_to_conntrack": r_ct,
-                "ratio_experiment_to_conntrack": r_ex,
+                "ratio_experiment_to_ruleset": r_ex,
             }
         per_packet = {
             s: stat(1e9 / v.udp_pps for v in results[s].values()) for s in STATES if results[s]
@@ -478,6 +489,7 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
         for key, base, state in (
             (BARE, BARE, SDNSUP),
             (CONNTRACK, CONNTRACK, SDNSUP),
+            (RULESET, CONNTRACK, RULESET),
             (UNMARKED, CONNTRACK, UNMARKED),
         ):
             pair = paired(results, "udp_pps", base, state)
@@ -492,7 +504,7 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
                 *(per_packet[s].fmt("ns", 0) if s in per_packet else "-" for s in STATES),
                 *(
                     added[b].fmt("ns", 0) if b in added else "-"
-                    for b in (BARE, CONNTRACK, UNMARKED)
+                    for b in (BARE, CONNTRACK, RULESET, UNMARKED)
                 ),
             ]
         )
@@ -508,14 +520,21 @@ def report(flows: list[Flow], runs: Runs, n_runs: int, seconds: float) -> dict[s
             *heads,
             "sdnsup/bare",
             "sdnsup/conntrack",
-            "experiment/conntrack",
+            "experiment/ruleset",
             "target (vs bare)",
         ],
         rows,
     )
     print_table(
         "datapath: time per packet, UDP at full speed (1 / datagrams per second received)",
-        ["flow", *heads, "added vs bare", "added vs conntrack", "experiment: added vs conntrack"],
+        [
+            "flow",
+            *heads,
+            "sdnsup: added vs bare",
+            "added vs conntrack",
+            "ruleset: added vs conntrack",
+            "experiment: added vs conntrack",
+        ],
         cost_rows,
     )
     return figures

@@ -18,6 +18,12 @@ is connected and stops before sdnsup does, so every conntrack entry it creates i
 (a reused source port then finds a steered entry; a reply that nevertheless went around
 the overlay is counted as "unsteered" and never closes a dark window).
 
+Two long-lived TCP sessions to B are also open through AP1 when it is cut, as an application
+sees it: one idle in a blocking ``recv()`` that reconnects (every 50 ms) once the ``recv()``
+fails, one sending a line every 100 ms. Per run: when each session failed and how (sdnsup
+aborts this host's sockets of a dead AP's connections: ECONNABORTED), and when the
+reconnect succeeded through AP2.
+
 Per run: dark window = the longest gap between consecutive replies through an AP, from the
 last one before the cut on; and its breakdown: cut -> sdnsup's verdict (its "failover:" log
 line: detection), verdict -> AP2's nexthop in A's kernel (``ip -ts monitor``: apply),
@@ -67,7 +73,7 @@ from sdnsup import keepalive
 from sdnsup.lab import Lab, WaitTimeout
 from sdnsup.lab import wait_for as lab_wait_for
 from sdnsup.lab.commands import LabError
-from sdnsup.lab.services import lab_script
+from sdnsup.lab.services import Ticker, lab_script
 from sdnsup.routes import RTPROT_SDNSUP
 
 # --- the lab, shared with bench_converge and bench_heal --------------------------------------
@@ -225,10 +231,12 @@ def log_records(lab: Lab, proc: subprocess.Popen[bytes], pattern: str) -> list[t
 
 
 def lab_with_cc(lab: Lab) -> str:
-    """Start the AP agents (DELAYS) and the lab CC listing every AP; the CC's URL."""
+    """Start the AP agents (DELAYS), the lab CC listing every AP and a whoami server in B (for
+    the long-lived sessions); the CC's URL."""
     lab.start_ap_agents(DELAYS)
     url = lab.start_cc(port=CC_PORT)
     lab.set_cc()
+    lab.serve_whoami(lab.ns_b)
     return url
 
 
@@ -444,6 +452,13 @@ class Run:
     false_failovers: list[str] = field(default_factory=list)  # other AP changes
     watched: float = 0.0  # seconds sdnsup ran with an AP, outside the expected failover
     near_misses: int = 0  # keepalive probes missed without a verdict (fewer than K in a row)
+    # A session pinned to AP1, idle in a blocking recv(): when that recv() failed, and when
+    # the application's reconnect (every 50 ms) succeeded; and a session talking all along
+    # (a line every 100 ms): when it failed. Errors as errno names (ECONNABORTED...).
+    idle_error: float | None = None
+    reconnected: float | None = None
+    talking_error: float | None = None
+    session_errors: list[str] = field(default_factory=list)
 
 
 def ap_of(lab: Lab, seen: str) -> str:
@@ -481,6 +496,8 @@ def failover_run(lab: Lab, url: str, setting: Setting, idle: float) -> Run:
     proc, launched = start_sdnsup(lab, url, *setting.args, *DEBUG_LOG)
     client = None
     issued = cut = None
+    issued_mono = 0.0
+    sessions: tuple[Ticker, ...] = ()
     failure = None
     try:
         wait_ranking(lab, proc)
@@ -491,10 +508,13 @@ def failover_run(lab: Lab, url: str, setting: Setting, idle: float) -> Run:
             return any(r["seen"] == ap1 for r in json_lines(lab, client))
 
         wait_for("replies through AP1", READY_TIMEOUT, via_ap1)
+        idle_session = lab.open_ticker(lab.ns_a, lab.b_addr, idle=True)
+        talking = lab.open_ticker(lab.ns_a, lab.b_addr)
+        sessions = (idle_session, talking)
         # Steady traffic, sdnsup idle: false failovers would show here. Then a random phase,
         # or the cut would hit the same point of the keepalive cycle in every run.
         time.sleep(idle + random.uniform(0, setting.interval))
-        issued = time.time()
+        issued, issued_mono = time.time(), time.monotonic()
         lab.ap_link_down(1)
         cut = time.time()
 
@@ -505,12 +525,15 @@ def failover_run(lab: Lab, url: str, setting: Setting, idle: float) -> Run:
 
         first = wait_for("a reply through AP2 after the cut", hi + 3.0, through_ap2)
         time.sleep(max(0.0, first + AFTER_SWITCH - time.time()))
+        idle_session.wait_for("reopen", hi + 3.0)
+        talking.wait_for("error", 1.0)
     except BenchError as exc:
         failure = exc
     finally:
         # The client stops first: no flow of this run outlives the steering (see docstring).
         if client is not None:
             lab.stop(client, grace=1.0)
+        session_reports = [t.stop(timeout=1.0) for t in sessions] if sessions else []
         stopped = time.time()
         stop_sdnsup(lab, proc)
         lab.stop(server, grace=1.0)
@@ -572,6 +595,17 @@ def failover_run(lab: Lab, url: str, setting: Setting, idle: float) -> Run:
     run.false_failovers = false
     # the dark window itself is not "watched": there an AP change is expected
     run.watched = max(0.0, stopped - began - run.verdict)
+    if session_reports:
+        # The sessions stamp with time.monotonic(): the cut on that clock.
+        cut_mono = issued_mono + (cut - issued)
+        idle_report, talking_report = session_reports
+        if idle_report.errors:
+            run.idle_error = idle_report.errors[0]["t"] - cut_mono
+        if idle_report.reopened_at is not None:
+            run.reconnected = idle_report.reopened_at - cut_mono
+        if talking_report.errors:
+            run.talking_error = talking_report.errors[0]["t"] - cut_mono
+        run.session_errors = [e["err"] for r in session_reports for e in r.errors]
     return run
 
 
@@ -753,6 +787,12 @@ def report(res: Results, runs: int, idle: float) -> dict[str, Any]:
                      [r.first_next - r.verdict for r in done]),
             stat_row("detection as sdnsup logged it (from AP1's last answer)",
                      [r.logged_detection for r in done]),
+            stat_row("session pinned to AP1, idle in recv(): cut -> recv() error",
+                     [r.idle_error for r in done], "the verdict + ms (sockets aborted)"),
+            stat_row("  cut -> its reconnect succeeded (through AP2)",
+                     [r.reconnected for r in done], "the verdict + one RTT"),
+            stat_row("session pinned to AP1, talking: cut -> its error",
+                     [r.talking_error for r in done], "the verdict + ms"),
         ]  # fmt: skip
         benchlib.print_table(f"failover, {setting.describe()}", STAT_HEAD, rows)
         false = [ln for r in done for ln in r.false_failovers] + res.spoilt.get(name, [])
@@ -780,6 +820,8 @@ def report(res: Results, runs: int, idle: float) -> dict[str, Any]:
             f" row): {near}"
         )
         print(f"  replies that did not go through an AP: {unsteered} (expected 0)")
+        kinds = sorted({e for r in done for e in r.session_errors})
+        print(f"  what the pinned sessions saw: {', '.join(kinds) or 'nothing'}")
         figures["settings"][name] = {
             "keepalive": {
                 "interval": setting.interval,
@@ -802,6 +844,10 @@ def report(res: Results, runs: int, idle: float) -> dict[str, Any]:
             "near_misses": sum(r.near_misses for r in done),
             "apply_duration": maybe_stat([r.apply_took for r in done]),
             "unsteered_replies": unsteered,
+            "idle_session_recv_error": maybe_stat([r.idle_error for r in done]),
+            "idle_session_reconnected": maybe_stat([r.reconnected for r in done]),
+            "talking_session_error": maybe_stat([r.talking_error for r in done]),
+            "session_errors": sorted({e for r in done for e in r.session_errors}),
         }
     return figures
 

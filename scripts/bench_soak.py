@@ -142,9 +142,10 @@ def active_ap(lab: Lab) -> int | None:
 
 
 def state_complete(lab: Lab) -> bool:
-    """Whether sdnsup's nexthops, rules and routes are all in A (both families)."""
+    """Whether sdnsup's nexthops, rules and routes are all in A (both families): per family
+    the CIDR routes' nexthop and the active AP slot's (a draining slot may add one)."""
     nhs = [n for n in _ip_json(lab, "nexthop", "show") if _ours(n) and "gateway" in n]
-    if len(nhs) != 2:
+    if len(nhs) < 4:
         return False
     for fam in ("-4", "-6"):
         if not any(_ours(r) for r in _ip_json(lab, fam, "rule", "show")):
@@ -165,8 +166,8 @@ def _strip_handles(obj: Any) -> Any:
 def kernel_objects(lab: Lab) -> dict[str, Any]:
     """Everything in A that is sdnsup's, or would be if it leaked, comparable with ==.
 
-    The nexthops' gateways are left out (the active AP changes with every flap); everything
-    else must be the same at the baseline and at the end.
+    The nexthops' gateways and ids are left out (the active AP and its slot change with every
+    flap); everything else must be the same at the baseline and at the end.
     """
     nft = json.loads(run(["ip", "netns", "exec", lab.ns_a, "nft", "-j", "list", "ruleset"]).stdout)
     items = [_strip_handles(o) for o in nft["nftables"] if "metainfo" not in o]
@@ -179,30 +180,44 @@ def kernel_objects(lab: Lab) -> dict[str, Any]:
     nexthops = sorted(
         (n["id"], str(n.get("protocol")), n.get("dev", "")) for n in _ip_json(lab, "nexthop")
     )
+    # which AP holds which slot changes with every flap: the pins chain names the APs
+    for o in table_items:
+        if o.get("rule", {}).get("chain") == "pins":
+            o["rule"]["expr"] = "(the slots' AP addresses)"
     objs: dict[str, Any] = {
         "nft tables": tables,
         "nft objects": sorted(table_items, key=json.dumps),
-        "nexthops (id, proto, dev)": nexthops,
+        "nexthops (id, proto, dev)": [(0, p, d) for _, p, d in nexthops],
     }
     for fam in ("-4", "-6"):
         objs[f"rules {fam}"] = _ip_json(lab, fam, "rule", "show")
         routes = _ip_json(lab, fam, "route", "show", "table", "all", "proto", str(RTPROT_SDNSUP))
         objs[f"sdnsup routes {fam}"] = sorted(
-            (r["dst"], str(r.get("table")), r.get("nhid")) for r in routes
+            (r["dst"], str(r.get("table")) if r["dst"] != "default" else "slot", r.get("nhid"))
+            for r in routes
+            if r["dst"] != "default"
         )
+        objs[f"slot routes {fam}"] = len([r for r in routes if r["dst"] == "default"])
         objs[f"table 7300 {fam}"] = len(_ip_json(lab, fam, "route", "show", "table", "7300"))
     return objs
 
 
 def intended(objs: dict[str, Any]) -> list[str]:
-    """What in ``objs`` is not exactly sdnsup's intended state (an empty list: all good)."""
+    """What in ``objs`` is not exactly sdnsup's intended state (an empty list: all good):
+    after AP deaths only (the soak's flaps), no AP drains, so per family the CIDR routes'
+    nexthop and the active AP slot's, one rule, the CIDR route and the slot's default."""
+    from sdnsup.state import NHID_V4, NHID_V6
+
     problems = []
     if objs["nft tables"] != [("inet", "sdnsup")]:
         problems.append(f"nft tables in A: {objs['nft tables']} (want only inet sdnsup)")
     ours = [n for n in objs["nexthops (id, proto, dev)"] if n[1] in OUR_PROTO]
-    if len(ours) != 2 or len(objs["nexthops (id, proto, dev)"]) != 2:
-        problems.append(f"nexthops: {objs['nexthops (id, proto, dev)']} (want one per family)")
-    nhids = {n[0] for n in ours}
+    if len(ours) != 4 or len(objs["nexthops (id, proto, dev)"]) != 4:
+        problems.append(
+            f"nexthops: {objs['nexthops (id, proto, dev)']} (want two per family: the CIDR "
+            "routes' and the active AP slot's)"
+        )
+    nhids = {NHID_V4, NHID_V6}
     for fam, cidr in (("-4", CIDRS[0]), ("-6", CIDRS[1])):
         rules = [r for r in objs[f"rules {fam}"] if _ours(r)]
         if len(rules) != 1:
@@ -210,6 +225,8 @@ def intended(objs: dict[str, Any]) -> list[str]:
         routes = objs[f"sdnsup routes {fam}"]
         if len(routes) != 1 or routes[0][0] != cidr or routes[0][2] not in nhids:
             problems.append(f"sdnsup routes {fam}: {routes} (want {cidr} via its nexthop)")
+        if objs[f"slot routes {fam}"] != 1:
+            problems.append(f"AP slot routes {fam}: {objs[f'slot routes {fam}']} (want 1)")
         if objs[f"table 7300 {fam}"] != 1:
             problems.append(f"table 7300 {fam} holds {objs[f'table 7300 {fam}']} routes, not 1")
     return problems
@@ -224,6 +241,7 @@ def leftovers(objs: dict[str, Any]) -> list[str]:
     for fam in ("-4", "-6"):
         out += [f"rule {r}" for r in objs[f"rules {fam}"] if _ours(r)]
         out += [f"route {r}" for r in objs[f"sdnsup routes {fam}"]]
+        out += [f"{n} slot default routes {fam}" for n in [objs[f"slot routes {fam}"]] if n]
     return out
 
 
