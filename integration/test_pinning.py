@@ -32,8 +32,10 @@ FAST = ("--reprobe-interval", "1")
 DEATH_BOUND = 5.0
 
 
-def pinning_lab(make_lab, delays: dict[int, float], ttl: float = 60) -> tuple[Lab, str]:
-    lab = make_lab(n_aps=len(delays), container=True)
+def pinning_lab(
+    make_lab, delays: dict[int, float], ttl: float = 60, **kw: object
+) -> tuple[Lab, str]:
+    lab = make_lab(n_aps=len(delays), container=True, **kw)
     lab.start_ap_agents(delays)
     url = lab.start_cc()
     lab.set_cc(ttl=ttl)
@@ -94,8 +96,13 @@ def new_connection_via(lab: Lab, i: int) -> bool:
     ) == overlay(lab, i, 6)
 
 
-def test_a_faster_ap_takes_new_connections_and_live_sessions_keep_theirs(make_lab):
-    lab, url = pinning_lab(make_lab, {1: 0.005, 2: 0.040})
+@pytest.mark.parametrize(
+    "where",
+    [{}, {"ap_link": "private", "rp_filter_strict": True}],
+    ids=["shared LAN", "private AP network, strict rp_filter"],
+)
+def test_a_faster_ap_takes_new_connections_and_live_sessions_keep_theirs(make_lab, where):
+    lab, url = pinning_lab(make_lab, {1: 0.005, 2: 0.040}, **where)
     proc = start_sdnsup(lab, "-r", CIDRS, "--cc", url, *FAST)
     with ConnectionStream(lab) as stream:
         sessions = Sessions(lab)
@@ -104,7 +111,7 @@ def test_a_faster_ap_takes_new_connections_and_live_sessions_keep_theirs(make_la
         lab.set_ap_delay(1, 0.080)
         lab.set_ap_delay(2, 0.0)
         line = wait_logged(lab, proc, "switched to faster AP ap2", 10)
-        assert "ap1 (172.31.1.11+fd31:1::11) drains (slot 1)" in line
+        assert f"ap1 ({lab.ap(1).addr}+{lab.ap(1).addr6}) drains (slot 1)" in line
         wait_for(lambda: new_connection_via(lab, 2), 10, "new connections through AP 2")
         time.sleep(1)
         sessions.assert_intact()

@@ -516,6 +516,8 @@ SESSIONS = 20
 # Each change closes this many of the oldest sessions and opens as many through the new AP:
 # a session lives SESSIONS / ROLL changes, spread over the last few APs.
 ROLL = 4
+# sdnsup status (a process start) every this many changes: the most slots in use.
+STATUS_EVERY = 10
 FAST_DELAY = 0.0
 SLOW_DELAY = 0.030  # the others: > 10 ms and > 33% slower, so the anti-flap rule switches
 CHANGE_TIMEOUT = 3.0  # a probe round every 0.2 s: a switch within a few rounds
@@ -553,6 +555,15 @@ def _active_by_nexthop(lab: Lab) -> int | None:
     return None
 
 
+def _steady_fds(pid: int) -> int:
+    """The fewest open fds over about a second: a probe in flight holds a socket a moment."""
+    low = []
+    for _ in range(FD_SAMPLES):
+        low.append(sample(pid).fds)
+        time.sleep(0.1)
+    return min(low)
+
+
 def _is_active(lab: Lab, index: int) -> bool:
     return _active_by_nexthop(lab) == index
 
@@ -571,6 +582,8 @@ def _close(tickers: list[Any], res: Changes) -> None:
 
     for t in tickers:
         assert isinstance(t, Ticker)
+        t.close()  # all at once, then collect
+    for t in tickers:
         report = t.stop()
         res.sent += report.sent
         res.answered += report.answered
@@ -595,6 +608,7 @@ def changes(args: argparse.Namespace, res: Changes) -> None:
         except WaitTimeout as exc:
             raise BenchError(f"{exc}:\n{lab.logs(proc)}") from None
         base = sample(proc.pid)
+        base_fds = _steady_fds(proc.pid)
         tickers: list[Any] = []
         dests = [lab.b_addr, lab.b_addr6]
         deadline = started + MAX_SECONDS - FINAL_RESERVE
@@ -606,9 +620,14 @@ def changes(args: argparse.Namespace, res: Changes) -> None:
                 _close(tickers[:ROLL] if len(tickers) >= SESSIONS else [], res)
                 if len(tickers) >= SESSIONS:
                     tickers = tickers[ROLL:]
-                while len(tickers) < SESSIONS:
-                    tickers.append(lab.open_ticker(lab.ns_a, dests[res.opened % 2]))
+                new = []
+                while len(tickers) + len(new) < SESSIONS:
+                    new.append(lab.open_ticker(lab.ns_a, dests[res.opened % 2], wait=False))
                     res.opened += 1
+                for t in new:
+                    if t.wait_open(10) is None:
+                        raise BenchError(f"a session did not open: {t.report()}")
+                tickers += new
                 target = current % CHANGE_APS + 1
                 for ap in lab.aps:
                     lab.set_ap_delay(ap.index, FAST_DELAY if ap.index == target else SLOW_DELAY)
@@ -625,8 +644,10 @@ def changes(args: argparse.Namespace, res: Changes) -> None:
                     lab.set_ap_delay(current, FAST_DELAY)
                     lab.set_ap_delay(target, SLOW_DELAY)
                     time.sleep(0.5)
-                st = _status(lab)
-                res.most_slots = max(res.most_slots, int((st.get("slots") or {}).get("used", 0)))
+                if (res.done + res.refused) % STATUS_EVERY == 0:
+                    st = _status(lab)
+                    used = int((st.get("slots") or {}).get("used", 0))
+                    res.most_slots = max(res.most_slots, used)
                 if (res.done + res.refused) % 100 == 0:
                     print(
                         f"{res.done} AP changes ({res.refused} refused), "
@@ -662,7 +683,7 @@ def changes(args: argparse.Namespace, res: Changes) -> None:
         nft = run(
             ["ip", "netns", "exec", lab.ns_a, "nft", "list", "chain", "inet", "sdnsup", "pins"]
         )
-        if nft.stdout.count("rt ip") != 1 or nft.stdout.count("rt ip6") != 1:
+        if nft.stdout.count("rt ip nexthop") != 1 or nft.stdout.count("rt ip6 nexthop") != 1:
             res.leaks.append(f"pins: {nft.stdout}")
         active = _active_by_nexthop(lab)
         for n in range(1, settings.slots + 1):
@@ -676,7 +697,9 @@ def changes(args: argparse.Namespace, res: Changes) -> None:
         except WaitTimeout:
             pass
         end = sample(proc.pid)
-        res.fds = (base.fds, end.fds)
+        res.fds = (base_fds, _steady_fds(proc.pid))
+        if res.fds[1] > res.fds[0]:
+            res.leaks.append(f"fds {res.fds[0]} -> {res.fds[1]}: {fd_kinds(proc.pid)}")
         res.rss_mb = (base.rss / MB, end.rss / MB)
         code = lab.stop(proc, grace=STOP_TIMEOUT)
         if code != 0:
@@ -816,7 +839,8 @@ def report(res: Soak) -> dict[str, Any]:
                 "LEAK (below)"
                 if "kernel" in res.leaks
                 else "as intended, same as after warm-up (nothing left after SIGTERM)",
-                "1 table, 1 rule + 1 nexthop per family, 1 route per CIDR",
+                "1 table; per family 1 rule, 2 nexthops (the CIDR routes', the AP slot's), "
+                "1 route per CIDR, the slot's default route",
             ],
             [
                 "open fds (after warm-up -> end)",

@@ -297,11 +297,15 @@ class Ticker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, timeout: float = 5.0) -> TickerReport:
-        """End the connection (EOF on the ticker's stdin) and return its final report."""
+    def close(self) -> None:
+        """Ask the ticker to end (EOF on its stdin) without waiting: :meth:`stop` waits."""
         with contextlib.suppress(OSError, ValueError):
             assert self.proc.stdin is not None
             self.proc.stdin.close()
+
+    def stop(self, timeout: float = 5.0) -> TickerReport:
+        """End the connection (EOF on the ticker's stdin) and return its final report."""
+        self.close()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

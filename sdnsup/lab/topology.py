@@ -636,12 +636,15 @@ class Lab:
         idle: bool = False,
         interval: float = 0.1,
         timeout: float = 3.0,
+        wait: bool = True,
     ) -> Ticker:
         """Open a long-lived connection from ``ns`` to a whoami server that exchanges a line
         every ``interval`` (or, ``idle``, blocks in ``recv()`` and reconnects once it fails).
 
         Raises :class:`~sdnsup.lab.commands.LabError` when it does not open within
-        ``timeout``. It is stopped at teardown if not before.
+        ``timeout`` (with ``wait`` False it returns at once: the caller checks
+        :meth:`Ticker.wait_open`, e.g. to open several at a time). It is stopped at teardown
+        if not before.
         """
         argv = lab_script(
             "ticker", str(addr), str(port), "--interval", str(interval),
@@ -651,7 +654,7 @@ class Lab:
         proc = self.popen(ns, *argv, label=label, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         ticker = Ticker(proc, f"{ns}->[{addr}]:{port}")
         self._tickers.append(ticker)
-        if ticker.wait_open(timeout + 5) is None:
+        if wait and ticker.wait_open(timeout + 5) is None:
             ticker.stop(timeout=0.5)
             raise LabError(f"ticker {ticker.description} failed:\n{self.logs(proc)}")
         return ticker
