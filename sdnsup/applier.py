@@ -43,6 +43,7 @@ from sdnsup.state import (
     NHID_V4,
     NHID_V6,
     PRIORITY_SPAN,
+    PROBE_SLOT,
     DesiredState,
     Settings,
     Slot,
@@ -229,6 +230,7 @@ def render(
         if link is not None or desired.no_ap == "blackhole":
             rules.add(Rule(family, s.priority, s.mark, s.mark, s.table))
     pins = _render_slots(desired, on_link, strict_rpf, nexthops, routes, rules, valid_mark, result)
+    _render_probes(desired, on_link, strict_rpf, nexthops, routes, rules, valid_mark, result)
     # The APs are always exempt, even if the CIDRs cover them: their own traffic (probes,
     # and the forwarded packets' next hop) must never be steered into themselves.
     slot_addrs = [a for slot in desired.slots for a in (slot.addr4, slot.addr6)]
@@ -304,6 +306,42 @@ def _render_slots(
                 if version == 4 and strict_rpf(link.ifname):
                     valid_mark.add(link.ifname)
     return pins
+
+
+def _render_probes(
+    desired: DesiredState,
+    on_link: Callable[[IPAddress, str], Link | None],
+    strict_rpf: Callable[[str], bool],
+    nexthops: set[Nexthop],
+    routes: dict[RouteGroup, frozenset[IPNetwork]],
+    rules: set[Rule],
+    valid_mark: set[str],
+    result: ApplyResult,
+) -> None:
+    """The probe table: a host route to each path-probe target through ``probe_via`` (the
+    AP to compare the active one with), used only by packets with the probe mark.
+
+    Host routes, not a default route: a packet of another program that happens to carry the
+    probe mark's bits is routed by sdnsup only towards a probe target.
+    """
+    s = desired.settings
+    for version, via in ((4, desired.probe_via4), (6, desired.probe_via6)):
+        targets = frozenset(
+            ipaddress.ip_network(t) for t in desired.probe_targets if t.version == version
+        )
+        if via is None or not targets:
+            continue
+        link = on_link(via, "AP probed through")
+        if link is None:
+            continue
+        family = _family(version)
+        nhid = slot_nhid(version, PROBE_SLOT)
+        nexthops.add(Nexthop(nhid, family, via, link.ifindex))
+        routes[(s.probe_table, nhid)] = targets
+        rules.add(Rule(family, s.priority - 1, s.probe_mark, s.mask, s.probe_table))
+        result.slot_links[(version, PROBE_SLOT)] = link
+        if version == 4 and strict_rpf(link.ifname):
+            valid_mark.add(link.ifname)
 
 
 def _host_nets(*addrs: IPAddress | None, v: int) -> frozenset[Element]:

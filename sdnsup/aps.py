@@ -8,12 +8,15 @@ order of preference. An IPv6-only AP is written with its IPv6 address alone.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from sdnsup.errors import ConfigError
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ProbeKind = Literal["udp", "tcp", "icmp", "http"]
+TargetKind = Literal["icmp", "tcp", "udp"]
 PROBE_KINDS: tuple[ProbeKind, ...] = ("udp", "tcp", "icmp", "http")
 # The lab's AP agent and the CC protocol's example use these; a CC may name others per AP.
 DEFAULT_PROBE_PORT = {"udp": 7300, "tcp": 7301, "http": 7301, "icmp": 0}
@@ -29,15 +32,76 @@ class ProbeSpec:
     path: str = "/health"
 
 
+# --- tracked targets: hosts inside the CIDRs probed through an AP (sdnsup.paths) ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A host inside the CIDRs to probe: ``icmp`` echo, ``tcp`` connect to ``port``, or
+    ``udp`` echo (the AP agent's protocol: the probe must come back) to ``port``."""
+
+    addr: IPAddress
+    kind: TargetKind = "icmp"
+    port: int = 0
+
+    def __str__(self) -> str:
+        host = f"[{self.addr}]" if self.addr.version == 6 else str(self.addr)
+        return f"{self.kind}:{self.port}@{host}" if self.port else f"{self.kind}@{host}"
+
+
+def parse_target(spec: str, what: str = "--track") -> Target:
+    """``ADDR`` (ICMP echo), ``icmp@ADDR``, ``tcp:PORT@ADDR`` or ``udp:PORT@ADDR``.
+
+    Raises:
+        ConfigError: malformed, not a unicast address, a port where none belongs or missing.
+    """
+    kind_text, sep, host = spec.strip().rpartition("@")
+    if not sep:
+        kind_text, host = "icmp", spec.strip()
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ConfigError(
+            f"{what} {spec!r}: {host!r} is not an IP address (use ADDR, icmp@ADDR, "
+            "tcp:PORT@ADDR or udp:PORT@ADDR)"
+        ) from None
+    if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
+        raise ConfigError(f"{what} {spec!r}: {addr} is not a unicast host address")
+    kind, _, port_text = kind_text.partition(":")
+    if kind not in ("icmp", "tcp", "udp"):
+        raise ConfigError(f"{what} {spec!r}: probe kind must be icmp, tcp or udp, not {kind!r}")
+    if kind == "icmp":
+        if port_text:
+            raise ConfigError(f"{what} {spec!r}: an icmp probe takes no port")
+        return Target(addr)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{what} {spec!r}: {kind} needs a port 1-65535, e.g. {kind}:22@ADDR")
+    return Target(addr, kind, int(port_text))  # type: ignore[arg-type]
+
+
+def parse_targets(specs: Iterable[str], what: str = "--track") -> tuple[Target, ...]:
+    """Comma-separated targets (each :func:`parse_target`); duplicates dropped."""
+    out: list[Target] = []
+    for spec in specs:
+        for item in spec.split(","):
+            if item.strip():
+                target = parse_target(item, what)
+                if target not in out:
+                    out.append(target)
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class AccessPoint:
-    """One AP. At least one of ``addr4``/``addr6`` is set."""
+    """One AP. At least one of ``addr4``/``addr6`` is set. ``track``: hosts inside the
+    CIDRs to probe through it while it is active (the CC's per-AP ``track`` list)."""
 
     id: str
     addr4: ipaddress.IPv4Address | None = None
     addr6: ipaddress.IPv6Address | None = None
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     weight: int = 1
+    track: tuple[Target, ...] = ()
 
     @property
     def addr(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -227,6 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdnsup.netmon import Monitor, Watch
     from sdnsup.nft import LibNftables
     from sdnsup.notify import Notifier
+    from sdnsup.paths import PassiveDetector
     from sdnsup.pins import PinKeeper
     from sdnsup.rtnl import RtnlRoutes
     from sdnsup.supervisor import Supervisor
@@ -249,10 +250,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings,
             abort_sockets=opts.abort_sockets,
             report=lambda report: supervisor.on_pins(report),
+            passive=opts.passive_check,
+        )
+        detector = (
+            PassiveDetector(destinations=opts.suspect_destinations, window=opts.suspect_window)
+            if opts.passive_check
+            else None
         )
         supervisor = Supervisor(
             aps=aps if opts.ap is not None else None,
-            desired_for=lambda ap, known, slots: desired_for(config, ap, known, slots),
+            desired_for=lambda ap, known, slots, probes: desired_for(
+                config, ap, known, slots, probes
+            ),
             post=mailbox.post,
             probe_all=probe.probe_all,
             probe_once=probe.probe_once,
@@ -268,6 +277,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             default_probe=opts.probe,
             retire=keeper.retire,
             drain_interval=opts.drain_interval,
+            passive=detector,
+            track=opts.track,
+            probe_mark=settings.probe_mark,
+            bypass_mark=settings.bypass_mark,
+            track_interval=opts.track_interval,
         )
         supervisor.status.cc_url = cc.url if cc is not None else None
         monitor = Monitor(Watch.for_settings(settings))

@@ -52,9 +52,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from sdnsup import keepalive
+from sdnsup import keepalive, paths
 from sdnsup.applier import NexthopCompat
-from sdnsup.aps import PROBE_KINDS, AccessPoint, ProbeSpec, parse_static_aps
+from sdnsup.aps import (
+    PROBE_KINDS,
+    AccessPoint,
+    ProbeSpec,
+    Target,
+    parse_static_aps,
+    parse_targets,
+)
 from sdnsup.cidrs import CidrSet, parse_cidrs
 from sdnsup.daemon import VERIFY_INTERVAL
 from sdnsup.errors import ConfigError
@@ -303,6 +310,10 @@ def _routes(specs: tuple[str, ...]) -> tuple[str, ...]:
     # The CIDRs themselves (and @FILEs) are parsed once, for the winning source, in resolve:
     # a 100k-line file is read once, not once per source.
     return specs
+
+
+def _track(specs: tuple[str, ...] | None) -> tuple[Target, ...]:
+    return parse_targets(specs or ())
 
 
 def _probe(spec: str) -> ProbeSpec:
@@ -592,6 +603,66 @@ OPTIONS: tuple[Option, ...] = (
         "connections forwarded for containers move to the new AP, whose far side resets them)",
     ),
     Option(
+        "track",
+        STRINGS,
+        default=(),
+        check=_track,
+        metavar="TARGETS",
+        group=_G_KEEP,
+        help="hosts inside the CIDRs to probe through the active AP and through another live "
+        "AP at once, to find an AP that answers its probes but forwards nothing: ADDR (ICMP "
+        "echo), icmp@ADDR, tcp:PORT@ADDR or udp:PORT@ADDR, comma-separated; repeatable "
+        f"(default none; the CC may name some too). A round every --track-interval; when "
+        f"{paths.TRACK_MISSES} rounds in a row get no answer through the active AP but one "
+        "through the other, the active AP is treated as dead. No answer through any AP "
+        "changes nothing: the targets are down, not the APs",
+    ),
+    Option(
+        "track-interval",
+        FLOAT,
+        default=paths.TRACK_INTERVAL,
+        check=_keepalive_seconds(keepalive.MIN_INTERVAL),
+        metavar="S",
+        group=_G_KEEP,
+        help=f"seconds between rounds of tracked-target probes, also each probe's deadline "
+        f"(default {paths.TRACK_INTERVAL:g}: a dead path is found "
+        f"{paths.TRACK_MISSES * paths.TRACK_INTERVAL:g}-"
+        f"{(paths.TRACK_MISSES + 1) * paths.TRACK_INTERVAL:g} s after it fails; raise it for "
+        "targets more than ~100 ms away)",
+    ),
+    Option(
+        "passive-check",
+        BOOLEAN,
+        default=True,
+        group=_G_KEEP,
+        help="watch the connections steered through the active AP (conntrack): when attempts "
+        "to --suspect-destinations distinct destinations got no reply within "
+        "--suspect-window, confirm by probing them through the active AP and another live "
+        "AP at once, and treat the active AP as dead if only the other one gets answers "
+        "(default on: it needs no configuration, and one dead server never moves anything)",
+    ),
+    Option(
+        "suspect-destinations",
+        INTEGER,
+        default=paths.SUSPECT_DESTINATIONS,
+        check=_at_least(2),
+        metavar="N",
+        group=_G_KEEP,
+        help=f"distinct destinations whose connection attempts through the active AP went "
+        f"unanswered before it is suspect (default {paths.SUSPECT_DESTINATIONS}: one is a "
+        "dead server, two may be one dead subnet; at least 2)",
+    ),
+    Option(
+        "suspect-window",
+        FLOAT,
+        default=paths.SUSPECT_WINDOW,
+        check=_positive_seconds,
+        metavar="S",
+        group=_G_KEEP,
+        help=f"seconds within which those failures must fall (default "
+        f"{paths.SUSPECT_WINDOW:g}: failures that belong to one incident)",
+    ),
+    Option(
         "no-ap",
         STRING,
         default="fallback",
@@ -798,6 +869,11 @@ class RunOptions:
     reprobe_interval: float
     drain_interval: float
     abort_sockets: bool
+    track: tuple[Target, ...]
+    track_interval: float
+    passive_check: bool
+    suspect_destinations: int
+    suspect_window: float
     no_ap: NoApPolicy
     mark: int
     mask: int

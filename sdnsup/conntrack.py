@@ -9,6 +9,10 @@ Three operations, all in O(connections of one slot), never of the whole table:
 * :meth:`Conntrack.repin`: change the slot bits of those entries' marks (an update,
   ``IPCTNL_MSG_CT_NEW`` without ``NLM_F_CREATE``, carrying ``CTA_MARK_MASK``: the kernel
   sets ``mark = mark & ~MASK ^ VALUE``, so other tools' bits of the mark stay as they are);
+* :meth:`Conntrack.unanswered`: the same, narrowed by the kernel to the entries that never
+  saw a reply (``CTA_STATUS`` 0 under ``CTA_STATUS_MASK`` IPS_SEEN_REPLY, Linux >= 5.19):
+  the connection attempts through an AP that got nowhere, what gray-failure detection
+  counts (:mod:`sdnsup.paths`), at the cost of the few such entries only;
 * :meth:`Conntrack.abort_sockets`: destroy this host's TCP sockets of those connections,
   ``SOCK_DESTROY`` on NETLINK_SOCK_DIAG with the connection's four-tuple (what ``ss -K``
   does; needs CONFIG_INET_DIAG_DESTROY, present on Debian kernels). The application's
@@ -53,6 +57,9 @@ CTA_PROTOINFO = 4
 CTA_MARK = 8
 CTA_ZONE = 18
 CTA_MARK_MASK = 21
+CTA_STATUS = 3
+CTA_STATUS_MASK = 26  # kernel >= 5.19: a dump filtered by status bits
+IPS_SEEN_REPLY = 1 << 1
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_TUPLE_ZONE = 3
@@ -91,6 +98,7 @@ class Entry:
     mark: int
     tcp_state: int | None = None  # enum tcp_conntrack; None for other protocols
     zone: int = 0
+    replied: bool = True  # IPS_SEEN_REPLY: the far side answered at least once
 
     @property
     def live(self) -> bool:
@@ -107,6 +115,14 @@ class ConntrackBackend(Protocol):
 
     def pinned(self, value: int, mask: int) -> list[Entry]:
         """Every entry whose ``mark & mask == value``, both families.
+
+        Raises:
+            ConntrackError: the dump failed.
+        """
+        ...
+
+    def unanswered(self, value: int, mask: int) -> list[Entry]:
+        """The entries whose ``mark & mask == value`` that never saw a reply.
 
         Raises:
             ConntrackError: the dump failed.
@@ -179,6 +195,7 @@ def parse_entry(data: bytes, start: int, end: int) -> Entry | None:
             raw = _attrs(tcp, 0, len(tcp)).get(CTA_PROTOINFO_TCP_STATE)
             state = raw[0] if raw else None
     zone = a.get(CTA_ZONE)
+    status = a.get(CTA_STATUS)
     return Entry(
         family,
         pr.get(CTA_PROTO_NUM, b"\0")[0],
@@ -189,6 +206,7 @@ def parse_entry(data: bytes, start: int, end: int) -> Entry | None:
         _BE32.unpack(a[CTA_MARK][:4])[0] if CTA_MARK in a else 0,
         state,
         _BE16.unpack(zone[:2])[0] if zone else 0,
+        status is None or bool(_BE32.unpack(status[:4])[0] & IPS_SEEN_REPLY),
     )
 
 
@@ -229,8 +247,18 @@ class Conntrack:
         self._diag.close()
 
     def pinned(self, value: int, mask: int) -> list[Entry]:
+        return self._dump(value, mask, b"")
+
+    def unanswered(self, value: int, mask: int) -> list[Entry]:
+        unreplied = _attr(CTA_STATUS, _BE32.pack(0)) + _attr(
+            CTA_STATUS_MASK, _BE32.pack(IPS_SEEN_REPLY)
+        )
+        return self._dump(value, mask, unreplied)
+
+    def _dump(self, value: int, mask: int, extra: bytes) -> list[Entry]:
         body = _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0)
         body += _attr(CTA_MARK, _BE32.pack(value)) + _attr(CTA_MARK_MASK, _BE32.pack(mask))
+        body += extra
         kind = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
         with self._lock:
             try:

@@ -60,11 +60,21 @@ never negative (a wall clock stepped backwards reads 0.0), ``null`` means unknow
                                             new ones) | "dead" (died; its connections are
                                             being moved to the active AP) | "idle"
           "slot": 1,                   int | null, its AP slot (the connection mark's value)
-          "pinned": 12                 int | null, live connections pinned to it at the
+          "pinned": 12,                int | null, live connections pinned to it at the
                                             last count (every 2 s while draining, 10 s
                                             while active); null: not counted yet or no slot
+          "path": {"state": "ok",      object | null (nothing checked yet): does it forward?
+                   "evidence": "...",       "ok" | "suspect" (being confirmed) | "broken"
+                   "at": "...Z"}            (it answered probes but forwarded nothing:
+                                            treated as dead), with the evidence and when
         }, ...
       ],
+      "paths": {"suspicions": 1,       int: passive suspicions confirmed or cleared
+                "failures": 1,         int: APs found forwarding nothing (failovers too)
+                "track": [{"target": "tcp:22@10.10.10.5",   every tracked target's last
+                           "active": null,                  result through the active AP
+                           "other": "timeout"}]},           and the other way (null:
+                                                            answered)
       "slots": {"used": 2, "capacity": 7,     int: AP slots held / the mark's capacity
                 "sockets_aborted": 3,          int: local sockets of dead APs' connections
                 "error": null},                str | null: the pin keeper's last error
@@ -183,6 +193,13 @@ def _addrs(ap: AccessPoint) -> dict[str, Any]:
     }
 
 
+def _path(status: Status, ap_id: str) -> dict[str, Any] | None:
+    health = status.paths.get(ap_id)
+    if health is None:
+        return None
+    return {"state": health.state, "evidence": health.evidence, "at": _iso(health.at)}
+
+
 def snapshot(
     status: Status,
     *,
@@ -244,6 +261,7 @@ def snapshot(
                 "role": slots[ap].role if ap in slots else "active" if ap == active else "idle",
                 "slot": slots[ap].number if ap in slots else None,
                 "pinned": slots[ap].pinned if ap in slots else None,
+                "path": _path(status, ap.id),
             }
         )
     active_ap = None
@@ -266,6 +284,14 @@ def snapshot(
         "active_ap": active_ap,
         "aps": aps,
         "cidrs": {"ipv4": cidrs4, "ipv6": cidrs6},
+        "paths": {
+            "suspicions": status.suspicions,
+            "failures": status.path_failures,
+            "track": [
+                {"target": target, "active": active_result, "other": other_result}
+                for target, (active_result, other_result) in status.track.items()
+            ],
+        },
         "slots": {
             "used": len(status.slots.entries),
             "capacity": status.slots.capacity,
@@ -658,7 +684,7 @@ def _table(rows: Iterable[list[str]]) -> list[str]:
 
 
 def _ap_rows(aps: Iterable[Mapping[str, Any]]) -> list[list[str]]:
-    rows = [[" ", "AP", "ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE", "ROLE", "PINNED"]]
+    rows = [[" ", "AP", "ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE", "PATH", "ROLE", "PINNED"]]
     for ap in aps:
         probe = ap.get("probe") or {}
         kind = str(probe.get("kind", "?"))
@@ -675,9 +701,10 @@ def _ap_rows(aps: Iterable[Mapping[str, Any]]) -> list[list[str]]:
         if ap.get("slot") is not None:
             role += f" (slot {ap['slot']})"
         pinned = "-" if ap.get("pinned") is None else str(ap["pinned"])
+        path = (ap.get("path") or {}).get("state") or "-"
         rows.append(
-            ["*" if ap.get("active") else " ", ap["id"], addrs, kind, rtt, loss, state, role,
-             pinned]
+            ["*" if ap.get("active") else " ", ap["id"], addrs, kind, rtt, loss, state, path,
+             role, pinned]
         )  # fmt: skip
     return rows
 
@@ -715,6 +742,19 @@ def render(snap: Mapping[str, Any]) -> str:
     lines.append("")
     lines.append(_events("failovers: ", snap.get("failovers") or {}))
     lines.append(_events("heals:     ", snap.get("heals") or {}))
+    checks = snap.get("paths") or {}
+    if checks:
+        line = (
+            f"path checks: {checks.get('suspicions', 0)} suspicions, "
+            f"{checks.get('failures', 0)} APs found forwarding nothing"
+        )
+        track = checks.get("track") or []
+        if track:
+            results = ", ".join(
+                f"{t['target']} {'ok' if t.get('active') is None else t['active']}" for t in track
+            )
+            line += f"; tracked through the active AP: {results}"
+        lines.append(line)
     slots = snap.get("slots") or {}
     if slots:
         lines.append(

@@ -35,6 +35,8 @@ from sdnsup.supervisor import Status
 
 log = logging.getLogger("sdnsup")
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 # Teardown deletes one rule, one table and one nexthop per family (the kernel drops the
 # routes with their nexthop), which takes milliseconds even with 100k CIDRs (~150 ms); 2 s
 # leaves room for a loaded host and stays far inside supervisord's stopwaitsecs of 10 s.
@@ -75,9 +77,11 @@ def desired_for(
     ap: AccessPoint | None,
     known: Sequence[AccessPoint] = (),
     slots: tuple[Slot, ...] = (),
+    probes: tuple[AccessPoint | None, frozenset[IPAddress]] = (None, frozenset()),
 ) -> DesiredState:
     """The state that steers new connections to the configured CIDRs through ``ap`` (None:
-    no AP), and those pinned to ``slots`` through their slot's AP.
+    no AP), and those pinned to ``slots`` through their slot's AP; ``probes``: the AP path
+    probes are routed through and their targets (:mod:`sdnsup.paths`).
 
     Every known AP and the CC are exempt from steering.
     """
@@ -94,6 +98,9 @@ def desired_for(
         no_ap=config.no_ap,
         settings=config.settings,
         slots=slots,
+        probe_via4=probes[0].addr4 if probes[0] else None,
+        probe_via6=probes[0].addr6 if probes[0] else None,
+        probe_targets=probes[1],
     )
 
 
@@ -341,6 +348,8 @@ async def serve(
         nonlocal ready
         if pins is not None:
             pins.applied(desired.slots)
+        if supervisor is not None and hasattr(supervisor, "applied"):
+            supervisor.applied(desired)
         if monitor is not None:
             from sdnsup.netmon import Watch
 

@@ -26,6 +26,10 @@ unreachable CC, never half-used. The rules:
   (:data:`~sdnsup.aps.DEFAULT_PROBE_PORT`) and ignored for ``icmp``; ``path`` starts with ``/``,
   at most :data:`MAX_PATH_LEN` visible ASCII characters (it goes into an HTTP request line);
 - ``weight``: optional integer 1..:data:`MAX_WEIGHT`, default 1;
+- ``track``: optional, at the top level (every AP) and per AP (that AP only): a list of at
+  most :data:`MAX_TRACK` hosts inside the CIDRs to probe through the active AP, each a string
+  ``ADDR`` (ICMP echo), ``icmp@ADDR``, ``tcp:PORT@ADDR`` or ``udp:PORT@ADDR`` (the
+  ``--track`` syntax; :mod:`sdnsup.paths`);
 - ``ttl``: optional number of seconds, default :data:`DEFAULT_TTL`, clamped to
   [:data:`MIN_TTL`, :data:`MAX_TTL`].
 
@@ -80,7 +84,15 @@ import tenacity
 import trio
 from tenacity.asyncio import AsyncRetrying
 
-from sdnsup.aps import DEFAULT_PROBE_PORT, PROBE_KINDS, AccessPoint, ProbeKind, ProbeSpec
+from sdnsup.aps import (
+    DEFAULT_PROBE_PORT,
+    PROBE_KINDS,
+    AccessPoint,
+    ProbeKind,
+    ProbeSpec,
+    Target,
+    parse_target,
+)
 from sdnsup.errors import BadAnswerError, ConfigError, DiscoveryError
 
 __all__ = [
@@ -111,6 +123,8 @@ MAX_ID_LEN = 64
 # An http probe path goes into a request line; real health paths are a few dozen characters.
 MAX_PATH_LEN = 256
 MAX_WEIGHT = 1000
+# Tracked targets per list (top level, per AP): each is probed twice every 0.3 s.
+MAX_TRACK = 16
 # A CC that answers ttl=0 would have the whole fleet refresh in a tight loop: at least 10 s.
 MIN_TTL = 10.0
 # A typo such as ttl=6000000 must not pin a stale list for months: at most a day.
@@ -146,6 +160,7 @@ class Directory:
 
     aps: tuple[AccessPoint, ...]
     ttl: float  # seconds, already clamped to [MIN_TTL, MAX_TTL]
+    track: tuple[Target, ...] = ()  # probed through whichever AP is active
 
 
 # --- parse_answer -----------------------------------------------------------------------------
@@ -326,7 +341,30 @@ def _ap(
     probe = _probe(item, where)
     weight = item.get("weight")
     weight = 1 if weight is None else _int_in(weight, 1, MAX_WEIGHT, f"{where}.weight")
-    return AccessPoint(id=ap_id, addr4=addr4, addr6=addr6, probe=probe, weight=weight)
+    track = _track(item.get("track"), f"{where}.track")
+    return AccessPoint(id=ap_id, addr4=addr4, addr6=addr6, probe=probe, weight=weight, track=track)
+
+
+def _track(value: object, where: str) -> tuple[Target, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadAnswerError(f"{where}: expected a list, got {_kind(value)}")
+    if len(value) > MAX_TRACK:
+        raise BadAnswerError(f"{where}: {len(value)} targets, more than {MAX_TRACK}")
+    out: list[Target] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise BadAnswerError(f"{where}[{i}]: expected a string, got {_kind(item)}")
+        try:
+            target = parse_target(item, f"{where}[{i}]")
+        except ConfigError as exc:
+            raise BadAnswerError(str(exc)) from None
+        if isinstance(target.addr, ipaddress.IPv6Address) and target.addr.scope_id:
+            raise BadAnswerError(f"{where}[{i}]: {_show(item)} has a zone index")
+        if target not in out:
+            out.append(target)
+    return tuple(out)
 
 
 def _ttl(value: object) -> float:
@@ -374,7 +412,7 @@ def parse_answer(body: bytes) -> Directory:
     ids: dict[str, str] = {}
     addrs: dict[IPAddress, str] = {}
     aps = tuple(_ap(item, f"aps[{i}]", ids, addrs) for i, item in enumerate(raw_aps))
-    return Directory(aps=aps, ttl=_ttl(doc.get("ttl")))
+    return Directory(aps=aps, ttl=_ttl(doc.get("ttl")), track=_track(doc.get("track"), "track"))
 
 
 # --- CCClient ---------------------------------------------------------------------------------

@@ -223,6 +223,36 @@ def render(status: Status, *, cidrs4: int, cidrs6: int) -> str:
     family("sdnsup_slots_capacity", "gauge", "AP slots the connection mark can hold.").add(
         status.slots.capacity
     )
+    path = family(
+        "sdnsup_ap_path_state",
+        "gauge",
+        "1 for the AP's path state: ok (forwards), suspect (being confirmed), broken (answers "
+        "its probes but forwards nothing); absent while never checked.",
+    )
+    for ap_id in ids:
+        health = status.paths.get(ap_id)
+        if health is not None:
+            for name in ("ok", "suspect", "broken"):
+                path.add(1 if health.state == name else 0, ap=ap_id, state=name)
+    family(
+        "sdnsup_path_suspicions_total",
+        "counter",
+        "Passive suspicions of the active AP (unanswered connections), confirmed or cleared.",
+    ).add(status.suspicions)
+    family(
+        "sdnsup_path_failures_total",
+        "counter",
+        "APs found answering their probes but forwarding nothing (each a failover).",
+    ).add(status.path_failures)
+    tracked = family(
+        "sdnsup_track_target_up",
+        "gauge",
+        "1 if the tracked target answered its last probe, through the active AP "
+        '(via="active") or the other way (via="other").',
+    )
+    for target, (through_active, through_other) in status.track.items():
+        tracked.add(1 if through_active is None else 0, target=target, via="active")
+        tracked.add(1 if through_other is None else 0, target=target, via="other")
     family(
         "sdnsup_sockets_aborted_total",
         "counter",

@@ -107,6 +107,7 @@ from sdnsup.state import (
     NHID_V4,
     NHID_V6,
     PRIORITY_SPAN,
+    PROBE_SLOT,
     Settings,
     slot_nhid,
 )
@@ -277,7 +278,7 @@ class Watch:
             table=settings.table,
             priority=settings.priority,
             nexthop_ids=frozenset(
-                slot_nhid(v, n) for v in (4, 6) for n in range(settings.slots + 1)
+                slot_nhid(v, n) for v in (4, 6) for n in [*range(settings.slots + 1), PROBE_SLOT]
             ),
             nft_table=settings.nft_table,
             ifindexes=None if ifindexes is None else frozenset(ifindexes),
@@ -288,8 +289,8 @@ class Watch:
         return self.ifindexes is None or ifindex in self.ifindexes
 
     def owns_table(self, table: int) -> bool:
-        """The CIDR routes' table or an AP slot's."""
-        return self.table <= table <= self.table + self.slots
+        """The CIDR routes' table, an AP slot's or the path probes' (the one after them)."""
+        return self.table <= table <= self.table + self.slots + (1 if self.slots else 0)
 
     def owns_priority(self, priority: int) -> bool:
         """The CIDR routes' rule or a draining slot's (just below it)."""

@@ -132,6 +132,8 @@ def _u32(value: int) -> int:
 PINS_CHAIN = "pins"
 # Chain setting the packet mark of a connection pinned to slot n (0: not yet pinned).
 MARK_CHAIN = "mark_{}"
+# Chain setting the packet mark of sdnsup's own path probes (sdnsup.paths).
+PROBE_CHAIN = "mark_probe"
 
 _CT_MARK = {"ct": {"key": "mark"}}
 _META_MARK = {"meta": {"key": "mark"}}
@@ -206,14 +208,14 @@ def ruleset_objects(
     # carries the slot (policy rules send a draining slot's marks to its own table), set from
     # the conntrack mark by one map lookup. nft 1.0.6 cannot copy masked bits from the ct
     # mark to the packet mark in one statement, hence a tiny chain per slot.
+    probe = settings.probe_mark
+    targets = {settings.slot_mark(n): MARK_CHAIN.format(n) for n in slots}
+    targets[probe] = PROBE_CHAIN
     restore = {
         "vmap": {
             "key": _masked(_CT_MARK, mask),
             "data": {
-                "set": [
-                    [settings.slot_mark(n), {"goto": {"target": MARK_CHAIN.format(n)}}]
-                    for n in sorted(slots, key=settings.slot_mark)
-                ]
+                "set": [[value, {"goto": {"target": targets[value]}}] for value in sorted(targets)]
             },
         }
     }
@@ -222,12 +224,25 @@ def ruleset_objects(
     # sdnsup does not steer, and the first rule lets them go after two conntrack lookups.
     # Steered packets (established, or a retransmitted SYN already pinned) get their mark
     # from the map right after the exempt check and leave (goto), skipping the NEW rules.
+    # Path probes (sdnsup.paths) leave through another AP than the active one, or by the
+    # normal route: their socket carries the probe or the bypass mark, which the NEW rules
+    # must not overwrite; a probe's replies get its mark back (so that strict rp_filter
+    # finds their way in the probe table), the bypass probe's take the normal route.
+    probe_new = [
+        ct_new,
+        _match(_masked(_META_MARK, mask), probe),
+        _set_value(_CT_MARK, mask, probe),
+        {"return": None},
+    ]
+    bypass_new = [ct_new, _match(_masked(_META_MARK, mask), settings.bypass_mark), {"return": None}]
     steer: list[list[dict[str, Any]]] = [
-        [ct_not_new, _match(ct_flag, 0), {"return": None}],
+        [ct_not_new, _match(_masked(_CT_MARK, mask), 0), {"return": None}],
         [daddr_in("ip", "exempt4"), {"return": None}],
         [daddr_in("ip6", "exempt6"), {"return": None}],
         [restore],
         [ct_new, tcp_not_syn, {"return": None}],
+        probe_new,
+        bypass_new,
         *(
             [
                 ct_new,
@@ -290,7 +305,8 @@ def ruleset_objects(
     # nft lists every chain before the first rule, in the order they were created; keep that
     # order so listings compare equal. Regular chains first: base chains jump to them.
     regular = [(MARK_CHAIN.format(n), [[_set_value(_META_MARK, mask, settings.slot_mark(n))]])
-               for n in slots] + [(PINS_CHAIN, [])]  # fmt: skip
+               for n in slots]  # fmt: skip
+    regular += [(PROBE_CHAIN, [[_set_value(_META_MARK, mask, probe)]]), (PINS_CHAIN, [])]
     for name, _ in regular:
         objects.append({"chain": {"name": name}})
     for name, kind, hook, prio, _ in base_chains:

@@ -11,7 +11,10 @@ changes them. It only ever acts on one slot's connections, found by mark:
   routes: this host's sockets of its connections are aborted (``--abort-sockets``), and
   every entry is re-pinned to "not yet pinned", so its next packet pins it to the AP it is
   routed to (the active one). Then the slot is vacated;
-* the *active* slot is counted every :data:`POLL_ACTIVE` seconds, for status only;
+* the *active* slot is counted every :data:`POLL_ACTIVE` seconds, for status; with passive
+  path checking on, its connection attempts that never saw a reply are also read every
+  :data:`sdnsup.paths.POLL` seconds (the kernel filters them: few, cheap) and reported for
+  :class:`sdnsup.paths.PassiveDetector`;
 * once, after the first apply: entries carrying a slot no AP holds (an earlier process
   stopped cleanly, or its slot could not be recovered) are re-pinned, so their numbers are
   free.
@@ -31,8 +34,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from sdnsup.conntrack import ConntrackBackend
+from sdnsup.conntrack import ConntrackBackend, Entry
 from sdnsup.errors import ConntrackError
+from sdnsup.paths import POLL as POLL_PATHS
 from sdnsup.state import Settings, Slot
 
 log = logging.getLogger("sdnsup")
@@ -56,6 +60,9 @@ class PinReport:
     retired: Mapping[int, tuple[int, int, float]] = field(default_factory=dict)
     orphans: int = 0  # connections of slots no AP held, re-pinned
     error: str | None = None
+    # passive path checking: the active slot polled, and its attempts without a reply
+    polled_slot: int | None = None
+    unanswered: tuple[Entry, ...] = ()
 
 
 class PinKeeper:
@@ -68,6 +75,8 @@ class PinKeeper:
         report: called in the event loop with each round's :class:`PinReport`.
         offload: runs a round's blocking kernel calls (a worker thread; tests on a mock
             clock run them inline, since a thread's real time would let virtual time race).
+        passive: read the active slot's unanswered attempts every round (passive path
+            checking, :mod:`sdnsup.paths`).
     """
 
     def __init__(
@@ -78,8 +87,10 @@ class PinKeeper:
         abort_sockets: bool,
         report: Callable[[PinReport], None],
         offload: Callable[..., Awaitable[PinReport]] = trio.to_thread.run_sync,
+        passive: bool = False,
     ) -> None:
         self._offload = offload
+        self._passive = passive
         self._backend = backend
         self._settings = settings
         self._abort = abort_sockets
@@ -89,6 +100,7 @@ class PinKeeper:
         self._wake = trio.Event()
         self._orphans_checked = False
         self._last_active_count = -POLL_ACTIVE
+        self._last_drain_count = -POLL_DRAINING
 
     def applied(self, slots: tuple[Slot, ...]) -> None:
         """The kernel now holds these slots (called after every apply)."""
@@ -104,8 +116,12 @@ class PinKeeper:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            draining = self._applied is not None and any(s.draining for s in self._applied)
-            with trio.move_on_after(POLL_DRAINING if draining or self._retired else POLL_ACTIVE):
+            applied = self._applied or ()
+            draining = any(s.draining for s in applied)
+            interval = POLL_DRAINING if draining or self._retired else POLL_ACTIVE
+            if self._passive and any(not s.draining for s in applied):
+                interval = min(interval, POLL_PATHS)
+            with trio.move_on_after(interval):
                 await self._wake.wait()
             self._wake = trio.Event()
             if self._applied is None:
@@ -125,7 +141,11 @@ class PinKeeper:
         done: dict[int, tuple[int, int, float]] = {}
         orphans = 0
         pending = s.slot_mark(0)
+        active = next((n for n, slot in held.items() if not slot.draining), None)
+        unanswered: list[Entry] = []
         try:
+            if self._passive and active is not None:
+                unanswered = backend.unanswered(s.slot_mark(active), s.mask)
             for number, since in sorted(retired.items()):
                 if number in held:
                     continue  # its routes are still there: after the next apply
@@ -138,8 +158,12 @@ class PinKeeper:
             count_active = now - self._last_active_count >= POLL_ACTIVE
             if count_active:
                 self._last_active_count = now
+            # Rounds come every POLL_PATHS with passive checking: drains need no such pace.
+            count_draining = now - self._last_drain_count >= POLL_DRAINING * 0.9
+            if count_draining:
+                self._last_drain_count = now
             for number, slot in held.items():
-                if not slot.draining and not count_active:
+                if not (count_draining if slot.draining else count_active):
                     continue
                 entries = backend.pinned(s.slot_mark(number), s.mask)
                 live = sum(1 for e in entries if e.live)
@@ -158,4 +182,5 @@ class PinKeeper:
                         orphans += sum(1 for e in entries if e.live)
         except ConntrackError as exc:
             return PinReport(counts, frozenset(vacated), done, orphans, str(exc))
-        return PinReport(counts, frozenset(vacated), done, orphans)
+        polled = active if self._passive else None
+        return PinReport(counts, frozenset(vacated), done, orphans, None, polled, tuple(unanswered))

@@ -116,8 +116,16 @@ def _family(addr: IPAddress) -> socket.AddressFamily:
     return socket.AF_INET if addr.version == 4 else socket.AF_INET6
 
 
-async def _probe_udp(addr: IPAddress, port: int) -> float:
+def _set_mark(sock: trio.socket.SocketType, mark: int | None) -> None:
+    """Give the probe's packets a packet mark (SO_MARK; needs CAP_NET_ADMIN), which routes
+    them through another AP than the active one (sdnsup.paths)."""
+    if mark is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
+
+async def _probe_udp(addr: IPAddress, port: int, mark: int | None = None) -> float:
     with trio.socket.socket(_family(addr), socket.SOCK_DGRAM) as sock:
+        _set_mark(sock, mark)
         # connect(): the kernel then only delivers datagrams from addr:port, and turns an
         # ICMP port unreachable into ECONNREFUSED on recv (a fast, clear failure).
         await sock.connect((str(addr), port))
@@ -131,8 +139,9 @@ async def _probe_udp(addr: IPAddress, port: int) -> float:
             log.debug("udp probe to [%s]:%d: ignored a stray datagram", addr, port)
 
 
-async def _probe_tcp(addr: IPAddress, port: int) -> float:
+async def _probe_tcp(addr: IPAddress, port: int, mark: int | None = None) -> float:
     with trio.socket.socket(_family(addr), socket.SOCK_STREAM) as sock:
+        _set_mark(sock, mark)
         start = trio.current_time()
         await sock.connect((str(addr), port))
         return trio.current_time() - start
@@ -245,7 +254,7 @@ def _parse_echo_reply(
     return icmp_type, ident, seq, data[_ICMP_HEADER.size :]
 
 
-async def _probe_icmp(addr: IPAddress) -> float:
+async def _probe_icmp(addr: IPAddress, mark: int | None = None) -> float:
     family = _family(addr)
     v4 = family == socket.AF_INET
     request_type, reply_type = (
@@ -255,6 +264,7 @@ async def _probe_icmp(addr: IPAddress) -> float:
     nonce = secrets.token_bytes(NONCE_BYTES)
     sock, raw = open_icmp_socket(family)
     with sock:
+        _set_mark(sock, mark)
         packet = _ICMP_HEADER.pack(request_type, 0, 0, ident, seq) + nonce
         if v4:  # ping sockets recompute it; raw IPv4 sockets send what we give them
             packet = _ICMP_HEADER.pack(request_type, 0, _inet_checksum(packet), ident, seq) + nonce
@@ -275,6 +285,25 @@ async def _probe_icmp(addr: IPAddress) -> float:
             if ipaddress.ip_address(source[0].split("%", 1)[0]) != addr:
                 continue
             return rtt
+
+
+async def probe_address(
+    kind: str, addr: IPAddress, port: int = 0, *, mark: int | None = None
+) -> float:
+    """One ``udp``/``tcp``/``icmp`` probe of ``addr`` (no deadline: the caller's), its
+    packets carrying ``mark`` if given; the RTT.
+
+    Raises:
+        OSError: refused, unreachable... (the caller decides what an error means).
+        ProbeFailed: no ICMP socket could be opened; an unknown kind.
+    """
+    if kind == "udp":
+        return await _probe_udp(addr, port, mark)
+    if kind == "tcp":
+        return await _probe_tcp(addr, port, mark)
+    if kind == "icmp":
+        return await _probe_icmp(addr, mark)
+    raise ProbeFailed(f"unknown probe kind {kind!r}", "unknown kind")
 
 
 def _short_reason(exc: OSError) -> str:
@@ -309,14 +338,10 @@ async def probe_once(ap: AccessPoint, *, timeout: float, addr: IPAddress | None 
     what = f"{spec.kind} probe of AP {ap.id} at {where}"
     with trio.move_on_after(timeout):
         try:
-            if spec.kind == "udp":
-                return await _probe_udp(target, spec.port)
-            if spec.kind == "tcp":
-                return await _probe_tcp(target, spec.port)
-            if spec.kind == "icmp":
-                return await _probe_icmp(target)
             if spec.kind == "http":
                 return await _probe_http(target, spec.port, spec.path)
+            if spec.kind in ("udp", "tcp", "icmp"):
+                return await probe_address(spec.kind, target, spec.port)
         except ProbeFailed as exc:
             raise ProbeFailed(f"{what}: {exc}", exc.reason) from exc
         except OSError as exc:
@@ -541,6 +566,7 @@ __all__ = [
     "ProbeResult",
     "Ranking",
     "open_icmp_socket",
+    "probe_address",
     "probe_all",
     "probe_once",
     "rank",

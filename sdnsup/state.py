@@ -46,6 +46,9 @@ NFT_TABLE = "sdnsup"
 # which is also how a restarted sdnsup learns which AP each slot stands for.
 NHID_V4 = 0x5D5D0004
 NHID_V6 = 0x5D5D0006
+# The nexthop ids of path probes (sdnsup.paths) through another AP than the active one: the
+# slot byte 0xff, beyond any slot.
+PROBE_SLOT = 0xFF
 # Slots: at most this many, whatever the mask allows. Each is a routing table and a nexthop
 # per family, and an AP needs one only while connections are pinned to it: a handful of APs
 # take turns at most, and a slot is freed when its last connection ends.
@@ -129,12 +132,12 @@ class Settings:
                 "2-4 bits no other tool on this host uses"
             )
         # 253-255 are the kernel's default/main/local tables; 0 means "unspecified".
-        tables = range(self.table, self.table + self.slots + 1)
+        tables = range(self.table, self.probe_table + 1)
         if not 0 < self.table or tables[-1] >= 2**32 or {253, 254, 255} & set(tables):
             raise ConfigError(
                 f"--table {self.table} is reserved or invalid: sdnsup uses tables {tables[0]}-"
-                f"{tables[-1]} (one per AP slot); use 1-{252 - self.slots} or 256-"
-                f"{2**32 - 1 - self.slots}"
+                f"{tables[-1]} (one per AP slot, one for path probes); use "
+                f"1-{252 - len(tables) + 1} or 256-{2**32 - len(tables)}"
             )
         # 0 is the local table's rule and 32766/32767 main/default: sdnsup must sit between.
         if not PRIORITY_SPAN < self.priority < 32766:
@@ -159,6 +162,22 @@ class Settings:
 
     def slot_table(self, slot: int) -> int:
         return self.table + slot
+
+    @property
+    def probe_mark(self) -> int:
+        """The mark of sdnsup's own path probes through an AP that is not the active one:
+        slot bits without the steered flag, a value no steered connection carries."""
+        return deposit(1, self.slot_field)
+
+    @property
+    def bypass_mark(self) -> int:
+        """The mark of sdnsup's path probes that take the normal route (no AP at all)."""
+        return deposit(2, self.slot_field)
+
+    @property
+    def probe_table(self) -> int:
+        """The table routing path probes: host routes to their targets via the AP probed."""
+        return self.table + self.slots + 1
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -198,6 +217,11 @@ class DesiredState:
     settings: Settings = field(default_factory=Settings)
     # AP slots in use, by number; the active AP's slot (if it has one) among them.
     slots: tuple[Slot, ...] = ()
+    # Path probes (sdnsup.paths): packets carrying the probe mark to one of these targets
+    # leave through probe_via4/6 (another AP than the active one), to compare the two paths.
+    probe_via4: IPv4Address | None = None
+    probe_via6: IPv6Address | None = None
+    probe_targets: frozenset[IPv4Address | IPv6Address] = frozenset()
 
     @property
     def empty(self) -> bool:

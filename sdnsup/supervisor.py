@@ -16,6 +16,10 @@ a desired state posted to the applier's mailbox. Its tasks, all in one nursery:
 An AP declared dead comes back only after a hold-down and several good probes in a row
 (:class:`sdnsup.probe.Hysteresis`): fail-back flaps without one (mwan3 asks for 5 good rounds).
 
+An AP that answers its probes but forwards nothing (a gray failure) is found from the traffic
+itself and from tracked targets, and confirmed by comparing with another live AP before
+anything moves (:mod:`sdnsup.paths`); a confirmed one is handled like a dead AP.
+
 A change of AP breaks no live connection unless its AP died: each AP that carries pinned
 connections keeps an AP slot (:mod:`sdnsup.slots`). The AP that stops being active drains:
 its connections keep it, under a slower keepalive (``drain_interval``), until the pin keeper
@@ -26,6 +30,7 @@ and its connections follow the active AP at once.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import random
 import time
@@ -35,13 +40,18 @@ from typing import Any, Protocol
 
 import trio
 
-from sdnsup import keepalive
-from sdnsup.aps import AccessPoint, ProbeSpec
+from sdnsup import keepalive, paths
+from sdnsup.aps import AccessPoint, ProbeSpec, Target
 from sdnsup.errors import DiscoveryError, SdnsupError
+from sdnsup.paths import Failure, PassiveDetector, ProbeTarget, describe_failures
 from sdnsup.pins import PinReport
 from sdnsup.probe import Hysteresis
 from sdnsup.slots import SlotEntry, SlotTable
 from sdnsup.state import DesiredState, Slot
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# What desired_for needs to route path probes: the AP to compare with, and the targets.
+Probes = tuple[AccessPoint | None, frozenset[IPAddress]]
 
 log = logging.getLogger("sdnsup")
 
@@ -106,6 +116,23 @@ class Status:
     slots: SlotTable = field(default_factory=lambda: SlotTable(0))
     sockets_aborted: int = 0  # local sockets of dead APs' connections
     pins_error: str | None = None  # the pin keeper's last error, None once a round succeeds
+    # path health (sdnsup.paths): AP id -> its last verdict; tracked target -> its last
+    # results through the active AP and through the AP compared with (None: answered)
+    paths: dict[str, PathHealth] = field(default_factory=dict)
+    track: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    suspicions: int = 0
+    path_failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PathHealth:
+    """One AP's path, as far as sdnsup knows: ``ok`` (confirmed forwarding, or a suspicion
+    cleared), ``suspect`` (being confirmed) or ``broken`` (confirmed: it forwards nothing),
+    with the evidence and when (wall clock)."""
+
+    state: str
+    evidence: str
+    at: float
 
 
 def jittered(seconds: float) -> float:
@@ -129,6 +156,12 @@ class Supervisor:
             their AP), probed with ``default_probe`` until the directory names their AP.
         retire: tells the pin keeper that a slot's AP died.
         drain_interval: keepalive interval of a draining AP.
+        passive: the passive path detector (None: passive checking off).
+        track: tracked targets (``--track``), besides the CC's.
+        probe_mark: the packet mark that routes a path probe through the AP compared with.
+        bypass_mark: the packet mark of a path probe that takes the normal route.
+        probe_target: the path probe function (:func:`sdnsup.paths.probe_target`).
+        track_interval: seconds between rounds of tracked-target probes.
         cc: the CC client (with ``fetch()``) when there is no static list.
         discover: initial discovery with retries: ``await discover(cc)``; raises
             :class:`~sdnsup.errors.DiscoveryError` when the retries are exhausted.
@@ -140,7 +173,7 @@ class Supervisor:
         *,
         aps: Sequence[AccessPoint] | None,
         desired_for: Callable[
-            [AccessPoint | None, Sequence[AccessPoint], tuple[Slot, ...]], DesiredState
+            [AccessPoint | None, Sequence[AccessPoint], tuple[Slot, ...], Probes], DesiredState
         ],
         post: Callable[[DesiredState], None],
         probe_all: ProbeAll,
@@ -157,6 +190,12 @@ class Supervisor:
         default_probe: ProbeSpec | None = None,
         retire: Callable[[int], None] = lambda _number: None,
         drain_interval: float = keepalive.DRAIN_INTERVAL,
+        passive: PassiveDetector | None = None,
+        track: Sequence[Target] = (),
+        probe_mark: int = 0,
+        bypass_mark: int = 0,
+        probe_target: ProbeTarget = paths.probe_target,
+        track_interval: float = paths.TRACK_INTERVAL,
     ) -> None:
         self.status = Status(slots=SlotTable(slot_capacity))
         self.slots = self.status.slots
@@ -165,6 +204,23 @@ class Supervisor:
         self._decided = False  # nothing is posted before the first decision
         self._slots_changed = trio.Event()
         self._slot_full_logged: str | None = None
+        self._detector = passive
+        self._static_track = tuple(track)
+        self._cc_track: tuple[Target, ...] = ()
+        self._probe_mark = probe_mark
+        self._bypass_mark = bypass_mark
+        self._probe_target = probe_target
+        self._track_interval = track_interval
+        # path probes through another AP: the AP, and the targets routed to it
+        self._probe_via: AccessPoint | None = None
+        self._confirm_targets: frozenset[IPAddress] = frozenset()
+        self._track_targets: frozenset[IPAddress] = frozenset()
+        self._applied: DesiredState | None = None
+        self._applied_changed = trio.Event()
+        self._suspicion: list[Failure] = []
+        self._suspect = trio.Event()
+        self._confirming = False
+        self._compared: AccessPoint | None = None  # the other AP of the last comparison
         found = self.slots.recover(recovered, aps or (), default_probe or ProbeSpec(), time.time())
         if found:
             log.info(
@@ -202,7 +258,8 @@ class Supervisor:
         return known
 
     def _desired(self) -> DesiredState:
-        return self._desired_for(self.status.active, self._known(), self.slots.state())
+        probes = (self._probe_via, self._confirm_targets | self._track_targets)
+        return self._desired_for(self.status.active, self._known(), self.slots.state(), probes)
 
     def _set_active(
         self, ap: AccessPoint | None, phase: Phase, line: str, died: AccessPoint | None = None
@@ -233,6 +290,8 @@ class Supervisor:
         if changed:
             st.active = ap
             st.active_since = now if ap else None
+            if self._detector is not None:
+                self._detector.reset()  # the evidence belonged to the AP before
             if self._ka_scope is not None:
                 self._ka_scope.cancel()
             self._active_changed.set()
@@ -329,45 +388,68 @@ class Supervisor:
 
     def on_death(self, death: keepalive.Death) -> None:
         """The active AP missed K probes: fail over to the next live AP of the last ranking."""
+        self._fail_over(
+            death.ap,
+            f"AP {death.ap} dead: {death.misses} probes missed, detected "
+            f"{death.detection * 1000:.0f} ms after its last answer ({death.last_error})",
+        )
+
+    def on_path_broken(self, ap: AccessPoint, evidence: str) -> None:
+        """The active AP answers its probes but forwards nothing (confirmed): treat it as
+        dead, held down like one."""
+        st = self.status
+        st.path_failures += 1
+        cause = f"AP {ap} forwards nothing: {evidence}"
+        st.paths[ap.id] = PathHealth("broken", evidence, time.time())
+        self._fail_over(ap, cause)
+
+    def _fail_over(self, ap: AccessPoint, cause: str) -> None:
         now = trio.current_time()
         st = self.status
-        self._hysteresis.mark_dead(death.ap.id, now)
+        self._hysteresis.mark_dead(ap.id, now)
         st.failovers += 1
         st.last_failover_at = time.time()
         st.phase = Phase.FAILING_OVER
-        cause = (
-            f"AP {death.ap} dead: {death.misses} probes missed, detected "
-            f"{death.detection * 1000:.0f} ms after its last answer ({death.last_error})"
-        )
         st.last_failover = cause
-        nxt = next(
-            (
-                r
-                for r in st.ranking
-                if r.ap != death.ap and r.ap in st.aps and self._eligible(r, now)
-            ),
-            None,
-        )
+        nxt = self._next_live(ap, now)
         if nxt is not None:
             self._set_active(
                 nxt.ap,
                 Phase.CONNECTED,
                 f"failover: {cause}; now via {nxt.ap} ({_ms(nxt.rtt)})",
-                died=death.ap,
+                died=ap,
             )
         else:
             self._set_active(
                 None,
                 Phase.NO_AP,
                 f"failover: {cause}; no other live AP, traffic takes the no-AP path",
-                died=death.ap,
+                died=ap,
             )
         # Confirm the choice and learn what changed, off the critical path.
         self._reprobe.set()
         self._refresh.set()
 
-    def set_directory(self, aps: Sequence[AccessPoint], ttl: float | None = None) -> None:
+    def _next_live(self, other_than: AccessPoint | None, now: float) -> Any:
+        """The best live, usable AP of the last ranking other than ``other_than``."""
         st = self.status
+        return next(
+            (
+                r
+                for r in st.ranking
+                if r.ap != other_than and r.ap in st.aps and self._eligible(r, now)
+            ),
+            None,
+        )
+
+    def set_directory(
+        self,
+        aps: Sequence[AccessPoint],
+        ttl: float | None = None,
+        track: Sequence[Target] = (),
+    ) -> None:
+        st = self.status
+        self._cc_track = tuple(track)
         old = {a.id for a in st.aps}
         new = {a.id for a in aps}
         st.aps = tuple(aps)
@@ -452,6 +534,190 @@ class Supervisor:
         if changed and self._decided:
             self._post(self._desired())
             self._slots_changed.set()
+        self._observe_paths(report)
+
+    def _observe_paths(self, report: PinReport) -> None:
+        """Feed the passive detector the active AP's unanswered attempts; a suspicion wakes
+        the confirmation task."""
+        active = self.slots.active
+        if self._detector is None or active is None or report.polled_slot != active.number:
+            return
+        if self._confirming or report.error is not None:
+            return
+        failures = self._detector.observe(report.unanswered, trio.current_time())
+        if failures:
+            self._suspicion = failures
+            self._suspect.set()
+
+    def applied(self, desired: DesiredState) -> None:
+        """The applier applied ``desired`` (the daemon calls this after every apply)."""
+        self._applied = desired
+        self._applied_changed.set()
+        self._applied_changed = trio.Event()
+
+    def _track_list(self) -> tuple[Target, ...]:
+        """Tracked targets now: ``--track``, the CC's, and the active AP's own."""
+        active = self.active.track if self.active is not None else ()
+        return tuple(dict.fromkeys((*self._static_track, *self._cc_track, *active)))
+
+    async def _route_probes(
+        self, via: AccessPoint, *, confirm: Sequence[Target] | None = None, timeout: float = 2.0
+    ) -> bool:
+        """Make the kernel route probe-marked packets to the targets through ``via`` (the
+        tracked targets, and ``confirm`` if given); whether it does within ``timeout``."""
+        if confirm is not None:
+            self._confirm_targets = frozenset(t.addr for t in confirm)
+        self._track_targets = frozenset(t.addr for t in self._track_list())
+        want = self._confirm_targets | self._track_targets
+        addrs = (via.addr4, via.addr6)
+
+        def routed() -> bool:
+            d = self._applied
+            return (
+                d is not None and (d.probe_via4, d.probe_via6) == addrs and want <= d.probe_targets
+            )
+
+        if self._probe_via != via or not routed():
+            self._probe_via = via
+            self._post(self._desired())
+        with trio.move_on_after(timeout):
+            while not routed():
+                await self._applied_changed.wait()
+            return True
+        return False
+
+    async def _path_loop(self) -> None:
+        """Confirm each suspicion of the passive detector (one at a time)."""
+        while True:
+            await self._suspect.wait()
+            self._suspect = trio.Event()
+            ap, failures = self.active, self._suspicion
+            if ap is None or not failures:
+                continue
+            self._confirming = True
+            try:
+                await self._confirm(ap, failures)
+            finally:
+                self._confirming = False
+                if self._detector is not None:
+                    self._detector.clear()
+                if self._confirm_targets:
+                    self._confirm_targets = frozenset()
+                    self._post(self._desired())
+
+    async def _confirm(self, ap: AccessPoint, failures: list[Failure]) -> None:
+        st = self.status
+        st.suspicions += 1
+        evidence = describe_failures(failures)
+        st.paths[ap.id] = PathHealth("suspect", evidence, time.time())
+        result = await self._compare(ap, [f.target for f in failures[: paths.CONFIRM_TARGETS]])
+        if result is None or self.active != ap:
+            return  # could not probe, or something else moved off it meanwhile
+        if result.broken:
+            self._path_broken(ap, result, f"{evidence}; confirmed: {result.evidence()}")
+        elif result.targets_down:
+            assert self._detector is not None
+            self._detector.excuse((t.addr for t in result.active), trio.current_time())
+            note = f"destinations down: {result.evidence()}"
+            st.paths[ap.id] = PathHealth("ok", note, time.time())
+            log.info(
+                "suspicion on AP %s cleared: the destinations answer no way (%s): they are "
+                "down, not the path; ignoring them for %.0f s",
+                ap,
+                result.evidence(),
+                paths.EXCUSE,
+            )
+        else:
+            note = f"suspicion cleared: {result.evidence()}"
+            st.paths[ap.id] = PathHealth("ok", note, time.time())
+            log.info("suspicion on AP %s cleared: %s", ap, result.evidence())
+
+    async def _compare(
+        self,
+        ap: AccessPoint,
+        targets: Sequence[Target],
+        *,
+        timeout: float = paths.CONFIRM_TIMEOUT,
+        quiet: bool = False,
+    ) -> paths.Comparison | None:
+        """Probe ``targets`` through ``ap`` (active), the next live AP and the normal route;
+        None when the probe routes could not be set up in time."""
+        other = self._next_live(ap, trio.current_time())
+        if not quiet:
+            via = f"{other.ap} and the normal route" if other else "the normal route"
+            log.warning(
+                "AP %s suspect: %s; comparing through %s",
+                ap,
+                self.status.paths[ap.id].evidence,
+                via,
+            )
+        if other is not None and not await self._route_probes(other.ap, confirm=targets):
+            log.warning("path probes of AP %s skipped: the probe routes were not applied", ap)
+            return None
+        other_mark = self._probe_mark if other is not None else None
+        result = await paths.compare(
+            targets, self._probe_target, other_mark, self._bypass_mark, timeout
+        )
+        self._compared = other.ap if other is not None else None
+        return result
+
+    def _path_broken(self, ap: AccessPoint, result: paths.Comparison, evidence: str) -> None:
+        """Confirmed: ``ap`` forwards nothing; the AP compared with too if it got nothing
+        while the normal route got answers (then every AP may be broken)."""
+        other = self._compared
+        if result.other_broken and other is not None:
+            log.warning("AP %s forwards nothing either (%s): held down", other, result.evidence())
+            self._hysteresis.mark_dead(other.id, trio.current_time())
+            self.status.paths[other.id] = PathHealth("broken", result.evidence(), time.time())
+        self.on_path_broken(ap, evidence)
+
+    async def _track_loop(self) -> None:
+        """Probe the tracked targets through the active AP, another live AP and the normal
+        route every track interval; TRACK_MISSES rounds in a row with nothing answering
+        through the active AP while something answers another way make it broken."""
+        misses = 0
+        quiet_logged = False
+        while True:
+            started = trio.current_time()
+            targets, ap = self._track_list(), self.active
+            if not targets or ap is None:
+                misses = 0
+                await trio.sleep(max(self._track_interval, 1.0))
+                continue
+            result = await self._compare(ap, targets, timeout=self._track_interval, quiet=True)
+            if result is None:
+                await trio.sleep_until(started + self._track_interval)
+                continue
+            self.status.track = {
+                str(t): (result.active.get(t), (result.other or result.normal).get(t))
+                for t in targets
+            }
+            if self.active != ap:
+                misses = 0
+            elif result.broken:
+                misses += 1
+                if misses >= paths.TRACK_MISSES:
+                    misses = 0
+                    self._path_broken(
+                        ap,
+                        result,
+                        f"tracked targets answer only another way, {paths.TRACK_MISSES} "
+                        f"rounds in a row: {result.evidence()}",
+                    )
+            else:
+                misses = 0
+                if result.targets_down and not quiet_logged:
+                    log.warning(
+                        "tracked targets answer no way (%s): they are down, not the APs; "
+                        "nothing changes",
+                        result.evidence(),
+                    )
+                quiet_logged = result.targets_down
+                if not result.targets_down:
+                    self.status.paths[ap.id] = PathHealth(
+                        "ok", f"tracked targets: {result.evidence()}", time.time()
+                    )
+            await trio.sleep_until(started + self._track_interval)
 
     # --- tasks -------------------------------------------------------------------------------
 
@@ -467,11 +733,13 @@ class Supervisor:
             assert self._discover is not None
             directory = await self._discover(self._cc)
             self.status.cc_last_refresh = time.time()
-            self.set_directory(directory.aps, directory.ttl)
+            self.set_directory(directory.aps, directory.ttl, directory.track)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._probe_loop)
             nursery.start_soon(self._keepalive_loop)
             nursery.start_soon(self._drain_loop)
+            nursery.start_soon(self._path_loop)
+            nursery.start_soon(self._track_loop)
             if self._cc is not None:
                 nursery.start_soon(self._refresh_loop)
             task_status.started()
@@ -580,4 +848,4 @@ class Supervisor:
             idle = idle + 1 if self.active is None else 0
             self.status.cc_error = None
             self.status.cc_last_refresh = time.time()
-            self.set_directory(directory.aps, directory.ttl)
+            self.set_directory(directory.aps, directory.ttl, directory.track)

@@ -187,7 +187,16 @@ class FakeConntrack:
         self.aborted: list[Entry] = []
         self.calls: list[str] = []
 
-    def add(self, mark: int, *, port: int, local: bool = True, tcp_state: int | None = 3) -> None:
+    def add(
+        self,
+        mark: int,
+        *,
+        port: int,
+        local: bool = True,
+        tcp_state: int | None = 3,
+        dst: str = "10.10.10.1",
+        replied: bool = True,
+    ) -> None:
         import socket
 
         from sdnsup.conntrack import Entry
@@ -196,11 +205,12 @@ class FakeConntrack:
             socket.AF_INET,
             socket.IPPROTO_TCP,
             ipaddress.IPv4Address("172.31.1.2" if local else "10.88.0.2"),
-            ipaddress.IPv4Address("10.10.10.1"),
+            ipaddress.IPv4Address(dst),
             port,
             8080,
             mark,
             tcp_state,
+            replied=replied,
         )
         self.entries.append(entry)
         if local:
@@ -209,6 +219,10 @@ class FakeConntrack:
     def pinned(self, value: int, mask: int) -> list:  # type: ignore[type-arg]
         self.calls.append(f"pinned {value:#x}")
         return [e for e in self.entries if e.mark & mask == value]
+
+    def unanswered(self, value: int, mask: int) -> list:  # type: ignore[type-arg]
+        self.calls.append(f"unanswered {value:#x}")
+        return [e for e in self.entries if e.mark & mask == value and not e.replied]
 
     def repin(self, entries, value: int, mask: int) -> int:  # type: ignore[no-untyped-def]
         from dataclasses import replace

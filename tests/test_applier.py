@@ -231,6 +231,7 @@ STATES = [
     state(ap4=AP1, slots=(Slot(1, AP1), Slot(2, AP2, draining=True))),
     state("10.10.10.0/24,fd10:10:10::/64", ap6=AP6, slots=(Slot(3, AP1, AP6),)),
     state(ap4=None, slots=(Slot(2, AP2, draining=True),)),
+    state(slots=(Slot(1, AP1),), probe_via4=AP2, probe_targets=frozenset({A("10.10.10.5")})),
 ]
 
 
@@ -396,3 +397,24 @@ def test_recover_slots_reads_what_an_earlier_process_left():
     other = Applier(routes, nft, FakeSysctl())
     assert other.recover_slots(Settings()) == wanted.slots
     assert make()[0].recover_slots(Settings()) == ()
+
+
+def test_path_probes_get_host_routes_through_the_compared_ap_only():
+    applier, routes, nft, _ = make()
+    targets = frozenset({A("10.10.10.5"), A("10.10.20.9"), A("fd10::5")})
+    applier.apply(state(slots=(Slot(1, AP1),), probe_via4=AP2, probe_targets=targets))
+    probe_nh = slot_nhid(4, 0xFF)
+    s = Settings()
+    assert Nexthop(probe_nh, socket.AF_INET, AP2, 2) in routes.nexthops(RTPROT_SDNSUP)
+    assert {r.dst for r in routes.routes(RTPROT_SDNSUP) if r.table == s.probe_table} == {
+        N("10.10.10.5/32"),
+        N("10.10.20.9/32"),
+    }  # host routes, no default: and no IPv6 one (no IPv6 CIDR, no IPv6 AP to compare)
+    assert Rule(socket.AF_INET, 7299, s.probe_mark, s.mask, s.probe_table) in routes.rules(
+        RTPROT_SDNSUP
+    )
+    # a restarted process does not take the probe nexthop for an AP slot
+    assert Applier(routes, nft, FakeSysctl()).recover_slots(s) == (Slot(1, AP1),)
+    applier.apply(state(slots=(Slot(1, AP1),)))
+    assert not [r for r in routes.routes(RTPROT_SDNSUP) if r.table == s.probe_table]
+    assert len(routes.rules(RTPROT_SDNSUP)) == 1

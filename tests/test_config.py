@@ -535,8 +535,8 @@ def test_mark_outside_mask_stays_settings_job_and_names_sources(tmp_path):
     )
     # All flags: the message's own --mark/--mask/--table say enough.
     assert error(["-r", "10.0.0.0/8", "--ap", "10.7.0.1", "--table", "254"]) == (
-        "--table 254 is reserved or invalid: sdnsup uses tables 254-261 (one per AP slot); "
-        "use 1-245 or 256-4294967288"
+        "--table 254 is reserved or invalid: sdnsup uses tables 254-262 (one per AP slot, one "
+        "for path probes); use 1-244 or 256-4294967287"
     )
 
 

@@ -32,8 +32,9 @@ TCP6 = bytes.fromhex(
 def test_dump_answers_parse_into_the_original_tuple_state_and_mark():
     udp = parse_entry(UDP4, 0, len(UDP4))
     assert udp == Entry(
-        socket.AF_INET, socket.IPPROTO_UDP, A("10.9.0.2"), A("10.9.0.2"), 5353, 9001, 0x12002
-    )
+        socket.AF_INET, socket.IPPROTO_UDP, A("10.9.0.2"), A("10.9.0.2"), 5353, 9001, 0x12002,
+        replied=False,  # to a closed port: no answer, only an ICMP error
+    )  # fmt: skip
     assert udp.live and str(udp) == "udp 10.9.0.2:5353 -> 10.9.0.2:9001"
     tcp = parse_entry(TCP6, 0, len(TCP6))
     assert tcp == Entry(

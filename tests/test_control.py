@@ -27,7 +27,7 @@ from sdnsup.control import (
 )
 from sdnsup.probe import ProbeResult
 from sdnsup.slots import SlotEntry, SlotTable
-from sdnsup.supervisor import Phase, Status
+from sdnsup.supervisor import PathHealth, Phase, Status
 
 T0 = 1_764_100_000.0  # 2025-11-25T19:46:40Z
 NOW = T0 + 3600.0
@@ -73,11 +73,27 @@ def filled_status() -> Status:
     st.slots.entries[2] = SlotEntry(2, AP2, "active", NOW - 192.04, pinned=7)
     st.slots.entries[1] = SlotEntry(1, AP1, "draining", NOW - 192.04, pinned=3)
     st.slots.entries[3] = SlotEntry(3, AP5, "draining", NOW - 500.0, pinned=1)
+    st.paths["ap1"] = PathHealth("broken", "tracked targets answer only another way", NOW - 303.46)
+    st.paths["ap2"] = PathHealth("ok", "tracked targets: through it 1/1 answered", NOW - 1.0)
+    st.track["tcp:22@10.10.10.5"] = (None, None)
+    st.path_failures = 1
     return st
 
 
 def ap_row(
-    ap, *, probe, rtt, probed, rank, loss, alive, active, role="idle", slot=None, pinned=None
+    ap,
+    *,
+    probe,
+    rtt,
+    probed,
+    rank,
+    loss,
+    alive,
+    active,
+    role="idle",
+    slot=None,
+    pinned=None,
+    path=None,
 ):
     return {
         "id": ap.id,
@@ -93,6 +109,7 @@ def ap_row(
         "role": role,
         "slot": slot,
         "pinned": pinned,
+        "path": path,
     }
 
 
@@ -128,6 +145,11 @@ GOLDEN = {
             role="draining",
             slot=1,
             pinned=3,
+            path={
+                "state": "broken",
+                "evidence": "tracked targets answer only another way",
+                "at": "2025-11-25T20:41:36.540Z",
+            },
         ),
         ap_row(
             AP2,
@@ -141,6 +163,11 @@ GOLDEN = {
             role="active",
             slot=2,
             pinned=7,
+            path={
+                "state": "ok",
+                "evidence": "tracked targets: through it 1/1 answered",
+                "at": "2025-11-25T20:46:39.000Z",
+            },
         ),
         ap_row(
             AP3,
@@ -170,6 +197,11 @@ GOLDEN = {
         ),
     ],
     "cidrs": {"ipv4": 2, "ipv6": 1},
+    "paths": {
+        "suspicions": 0,
+        "failures": 1,
+        "track": [{"target": "tcp:22@10.10.10.5", "active": None, "other": None}],
+    },
     "slots": {"used": 3, "capacity": 7, "sockets_aborted": 2, "error": None},
     "failovers": {
         "count": 1,
@@ -265,21 +297,26 @@ def test_render_connected():
     active = rows["*"]
     assert active.split() == [
         "*", "ap2", "172.31.1.12+fd31:1::12", "http:7301/health", "2.5", "ms", "0%", "alive",
-        "active", "(slot", "2)", "7",
+        "ok", "active", "(slot", "2)", "7",
     ]  # fmt: skip
     assert rows["ap1"].split()[1:] == [
-        "172.31.1.11", "udp:7300", "41.2", "ms", "33%", "alive", "draining", "(slot", "1)", "3"
+        "172.31.1.11", "udp:7300", "41.2", "ms", "33%", "alive", "broken", "draining", "(slot",
+        "1)", "3",
     ]  # fmt: skip
     assert rows["ap3"].split()[1:] == [
-        "fd31:1::13", "icmp", "19.9", "ms", "100%", "dead", "idle", "-"
+        "fd31:1::13", "icmp", "19.9", "ms", "100%", "dead", "-", "idle", "-"
     ]  # fmt: skip
     assert rows["ap4"].split()[1:] == [
-        "172.31.1.14", "udp:7300", "-", "-", "not", "probed", "idle", "-"
+        "172.31.1.14", "udp:7300", "-", "-", "not", "probed", "-", "idle", "-"
     ]  # fmt: skip
     assert rows["ap5"].split()[-4:] == ["draining", "(slot", "3)", "1"]
     assert "AP slots:  3 of 7 in use, 2 sockets of dead APs aborted" in lines
+    assert (
+        "path checks: 0 suspicions, 1 APs found forwarding nothing; tracked through the active "
+        "AP: tcp:22@10.10.10.5 ok"
+    ) in lines
     # aligned: every column starts at the same offset in the header and the rows
-    for col in ("ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE", "ROLE", "PINNED"):
+    for col in ("ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE", "PATH", "ROLE", "PINNED"):
         at = header.index(col)
         for row in (rows["*"], rows["ap1"], rows["ap3"], rows["ap4"]):
             assert row[at - 1] == " " and row[at] != " ", (col, row)

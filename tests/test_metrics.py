@@ -16,7 +16,7 @@ from sdnsup.aps import AccessPoint
 from sdnsup.errors import ConfigError
 from sdnsup.metrics import parse_listen, render, serve_metrics
 from sdnsup.slots import SlotEntry, SlotTable
-from sdnsup.supervisor import Phase, Status
+from sdnsup.supervisor import PathHealth, Phase, Status
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ def filled_status() -> Status:
     gone = AccessPoint("drained", addr4=ipaddress.IPv4Address("10.77.0.19"))
     st.slots.entries[1] = SlotEntry(1, AP1, "active", 0.0, pinned=9)
     st.slots.entries[2] = SlotEntry(2, gone, "draining", 0.0, pinned=3)
+    st.paths["ap2"] = PathHealth("broken", "forwards nothing", 0.0)
+    st.track["icmp@10.10.10.5"] = ("timeout", None)
+    st.suspicions, st.path_failures = 3, 1
     return st
 
 
@@ -100,6 +103,13 @@ def test_render_golden_lines():
         },
         'sdnsup_ap_pinned_connections{ap="ap1"}': "9",
         'sdnsup_ap_pinned_connections{ap="drained"}': "3",
+        'sdnsup_ap_path_state{ap="ap2",state="ok"}': "0",
+        'sdnsup_ap_path_state{ap="ap2",state="suspect"}': "0",
+        'sdnsup_ap_path_state{ap="ap2",state="broken"}': "1",
+        "sdnsup_path_suspicions_total": "3",
+        "sdnsup_path_failures_total": "1",
+        'sdnsup_track_target_up{target="icmp@10.10.10.5",via="active"}': "0",
+        'sdnsup_track_target_up{target="icmp@10.10.10.5",via="other"}': "1",
         "sdnsup_slots_used": "2",
         "sdnsup_slots_capacity": "7",
         "sdnsup_sockets_aborted_total": "4",

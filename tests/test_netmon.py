@@ -510,7 +510,8 @@ def test_watch_covers_the_ap_slots_tables_rules_and_nexthops():
         "route 0.0.0.0/0 deleted from table 7301"
     )
     assert relevant(Event("route", table=7307, **route), watch)
-    assert relevant(Event("route", table=7308, **route), watch) is None
+    assert relevant(Event("route", table=7308, **route), watch)  # the path probes'
+    assert relevant(Event("route", table=7309, **route), watch) is None
     for priority in (7298, 7299):
         assert relevant(Event("rule", deleted=True, priority=priority, proto=245), watch)
     assert relevant(Event("rule", deleted=True, priority=7297, proto=245), watch) is None

@@ -60,7 +60,7 @@ def test_established_unmarked_traffic_leaves_at_the_first_rule():
     assert first[0]["match"]["right"] == "new" and first[-1] == {"return": None}
     assert first[1]["match"] == {
         "op": "==",
-        "left": {"&": [{"ct": {"key": "mark"}}, 0x2000]},
+        "left": {"&": [{"ct": {"key": "mark"}}, 0x3082]},
         "right": 0,
     }
 
@@ -69,8 +69,11 @@ def test_every_slot_value_restores_its_own_packet_mark():
     s = Settings()
     (vmap,) = [r[0]["vmap"] for r in rules_of(s, "output") if "vmap" in r[0]]
     targets = {value: verdict["goto"]["target"] for value, verdict in vmap["data"]["set"]}
-    assert targets == {s.slot_mark(n): f"mark_{n}" for n in range(s.slots + 1)}
-    assert len(targets) == 8  # the flag alone (not pinned yet) and slots 1-7
+    assert targets == {
+        **{s.slot_mark(n): f"mark_{n}" for n in range(s.slots + 1)},
+        s.probe_mark: "mark_probe",
+    }
+    assert len(targets) == 9  # the flag alone (not pinned yet), slots 1-7, path probes
     for n in range(s.slots + 1):
         ((statement,),) = rules_of(s, f"mark_{n}")
         assert statement["mangle"]["key"] == {"meta": {"key": "mark"}}

@@ -43,7 +43,7 @@ def test_default_marks_hold_seven_slots_in_their_own_tables():
     [
         ({"mark": 0x2000, "mask": 0x2000}, "leaves 0 bit(s) beside --mark 0x2000"),
         ({"mark": 0x2000, "mask": 0x2002}, "leaves 1 bit(s)"),
-        ({"table": 250}, "sdnsup uses tables 250-257"),
+        ({"table": 250}, "sdnsup uses tables 250-258"),
         ({"priority": 2}, "between 3 and 32765"),
     ],
 )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import trio
 import trio.testing
 
-from sdnsup.aps import AccessPoint
+from sdnsup.aps import AccessPoint, Target
 from sdnsup.errors import SdnsupError
 from sdnsup.pins import PinReport
 from sdnsup.probe import HOLD_DOWN
@@ -31,6 +31,21 @@ def ap(i: int) -> AccessPoint:
 AP1, AP2, AP3 = ap(1), ap(2), ap(3)
 
 
+@dataclass(frozen=True)
+class Posted:
+    """What the supervisor posted (the fields of a DesiredState it sets)."""
+
+    active: AccessPoint | None
+    slots: tuple
+    probe_via4: object
+    probe_targets: frozenset
+    probe_via6: object = None
+
+
+PROBE_MARK = 0x2  # any values: the fake tells probes through the other AP by it,
+BYPASS_MARK = 0x80  # and those taking the normal route by this one
+
+
 class World:
     """Fake APs: an RTT per AP (None = dead); probes take that long in virtual time."""
 
@@ -41,10 +56,36 @@ class World:
         self.probed: list[tuple[float, AccessPoint]] = []  # keepalive probes (time, AP)
         self.retired: list[int] = []
         self.rounds = 0
+        self.sup: Supervisor | None = None
+        self.last = Posted(None, (), None, frozenset())
+        self.broken: set[AccessPoint] = set()  # APs that answer probes but forward nothing
+        self.down: set[object] = set()  # target addresses that answer through no AP
+        self.normal_route = False  # whether the CIDRs are reachable without any AP
+        self.path_probes: list[tuple[float, Target, AccessPoint | None]] = []
 
-    def post(self, state: tuple[AccessPoint | None, tuple[Slot, ...]]) -> None:
-        self.posted.append(state[0])
-        self.slots.append(state[1])
+    def post(self, state: Posted) -> None:
+        self.posted.append(state.active)
+        self.slots.append(state.slots)
+        self.last = state
+        if self.sup is not None:
+            self.sup.applied(state)  # as if the applier applied it at once
+
+    async def probe_target(self, target: Target, mark: int | None, timeout: float) -> str | None:
+        """A path probe: through the active AP (no mark) or the AP the probe routes lead to."""
+        if mark == BYPASS_MARK:
+            via = "normal route" if self.normal_route else None
+        elif mark is None:
+            via = self.sup.active if self.sup is not None else None
+        else:
+            via = next((a for a in self.rtts if a.addr4 == self.last.probe_via4), None)
+            if target.addr not in self.last.probe_targets:
+                via = None  # no probe route to it: the probe goes nowhere useful
+        self.path_probes.append((trio.current_time(), target, via))
+        if via is None or via in self.broken or target.addr in self.down:
+            await trio.sleep(timeout)
+            return "timeout"
+        await trio.sleep(0.005)
+        return None
 
     async def probe_once(self, ap: AccessPoint, *, timeout: float) -> float:
         self.probed.append((trio.current_time(), ap))
@@ -82,16 +123,22 @@ class World:
             )
 
         kw.setdefault("retire", self.retired.append)
-        return Supervisor(
+        kw.setdefault("probe_target", self.probe_target)
+        kw.setdefault("probe_mark", PROBE_MARK)
+        kw.setdefault("bypass_mark", BYPASS_MARK)
+        self.sup = Supervisor(
             aps=aps,
-            # the test records the active AP and the slots themselves
-            desired_for=lambda active, known, slots: (active, slots),
+            # the test records the active AP, the slots and the probe routes themselves
+            desired_for=lambda active, known, slots, probes: Posted(
+                active, slots, probes[0].addr4 if probes[0] else None, probes[1]
+            ),
             post=self.post,
             probe_all=self.probe_all,
             probe_once=self.probe_once,
             should_switch=should_switch,
             **kw,
         )
+        return self.sup
 
 
 def run(world: World, sup: Supervisor, scenario) -> None:
@@ -186,6 +233,7 @@ def test_cc_refresh_failure_keeps_the_current_ap_and_new_list_is_used():
     class Directory:
         aps: tuple
         ttl: float
+        track: tuple = ()
 
     class CC:
         def __init__(self):
@@ -346,3 +394,155 @@ def test_recovered_slots_drain_and_the_chosen_ap_reuses_its_own():
     run(world, sup, scenario)
     assert sup.active == AP2
     assert world.slots[0] == (slot(3, AP1, draining=True), slot(5, AP2))
+
+
+# --- gray failures: an AP that answers its probes but forwards nothing ------------------------
+
+from sdnsup.conntrack import Entry  # noqa: E402
+from sdnsup.paths import PassiveDetector  # noqa: E402
+
+
+def unanswered(*dsts: str, port: int = 443) -> tuple[Entry, ...]:
+    """Connection attempts through the active AP that never saw a reply, one per destination."""
+    return tuple(
+        Entry(2, 6, ipaddress.ip_address("172.31.1.2"), ipaddress.ip_address(d), 40000 + i,
+              port, 0x2002, 1, replied=False)
+        for i, d in enumerate(dsts)
+    )  # fmt: skip
+
+
+async def poll(sup: Supervisor, entries: tuple[Entry, ...], seconds: float) -> None:
+    """What the pin keeper reports every 0.5 s while ``entries`` stay unanswered."""
+    end = trio.current_time() + seconds
+    while trio.current_time() < end:
+        slot = sup.slots.active.number if sup.slots.active else None
+        sup.on_pins(PinReport(polled_slot=slot, unanswered=entries))
+        await trio.sleep(0.5)
+
+
+def test_unanswered_attempts_to_three_destinations_confirmed_through_another_ap_fail_over():
+    world = World({AP1: 0.005, AP2: 0.020})
+    sup = world.make([AP1, AP2], passive=PassiveDetector())
+
+    async def scenario():
+        await trio.sleep(1)
+        world.broken.add(AP1)  # its overlay side died; it still answers probes
+        t0 = trio.current_time()
+        await poll(sup, unanswered("10.10.10.1", "10.10.10.2", "10.10.20.3"), 3)
+        assert sup.active == AP2
+        # compared: the same destinations, through AP1 and, by the probe mark, through AP2
+        compared = {(str(t.addr), t.port, via) for _, t, via in world.path_probes}
+        assert ("10.10.10.1", 443, AP1) in compared and ("10.10.10.1", 443, AP2) in compared
+        first = min(t for t, *_ in world.path_probes)
+        assert 1.0 <= first - t0 <= 2.0  # an attempt is unanswered after 1 s, polled at 0.5 s
+
+    run(world, sup, scenario)
+    assert sup.status.path_failures == 1 and sup.status.paths["ap1"].state == "broken"
+    assert "forwards nothing" in (sup.status.last_failover or "")
+    assert world.retired == [1]  # its connections move, its sockets are aborted
+
+
+def test_one_dead_destination_never_moves_anything():
+    world = World({AP1: 0.005, AP2: 0.020})
+    sup = world.make([AP1, AP2], passive=PassiveDetector())
+
+    async def scenario():
+        await trio.sleep(1)
+        world.down.add(ipaddress.ip_address("10.10.10.9"))
+        # a minute of failed attempts to one server, a new one every poll
+        for i in range(120):
+            sup.on_pins(
+                PinReport(polled_slot=1, unanswered=unanswered(*["10.10.10.9"] * (i % 7 + 1)))
+            )
+            await trio.sleep(0.5)
+
+    run(world, sup, scenario)
+    assert sup.active == AP1 and world.path_probes == [] and sup.status.suspicions == 0
+
+
+def test_destinations_down_through_every_ap_clear_the_suspicion_and_are_excused():
+    world = World({AP1: 0.005, AP2: 0.020})
+    sup = world.make([AP1, AP2], passive=PassiveDetector())
+    dead = ("10.10.10.1", "10.10.10.2", "10.10.10.3")
+
+    async def scenario():
+        await trio.sleep(1)
+        world.down.update(ipaddress.ip_address(d) for d in dead)
+        await poll(sup, unanswered(*dead), 30)
+
+    run(world, sup, scenario)
+    assert sup.active == AP1
+    assert sup.status.suspicions == 1  # confirmed once, then excused: no probing every poll
+    assert sup.status.paths["ap1"].state == "ok"
+
+
+def test_no_failover_on_suspicion_without_another_live_ap_to_compare_with():
+    world = World({AP1: 0.005, AP2: None})
+    sup = world.make([AP1, AP2], passive=PassiveDetector())
+
+    async def scenario():
+        await trio.sleep(1)
+        world.broken.add(AP1)
+        await poll(sup, unanswered("10.10.10.1", "10.10.10.2", "10.10.10.3"), 5)
+
+    run(world, sup, scenario)
+    assert sup.active == AP1 and sup.status.path_failures == 0
+
+
+def test_tracked_targets_lost_through_the_active_ap_only_fail_over_within_a_second():
+    world = World({AP1: 0.005, AP2: 0.020})
+    targets = (
+        Target(ipaddress.ip_address("10.10.10.1")),
+        Target(ipaddress.ip_address("10.10.20.1"), "tcp", 22),
+    )
+    sup = world.make([AP1, AP2], track=targets)
+
+    async def scenario():
+        await trio.sleep(2)
+        assert sup.active == AP1 and sup.status.track  # probed, fine
+        assert world.last.probe_targets == {t.addr for t in targets}  # routed via AP2
+        world.broken.add(AP1)
+        t0 = trio.current_time()
+        while sup.active == AP1:  # noqa: ASYNC110 - virtual time
+            await trio.sleep(0.01)
+        assert trio.current_time() - t0 < 1.0
+
+    run(world, sup, scenario)
+    assert "tracked targets answer only another way" in (sup.status.last_failover or "")
+
+
+def test_tracked_targets_lost_through_every_ap_change_nothing():
+    world = World({AP1: 0.005, AP2: 0.020})
+    target = Target(ipaddress.ip_address("10.10.10.1"))
+    sup = world.make([AP1, AP2], track=(target,))
+
+    async def scenario():
+        await trio.sleep(2)
+        world.down.add(target.addr)
+        await trio.sleep(30)
+
+    run(world, sup, scenario)
+    assert sup.active == AP1 and sup.status.path_failures == 0
+    assert sup.status.track[str(target)] == ("timeout", "timeout")
+
+
+def test_every_ap_broken_while_the_normal_route_answers_ends_on_the_no_ap_path():
+    world = World({AP1: 0.005, AP2: 0.020, AP3: 0.040})
+    world.normal_route = True
+    sup = world.make([AP1, AP2, AP3], passive=PassiveDetector(), reprobe_interval=5.0)
+
+    async def scenario():
+        await trio.sleep(1)
+        world.broken.update({AP1, AP2, AP3})  # every AP's overlay side is down
+        for _ in range(20):
+            await poll(sup, unanswered("10.10.10.1", "10.10.10.2", "10.10.10.3"), 1)
+            if sup.active is None:
+                break
+        assert sup.active is None and sup.status.phase is Phase.NO_AP
+        world.broken.clear()  # back: used again after the hold-down
+        await trio.sleep(HOLD_DOWN + 12)
+        assert sup.active is not None
+
+    run(world, sup, scenario)
+    # AP1 and the AP it was compared with are held down together: one comparison each
+    assert sup.status.path_failures <= 2

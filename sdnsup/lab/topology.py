@@ -671,6 +671,18 @@ class Lab:
         ap = self.ap(index)
         run(["ip", "-n", self._resolve(ap.ns), "link", "set", ap.uplink_ifname, "up"])
 
+    def ap_overlay_down(self, index: int) -> None:
+        """Cut AP ``index``'s overlay side (inside the AP namespace): a gray failure. It still
+        answers its probes from A, but forwards nothing (it answers forwarded packets with
+        ICMP net unreachable: it has no route into the overlay any more)."""
+        ap = self.ap(index)
+        run(["ip", "-n", self._resolve(ap.ns), "link", "set", ap.overlay_ifname, "down"])
+
+    def ap_overlay_up(self, index: int) -> None:
+        """Restore AP ``index``'s overlay side (its addresses were kept)."""
+        ap = self.ap(index)
+        run(["ip", "-n", self._resolve(ap.ns), "link", "set", ap.overlay_ifname, "up"])
+
     # --- probe agents and the control center (sdnsup.lab.apagent, sdnsup.lab.cc) -----------
 
     # Set by start_cc (class defaults, so that labs built before it runs need no new state).
