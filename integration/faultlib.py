@@ -348,6 +348,7 @@ class FaultLab:
         lab = self.lab
         for ap in lab.aps:
             lab.ap_link_up(ap.index)
+            lab.ap_overlay_up(ap.index)
             lab.set_ap_drop(ap.index, False)
             lab.set_ap_delay(ap.index, self.delays.get(ap.index, 0.0))
         for ifname in (lab.a_ifname, lab.a_private_ifname):

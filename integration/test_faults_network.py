@@ -204,6 +204,25 @@ def test_active_ap_agent_dropping_fails_over(flab: FaultLab) -> None:
     _active_ap_death(flab, "active AP stops answering", lambda: flab.lab.set_ap_drop(1, True))
 
 
+def test_active_ap_forwarding_nothing_is_found_from_the_traffic(flab: FaultLab) -> None:
+    """A gray failure: AP 1's overlay side dies, its probe agent keeps answering. New
+    connections to three hosts in the CIDRs show it (passive checking, the default)."""
+    lab = flab.lab
+    hosts = ("10.10.10.1", "10.10.10.2", "10.10.10.3")
+    for host in hosts[1:]:
+        lab.exec(lab.ns_b, "ip", "addr", "replace", f"{host}/24", "dev", "eth0")
+    fault = "active AP forwards nothing (overlay side down)"
+    with flab.case(fresh=True), flab.stream(interval=0.1, b_hosts=hosts) as stream:
+        stream.mark(fault)
+        lab.ap_overlay_down(1)
+        recovery = stream.wait_healthy(FAILOVER_TIMEOUT, via=[flab.overlay(2)])
+        stream.stay_healthy(STEADY)
+        assert_consistent(lab, 2)
+        assert "forwards nothing" in flab.logs()
+    _assert_inbound_never_failed(stream)
+    record(fault, stream.report(), note=f"found from the traffic, via AP 2 after {recovery:.3f} s")
+
+
 def test_all_aps_dead_then_back(flab: FaultLab) -> None:
     lab = flab.lab
     direct = str(lab.a_addr)  # the normal route leaves by A's LAN interface

@@ -59,15 +59,16 @@ POLL_STEP = 0.02
 # Margin for the interpreter start-up on a loaded machine before the client's clock starts.
 EXIT_MARGIN = 5.0
 
-# One client: a NEW TCP connection to host:port every interval, non-blocking and multiplexed
-# so that a dark path does not delay later attempts; one JSON line per finished attempt:
-# seq, t0/t1 (monotonic start/end), ok, seen (the greeting: the peer address the server saw)
-# or err (why it failed). Stdlib only: it starts in tens of milliseconds.
+# One client: a NEW TCP connection to host:port every interval (hosts in turn when argv[1]
+# lists several, comma-separated), non-blocking and multiplexed so that a dark path does not
+# delay later attempts; one JSON line per finished attempt: seq, t0/t1 (monotonic start/end),
+# ok, seen (the greeting: the peer address the server saw) or err (why it failed). Stdlib
+# only: it starts in tens of milliseconds.
 CLIENT = r"""
 import errno, json, os, selectors, socket, sys, time
-host, port = sys.argv[1], int(sys.argv[2])
+hosts, port = sys.argv[1].split(","), int(sys.argv[2])
 interval, timeout, seconds = float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
+family = socket.AF_INET6 if ":" in hosts[0] else socket.AF_INET
 sel = selectors.DefaultSelector()
 pending = {}  # socket -> [seq, t0, buffer]
 out = sys.stdout
@@ -100,7 +101,7 @@ while True:
         next_start += interval
         if next_start < now:  # fell behind (a stalled machine): do not burst to catch up
             next_start = now + interval
-        code = sock.connect_ex((host, port))
+        code = sock.connect_ex((hosts[(seq - 1) % len(hosts)], port))
         if code in (0, errno.EINPROGRESS):
             sel.register(sock, selectors.EVENT_WRITE)
         else:
@@ -196,7 +197,8 @@ class ConnectionStream:
     ``timeout``.
 
     ``family`` 6 connects to B's and A's IPv6 addresses instead (B then sees an AP's IPv6
-    overlay address). Use it as a context manager: entering starts the servers (on ``port``,
+    overlay address). ``b_hosts``: addresses of B that A connects to in turn (several
+    destinations, e.g. extra addresses the test gave B), instead of its main one. Use it as a context manager: entering starts the servers (on ``port``,
     dual-stack) and the clients and waits until both directions have succeeded once; leaving
     stops everything it started. The clients end on their own after ``max_seconds``. Not
     thread-safe.
@@ -214,12 +216,14 @@ class ConnectionStream:
         max_seconds: float = 120.0,
         port: int = DEFAULT_STREAM_PORT,
         family: int = 4,
+        b_hosts: Collection[object] = (),
     ) -> None:
         if interval <= 0 or timeout <= 0 or max_seconds <= 0:
             raise ValueError("interval, timeout and max_seconds must be positive")
         if family not in (4, 6):
             raise ValueError(f"family must be 4 or 6, not {family}")
         self.family = family
+        self.b_hosts = [str(h) for h in b_hosts]
         self.lab = lab
         self.interval = interval
         self.timeout = timeout
@@ -243,7 +247,7 @@ class ConnectionStream:
             b_addr, a_addr = (
                 (lab.b_addr, lab.a_addr) if self.family == 4 else (lab.b_addr6, lab.a_addr6)
             )
-            self._start_client(A_TO_B, lab.ns_a, str(b_addr))
+            self._start_client(A_TO_B, lab.ns_a, ",".join(self.b_hosts or [str(b_addr)]))
             self._start_client(B_TO_A, lab.ns_b, str(a_addr))
             self._wait_started()
         except BaseException:
