@@ -524,11 +524,14 @@ class Hysteresis:
     hold_down: float = HOLD_DOWN
     _died: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _streak: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _hold: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
-    def mark_dead(self, key: str, now: float) -> None:
-        """``key`` was declared dead at ``now``."""
+    def mark_dead(self, key: str, now: float, hold_down: float | None = None) -> None:
+        """``key`` was declared dead at ``now`` (held down ``hold_down`` s, default
+        :attr:`hold_down`)."""
         self._died[key] = now
         self._streak[key] = 0
+        self._hold[key] = self.hold_down if hold_down is None else hold_down
 
     def record(self, key: str, ok: bool, now: float) -> bool:
         """Count one probe of ``key`` (answered or not); whether it is usable afterwards."""
@@ -541,8 +544,8 @@ class Hysteresis:
         died = self._died.get(key)
         if died is None:
             return True
-        if now - died >= self.hold_down and self._streak[key] >= self.n_good:
-            del self._died[key], self._streak[key]
+        if now - died >= self._hold[key] and self._streak[key] >= self.n_good:
+            del self._died[key], self._streak[key], self._hold[key]
             return True
         return False
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,7 +46,7 @@ from sdnsup.aps import AccessPoint, ProbeSpec, Target
 from sdnsup.errors import DiscoveryError, SdnsupError
 from sdnsup.paths import Failure, PassiveDetector, ProbeTarget, describe_failures
 from sdnsup.pins import PinReport
-from sdnsup.probe import Hysteresis
+from sdnsup.probe import HOLD_DOWN, Hysteresis
 from sdnsup.slots import SlotEntry, SlotTable
 from sdnsup.state import DesiredState, Slot
 
@@ -66,6 +67,11 @@ PROBE_COUNT = 3
 PROBE_TIMEOUT = 1.0
 # A failed CC refresh is retried with full-jitter backoff up to this, keeping the current AP.
 REFRESH_RETRY_CAP = 60.0
+# An AP whose path fails again within this of its last path failure (a tunnel that stays
+# down: its probes answer all along, so the plain hold-down would bring it back every ~12 s)
+# is held down twice as long as the last time, up to PATH_HOLD_DOWN_MAX.
+PATH_STRIKE_WINDOW = 600.0
+PATH_HOLD_DOWN_MAX = 320.0
 
 
 class Phase(enum.Enum):
@@ -221,6 +227,7 @@ class Supervisor:
         self._suspect = trio.Event()
         self._confirming = False
         self._compared: AccessPoint | None = None  # the other AP of the last comparison
+        self._path_strikes: dict[str, tuple[int, float]] = {}  # AP id -> (count, last)
         found = self.slots.recover(recovered, aps or (), default_probe or ProbeSpec(), time.time())
         if found:
             log.info(
@@ -396,17 +403,28 @@ class Supervisor:
 
     def on_path_broken(self, ap: AccessPoint, evidence: str) -> None:
         """The active AP answers its probes but forwards nothing (confirmed): treat it as
-        dead, held down like one."""
+        dead. Its probes keep answering, so the hold-down is what keeps it away: it doubles
+        with each path failure that follows the last one closely (see PATH_STRIKE_WINDOW)."""
         st = self.status
         st.path_failures += 1
+        hold = self._path_hold_down(ap)
         cause = f"AP {ap} forwards nothing: {evidence}"
+        if hold > HOLD_DOWN:
+            cause += f"; held down {hold:.0f} s (its path failed again soon after its return)"
         st.paths[ap.id] = PathHealth("broken", evidence, time.time())
-        self._fail_over(ap, cause)
+        self._fail_over(ap, cause, hold)
 
-    def _fail_over(self, ap: AccessPoint, cause: str) -> None:
+    def _path_hold_down(self, ap: AccessPoint) -> float:
+        now = trio.current_time()
+        strikes, last = self._path_strikes.get(ap.id, (0, -math.inf))
+        strikes = strikes + 1 if now - last < PATH_STRIKE_WINDOW else 1
+        self._path_strikes[ap.id] = (strikes, now)
+        return float(min(PATH_HOLD_DOWN_MAX, HOLD_DOWN * 2.0 ** (strikes - 1)))
+
+    def _fail_over(self, ap: AccessPoint, cause: str, hold_down: float | None = None) -> None:
         now = trio.current_time()
         st = self.status
-        self._hysteresis.mark_dead(ap.id, now)
+        self._hysteresis.mark_dead(ap.id, now, hold_down)
         st.failovers += 1
         st.last_failover_at = time.time()
         st.phase = Phase.FAILING_OVER
@@ -651,7 +669,9 @@ class Supervisor:
                 self.status.paths[ap.id].evidence,
                 via,
             )
-        if other is not None and not await self._route_probes(other.ap, confirm=targets):
+        # a confirmation routes its own targets; tracked targets are always routed
+        confirm = None if quiet else targets
+        if other is not None and not await self._route_probes(other.ap, confirm=confirm):
             log.warning("path probes of AP %s skipped: the probe routes were not applied", ap)
             return None
         other_mark = self._probe_mark if other is not None else None

@@ -546,3 +546,28 @@ def test_every_ap_broken_while_the_normal_route_answers_ends_on_the_no_ap_path()
     run(world, sup, scenario)
     # AP1 and the AP it was compared with are held down together: one comparison each
     assert sup.status.path_failures <= 2
+
+
+def test_an_ap_whose_path_stays_broken_is_held_down_longer_each_time():
+    world = World({AP1: 0.005, AP2: 0.040})
+    target = Target(ipaddress.ip_address("10.10.10.1"))
+    sup = world.make([AP1, AP2], track=(target,), reprobe_interval=1.0)
+    switches: list[tuple[float, AccessPoint | None]] = []
+
+    async def scenario():
+        await trio.sleep(2)
+        world.broken.add(AP1)  # its tunnel stays down; its probes answer all along
+        last = sup.active
+        end = trio.current_time() + 120
+        while trio.current_time() < end:
+            if sup.active != last:
+                last = sup.active
+                switches.append((trio.current_time(), last))
+            await trio.sleep(0.05)
+
+    run(world, sup, scenario)
+    back = [t for t, ap in switches if ap == AP1]
+    left = [t for t, ap in switches if ap == AP2]
+    # each time it comes back it fails again; the time away doubles: 10, 20, 40 s (+ probes)
+    away = [b - a for a, b in zip(left, back, strict=False)]
+    assert len(away) >= 3 and away[0] < 15 and away[1] > 19 and away[2] > 39, away

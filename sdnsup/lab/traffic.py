@@ -198,8 +198,9 @@ class ConnectionStream:
 
     ``family`` 6 connects to B's and A's IPv6 addresses instead (B then sees an AP's IPv6
     overlay address). ``b_hosts``: addresses of B that A connects to in turn (several
-    destinations, e.g. extra addresses the test gave B), instead of its main one. Use it as a context manager: entering starts the servers (on ``port``,
-    dual-stack) and the clients and waits until both directions have succeeded once; leaving
+    destinations, e.g. extra addresses the test gave B), instead of its main one. Use it as a
+    context manager: entering starts the servers (on ``port``, dual-stack) and the clients
+    and waits until both directions have succeeded once; leaving
     stops everything it started. The clients end on their own after ``max_seconds``. Not
     thread-safe.
 
