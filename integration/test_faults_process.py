@@ -278,7 +278,7 @@ def test_kill9_under_supervisord_restarts_with_one_of_each(make_lab, tmp_path):
     url = lab.start_cc()
     command = (
         f"{sys.executable} -m sdnsup.cli -r {CIDRS} --cc {url}"
-        f" --log-dir {tmp_path}/logs --config none"
+        f" --log-dir {tmp_path}/logs --state-dir {tmp_path}/state --config none"
     )
     conf = supervisord_conf(tmp_path, command)
     output = tmp_path / "sdnsup.log"  # sdnsup's stdout and stderr, as supervisord keeps them
@@ -418,7 +418,7 @@ def test_full_log_disk_does_not_stop_routing_or_failover(make_lab, tmp_path):
     disk = tmp_path / "logdisk"
     disk.mkdir()
     log_file = disk / "logs" / "sdnsup.log"
-    options = ("--log-dir", str(log_file.parent), "--config", "none")
+    options = ("--log-dir", str(log_file.parent), "--config", "none", "--state-dir", "none")
     argv = python_module("sdnsup.cli", "-r", CIDRS, "--cc", url, *options)
     script = ON_FULL_TMPFS.format(size=LOG_DISK_SIZE)
     proc = lab.popen(lab.ns_a, "sh", "-c", script, "sh", str(disk), *argv, label="a-sdnsup")

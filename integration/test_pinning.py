@@ -169,7 +169,7 @@ def test_kill9_and_restart_under_supervisord_keeps_every_session_on_its_ap(
     lab, url = pinning_lab(make_lab, {1: 0.005, 2: 0.040})
     command = (
         f"{sys.executable} -m sdnsup.cli -r {CIDRS} --cc {url}"
-        f" --log-dir {tmp_path}/logs --config none"
+        f" --log-dir {tmp_path}/logs --state-dir {tmp_path}/state --config none"
     )
     conf = supervisord_conf(tmp_path, command)
     lab.popen(lab.ns_a, "supervisord", "-c", str(conf), label="a-supervisord")

@@ -52,7 +52,7 @@ def test_kill9_restart_converges_and_stop_tears_down(make_lab, tmp_path):
     lab.set_cc()
     command = (
         f"{sys.executable} -m sdnsup.cli -r 10.10.10.0/24,fd10:10:10::/64 --cc {url}"
-        f" --log-dir {tmp_path}/logs --config none"
+        f" --log-dir {tmp_path}/logs --state-dir {tmp_path}/state --config none"
     )
     conf = supervisord_conf(tmp_path, command)
     lab.popen(lab.ns_a, "supervisord", "-c", str(conf), label="a-supervisord")

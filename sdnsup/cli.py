@@ -221,8 +221,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         verify_interval=opts.verify_interval,
     )
     # Kernel backends load libnftables and open netlink sockets: only now.
-    from sdnsup import control, probe
+    from sdnsup import control, probe, savedlist
     from sdnsup.applier import Applier
+    from sdnsup.choice import default_host_id
     from sdnsup.conntrack import Conntrack
     from sdnsup.netmon import Monitor, Watch
     from sdnsup.nft import LibNftables
@@ -252,6 +253,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             report=lambda report: supervisor.on_pins(report),
             passive=opts.passive_check,
         )
+        saved, saved_error, saved_path = None, None, None
+        if cc is not None and opts.state_dir is not None:
+            saved_path = savedlist.path_for(opts.state_dir)
+            try:
+                saved = savedlist.SavedList.load(saved_path, cc.url)
+            except savedlist.SavedListError as exc:
+                saved_error = str(exc)
+                log.warning("%s; asking the CC first", exc)
+
+        async def save(directory: discovery.Directory, fetched_at: float) -> None:
+            assert cc is not None and saved_path is not None
+            entry = savedlist.SavedList(directory, cc.url, fetched_at)
+            await trio.to_thread.run_sync(entry.save, saved_path)
+
         detector = (
             PassiveDetector(destinations=opts.suspect_destinations, window=opts.suspect_window)
             if opts.passive_check
@@ -282,8 +297,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             probe_mark=settings.probe_mark,
             bypass_mark=settings.bypass_mark,
             track_interval=opts.track_interval,
+            saved=saved,
+            save=save if cc is not None and saved_path is not None else None,
+            host_id=opts.host_id or default_host_id(),
         )
         supervisor.status.cc_url = cc.url if cc is not None else None
+        supervisor.status.saved_error = saved_error
         monitor = Monitor(Watch.for_settings(settings))
         notifier = Notifier.from_env()
         log.info(

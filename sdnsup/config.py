@@ -66,6 +66,7 @@ from sdnsup.cidrs import CidrSet, parse_cidrs
 from sdnsup.daemon import VERIFY_INTERVAL
 from sdnsup.errors import ConfigError
 from sdnsup.logs import DEFAULT_LOG_DIR  # /tmp/sdnsup: the seed's convention
+from sdnsup.savedlist import DEFAULT_STATE_DIR
 from sdnsup.state import (
     DEFAULT_MARK,
     DEFAULT_MASK,
@@ -280,6 +281,13 @@ def _log_dir(value: str) -> Path | None:
     if value.strip().lower() in _OFF_WORDS:
         return None
     return _path(value)
+
+
+def _host_id(value: str) -> str:
+    text = value.strip()
+    if not text or len(text) > 128 or not text.isprintable():
+        raise _Invalid(f"{value!r} is not a host id (1-128 printable characters)")
+    return text
 
 
 def _url(value: str) -> str:
@@ -516,6 +524,20 @@ OPTIONS: tuple[Option, ...] = (
         "forever, as the seed does: a CC outage must not leave hosts down for good)",
     ),
     Option(
+        "state-dir",
+        STRING,
+        default=DEFAULT_STATE_DIR,
+        check=_log_dir,
+        metavar="DIR",
+        anchor=_anchor_path,
+        group=_G_WHERE,
+        help=f"directory for the saved AP list, the CC's last good answer (default "
+        f"{DEFAULT_STATE_DIR}, root-only; one file per network namespace): a restart steers "
+        "at once from it and asks the CC later, spread over a ttl, so a fleet that restarts "
+        "together does not flood the CC; 'none' keeps no list and asks the CC first at every "
+        "start",
+    ),
+    Option(
         "probe",
         STRING,
         default=ProbeSpec(),
@@ -661,6 +683,19 @@ OPTIONS: tuple[Option, ...] = (
         group=_G_KEEP,
         help=f"seconds within which those failures must fall (default "
         f"{paths.SUSPECT_WINDOW:g}: failures that belong to one incident)",
+    ),
+    Option(
+        "host-id",
+        STRING,
+        default=None,
+        check=_host_id,
+        metavar="ID",
+        group=_G_KEEP,
+        help="this host's id for the weighted choice among near-equal APs (default: "
+        "/etc/machine-id). Among the APs that are not >10 ms and >33%% slower than the best, "
+        "each host takes the one its id ranks first in proportion to the CC's weights, so a "
+        "fleet spreads by weight and a host keeps its AP; set it where many clients share one "
+        "machine-id (cloned images, tests)",
     ),
     Option(
         "no-ap",
@@ -861,6 +896,7 @@ class RunOptions:
     ap: str | None  # as given, validated
     cc_token_file: Path | None
     cc_ca: Path | None
+    state_dir: Path | None  # None: no saved list
     retries: int | None  # None: retry forever
     probe: ProbeSpec
     keepalive_interval: float
@@ -874,6 +910,7 @@ class RunOptions:
     passive_check: bool
     suspect_destinations: int
     suspect_window: float
+    host_id: str | None  # None: /etc/machine-id
     no_ap: NoApPolicy
     mark: int
     mask: int

@@ -26,6 +26,7 @@ never negative (a wall clock stepped backwards reads 0.0), ``null`` means unknow
       "state": "connected",            str: "discovering" | "connected" | "failing over"
                                             | "no AP"
       "connected": true,               bool, state is "connected" and an AP is active
+      "host_id": "4c4c...",            str, the id the weighted choice of APs uses
       "no_ap_policy": "fallback",      str | null: "fallback" | "blackhole" (what traffic
                                             does while no AP is usable), null if not given
       "active_ap": {                   object | null (no active AP)
@@ -41,6 +42,7 @@ never negative (a wall clock stepped backwards reads 0.0), ``null`` means unknow
                                             lists that still carry connections (the active
                                             AP, draining ones)
           "id": "ap1", "addr": "...", "addr6": null,
+          "weight": 1,                 int, the CC's weight (1 for --ap)
           "probe": {"kind": "udp",     str: "udp" | "tcp" | "icmp" | "http"
                     "port": 7300,      int | null (null for icmp)
                     "path": null},     str | null (http only)
@@ -86,8 +88,16 @@ never negative (a wall clock stepped backwards reads 0.0), ``null`` means unknow
       "cc": {"url": "https://cc.example.net",              str | null (null: static --ap)
              "last_refresh": "...Z",                       str | null, last good answer
              "last_refresh_ago_s": 12.0,                   float | null
-             "error": null}                                str | null, the last refresh's
+             "next_request_in_s": 41.3,                    float | null, when sdnsup asks
+                                                               the CC next
+             "error": null},                               str | null, the last refresh's
                                                                error, null once one succeeds
+      "ap_list": {"source": "saved",   str: "cc" | "saved" (read from disk at start, not
+                                            confirmed by the CC yet) | "static" (--ap) | ""
+                  "received": "...Z",  str | null, when the CC sent the list in use
+                  "age_s": 8000.0,     float | null
+                  "saved_error": null} str | null, the saved list could not be read or
+                                            written (a restart then asks the CC first)
     }
 
 ``sdnsup status`` exit codes (:func:`exit_code`, LSB ``status`` convention): 0 connected,
@@ -172,6 +182,10 @@ def _ago(now: float, t: float | None) -> float | None:
     return None if t is None else round(max(0.0, now - t), 1)
 
 
+def _until(now: float, t: float | None) -> float | None:
+    return None if t is None else round(max(0.0, t - now), 1)
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 1)
 
@@ -251,6 +265,7 @@ def snapshot(
         aps.append(
             {
                 **_addrs(ap),
+                "weight": ap.weight,
                 "probe": _probe(ap),
                 "rtt_ms": _ms(status.last_rtt.get(ap.id)),
                 "probed": result is not None,
@@ -280,6 +295,7 @@ def snapshot(
         "uptime_s": _ago(now, status.started_at),
         "state": status.phase.value,
         "connected": status.phase is Phase.CONNECTED and active is not None,
+        "host_id": status.host_id,
         "no_ap_policy": no_ap,
         "active_ap": active_ap,
         "aps": aps,
@@ -314,7 +330,14 @@ def snapshot(
             "url": status.cc_url,
             "last_refresh": _iso(status.cc_last_refresh),
             "last_refresh_ago_s": _ago(now, status.cc_last_refresh),
+            "next_request_in_s": _until(now, status.cc_next_refresh),
             "error": status.cc_error,
+        },
+        "ap_list": {
+            "source": status.aps_source,
+            "received": _iso(status.aps_fetched_at),
+            "age_s": _ago(now, status.aps_fetched_at),
+            "saved_error": status.saved_error,
         },
     }
 
@@ -684,7 +707,10 @@ def _table(rows: Iterable[list[str]]) -> list[str]:
 
 
 def _ap_rows(aps: Iterable[Mapping[str, Any]]) -> list[list[str]]:
-    rows = [[" ", "AP", "ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE", "PATH", "ROLE", "PINNED"]]
+    rows = [
+        [" ", "AP", "ADDRESS", "WEIGHT", "PROBE", "LAST RTT", "LOSS", "STATE", "PATH", "ROLE",
+         "PINNED"]
+    ]  # fmt: skip
     for ap in aps:
         probe = ap.get("probe") or {}
         kind = str(probe.get("kind", "?"))
@@ -703,8 +729,8 @@ def _ap_rows(aps: Iterable[Mapping[str, Any]]) -> list[list[str]]:
         pinned = "-" if ap.get("pinned") is None else str(ap["pinned"])
         path = (ap.get("path") or {}).get("state") or "-"
         rows.append(
-            ["*" if ap.get("active") else " ", ap["id"], addrs, kind, rtt, loss, state, path,
-             role, pinned]
+            ["*" if ap.get("active") else " ", ap["id"], addrs, str(ap.get("weight", 1)), kind,
+             rtt, loss, state, path, role, pinned]
         )  # fmt: skip
     return rows
 
@@ -769,8 +795,18 @@ def render(snap: Mapping[str, Any]) -> str:
             if cc.get("last_refresh")
             else "no answer yet"
         )
+        if cc.get("next_request_in_s") is not None:
+            refreshed += f", next request in {_duration(cc['next_request_in_s'])}"
         lines.append(f"CC:        {cc['url']}, {refreshed}")
         lines.append(f"CC error:  {cc.get('error') or 'none'}")
+        listed = snap.get("ap_list") or {}
+        if listed.get("source") == "saved":
+            lines.append(
+                f"AP list:   from disk, received from the CC {_duration(listed.get('age_s'))} "
+                "ago; the CC has not confirmed it yet"
+            )
+        if listed.get("saved_error"):
+            lines.append(f"AP list:   {listed['saved_error']}")
     else:
         lines.append("CC:        none (static --ap list)")
     return "\n".join(lines) + "\n"

@@ -64,6 +64,8 @@ Errors (see :mod:`sdnsup.errors`)::
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import errno
 import ipaddress
 import json
@@ -72,9 +74,10 @@ import math
 import random
 import socket
 import ssl
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self, cast
@@ -103,6 +106,9 @@ __all__ = [
     "MAX_APS",
     "MAX_TTL",
     "MIN_TTL",
+    "OVERLOADED",
+    "RETRY_AFTER_MAX",
+    "RETRY_JITTER",
     "CCClient",
     "Directory",
     "Fetcher",
@@ -110,6 +116,7 @@ __all__ = [
     "backoff_ceiling",
     "discover",
     "parse_answer",
+    "parse_retry_after",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +152,13 @@ READ_TIMEOUT = 5.0
 # Full-jitter backoff between attempts (see the module docstring for why).
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
+# Statuses by which a CC says "too many requests, back off" (RFC 6585 §4, RFC 9110 §15.6.4).
+OVERLOADED = frozenset({429, 503})
+# A Retry-After longer than this is cut to it: a CC that answers "come back tomorrow" (or a
+# typo) must not leave a host without an AP dark for a day.
+RETRY_AFTER_MAX = 600.0
+# Hosts that all got the same Retry-After come back spread over this fraction of it.
+RETRY_JITTER = 0.2
 
 _PROBE_KINDS: dict[str, ProbeKind] = {kind: kind for kind in PROBE_KINDS}
 _DEFAULT_PROBE = ProbeSpec()
@@ -161,6 +175,8 @@ class Directory:
     aps: tuple[AccessPoint, ...]
     ttl: float  # seconds, already clamped to [MIN_TTL, MAX_TTL]
     track: tuple[Target, ...] = ()  # probed through whichever AP is active
+    # the answer as received (what the saved list keeps: sdnsup.savedlist)
+    raw: bytes = field(default=b"", repr=False, compare=False)
 
 
 # --- parse_answer -----------------------------------------------------------------------------
@@ -412,7 +428,8 @@ def parse_answer(body: bytes) -> Directory:
     ids: dict[str, str] = {}
     addrs: dict[IPAddress, str] = {}
     aps = tuple(_ap(item, f"aps[{i}]", ids, addrs) for i, item in enumerate(raw_aps))
-    return Directory(aps=aps, ttl=_ttl(doc.get("ttl")), track=_track(doc.get("track"), "track"))
+    track = _track(doc.get("track"), "track")
+    return Directory(aps=aps, ttl=_ttl(doc.get("ttl")), track=track, raw=bytes(body))
 
 
 # --- CCClient ---------------------------------------------------------------------------------
@@ -635,6 +652,8 @@ class CCClient:
                 if response.status_code == 200:
                     return await self._read_body(response)
                 message = await self._status_message(response)
+                overloaded = response.status_code in OVERLOADED
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except httpx.ConnectTimeout as exc:
             raise DiscoveryError(
                 f"CC {at} did not accept a connection within {self._connect_timeout:g} s"
@@ -655,7 +674,9 @@ class CCClient:
             ) from exc
         except OSError as exc:  # a transport that lets one through
             raise DiscoveryError(f"CC {at}: {_why(exc)}") from exc
-        raise DiscoveryError(message)
+        if retry_after is not None:
+            message += f"; it asks to retry after {retry_after:g} s"
+        raise DiscoveryError(message, overloaded=overloaded, retry_after=retry_after)
 
     async def _read_body(self, response: httpx.Response) -> bytes:
         """The body, refused as soon as it is known to exceed ``max_bytes``."""
@@ -738,6 +759,25 @@ class Fetcher(Protocol):
 OnRetry = Callable[[int, DiscoveryError, float], None]
 
 
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP-date, RFC 9110
+    §10.2.3), at most :data:`RETRY_AFTER_MAX`; None when absent or unreadable. ``now``:
+    the wall clock for an HTTP-date (default: now)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_MAX)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is read as such
+        when = when.replace(tzinfo=datetime.UTC)
+    at = time.time() if now is None else now
+    return min(max(0.0, when.timestamp() - at), RETRY_AFTER_MAX)
+
+
 def backoff_ceiling(failures: int) -> float:
     """The upper bound of the full-jitter delay after ``failures`` failed attempts (>= 1)."""
     exponent = min(max(failures - 1, 0), 32)  # 2**32 s is past any cap: no float overflow
@@ -778,7 +818,12 @@ async def discover(
     report = on_retry or _log_retry
 
     def wait(state: tenacity.RetryCallState) -> float:
-        return random.uniform(0.0, backoff_ceiling(state.attempt_number))
+        delay = random.uniform(0.0, backoff_ceiling(state.attempt_number))
+        error = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(error, DiscoveryError) and error.retry_after is not None:
+            # never before the CC asked, and not all at the same instant either
+            delay = max(delay, error.retry_after * random.uniform(1.0, 1.0 + RETRY_JITTER))
+        return delay
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         assert state.outcome is not None

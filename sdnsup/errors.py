@@ -50,9 +50,20 @@ class LockError(SdnsupError):
 
 
 class DiscoveryError(SdnsupError):
-    """Asking the CC for the AP list failed (connection, TLS, timeout, HTTP status)."""
+    """Asking the CC for the AP list failed (connection, TLS, timeout, HTTP status).
+
+    ``overloaded``: the CC said so itself (HTTP 429 or 503), ``retry_after``: the seconds its
+    ``Retry-After`` header asked for (None: it did not); both mean "back off".
+    """
 
     exit_code = EX_TEMPFAIL
+
+    def __init__(
+        self, message: str, *, overloaded: bool = False, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.overloaded = overloaded
+        self.retry_after = retry_after
 
 
 class BadAnswerError(DiscoveryError):

@@ -20,6 +20,10 @@ Series (``ap`` is the AP id the CC or ``--ap`` gives)::
     sdnsup_cidrs{family="ipv4"} 12             CIDRs steered, per family
     sdnsup_cc_up 1                             last CC answer was good (only with --cc)
     sdnsup_cc_last_refresh_timestamp_seconds   last good CC answer (only once there is one)
+    sdnsup_ap_list_source{source="saved"} 1    where the AP list in use came from: cc, saved
+                                               (from disk, the CC not asked yet) or static
+    sdnsup_ap_list_received_timestamp_seconds  when the CC sent the list in use
+    sdnsup_saved_list_error 0                  1: the saved list cannot be read or written
     sdnsup_start_time_seconds                  when the daemon started (unix time)
 
 The endpoint is unauthenticated; it reveals AP ids and timings (no addresses, no token).
@@ -284,6 +288,28 @@ def render(status: Status, *, cidrs4: int, cidrs6: int) -> str:
     )
     if status.cc_last_refresh is not None:
         refresh.add(status.cc_last_refresh)
+
+    source = family(
+        "sdnsup_ap_list_source",
+        "gauge",
+        "Where the AP list in use came from: cc, saved (from disk, not confirmed by the CC "
+        "yet) or static.",
+    )
+    if status.aps_source:
+        source.add(1, source=status.aps_source)
+    received = family(
+        "sdnsup_ap_list_received_timestamp_seconds",
+        "gauge",
+        "Unix time the CC sent the AP list in use (a saved list's is older than the last refresh).",
+    )
+    if status.aps_fetched_at is not None:
+        received.add(status.aps_fetched_at)
+    if status.cc_url is not None:
+        family(
+            "sdnsup_saved_list_error",
+            "gauge",
+            "1 if the saved AP list could not be read or written (a restart asks the CC first).",
+        ).add(1 if status.saved_error else 0)
 
     started = family("sdnsup_start_time_seconds", "gauge", "Unix time the daemon started at.")
     started.add(status.started_at)

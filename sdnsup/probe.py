@@ -34,10 +34,10 @@ networks, bad answers; the ``OSError`` is chained)::
     └── ProbeFailed          one probe got no valid answer before its deadline
 
 Selection: :func:`probe_all` probes every AP concurrently and ranks them (:func:`rank`);
-its ``on_first`` callback fires on the first answer of all, so a caller with no AP can take
-that one at once instead of waiting for the slowest AP's deadline. :func:`should_switch` is
-the anti-flap rule for a periodic re-probe and :class:`Hysteresis` the hold-down for APs
-that were declared dead.
+its ``on_answer`` callback fires on every answer as it arrives, so a caller with no AP can
+choose among the first answers instead of waiting for the slowest AP's deadline.
+:func:`should_switch` is the anti-flap rule for a periodic re-probe and :class:`Hysteresis`
+the hold-down for APs that were declared dead.
 """
 
 from __future__ import annotations
@@ -407,7 +407,7 @@ async def probe_all(
     *,
     timeout: float,
     count: int = PROBE_COUNT,
-    on_first: Callable[[ProbeResult], None] | None = None,
+    on_answer: Callable[[ProbeResult], None] | None = None,
     spacing: float = PROBE_SPACING,
     probe: ProbeOnce = probe_once,
 ) -> Ranking:
@@ -418,22 +418,22 @@ async def probe_all(
     the round ends when every probe was answered or hit its deadline, at most
     ``(count - 1) * spacing + timeout`` after it began.
 
-    Deciding early: since all APs are probed at the same moment, the first answer of the
-    round comes from the fastest AP. ``on_first`` is called, once, as soon as it arrives,
-    with a provisional result for that single probe (``sent=1, received=1``). A caller with
-    no AP in use takes that AP right away; the returned ranking then refines the choice
-    (with :func:`should_switch`, so it does not flap). A plain callback keeps this function
-    a simple awaitable: there is no background task, and no channel the caller must drain.
-    A caller that wants to react in another task can ``send_nowait`` on a channel or set a
+    Deciding early: since all APs are probed at the same moment, answers arrive fastest AP
+    first. ``on_answer`` is called as soon as each one arrives, with a provisional result
+    for that single probe (``sent=1, received=1``). A caller with no AP in use can choose
+    among the first answers right away instead of waiting for the slowest AP's deadline;
+    the returned ranking then refines the choice. A plain callback keeps this function a
+    simple awaitable: there is no background task, and no channel the caller must drain. A
+    caller that wants to react in another task can ``send_nowait`` on a channel or set a
     :class:`trio.Event` from the callback.
 
     Args:
         aps: the APs to probe (duplicates are probed and ranked separately).
         timeout: deadline of each probe, in seconds.
         count: probes per AP (at least 1).
-        on_first: called synchronously from the probing task with the first successful
-            answer of the round; it must not block. An exception it raises cancels the
-            round and propagates.
+        on_answer: called synchronously from the probing task with every successful answer
+            of the round, as it arrives; it must not block. An exception it raises cancels
+            the round and propagates.
         spacing: seconds between the probes of one AP.
         probe: the probe function, :func:`probe_once` by default (injectable for tests):
             ``await probe(ap, timeout=timeout)`` returns an RTT or raises
@@ -445,7 +445,7 @@ async def probe_all(
 
     Raises:
         ValueError: ``count`` < 1 or ``timeout`` not positive.
-        Whatever ``on_first`` raises; any non-:class:`SdnsupError` from ``probe`` (a bug).
+        Whatever ``on_answer`` raises; any non-:class:`SdnsupError` from ``probe`` (a bug).
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
@@ -453,11 +453,9 @@ async def probe_all(
         raise ValueError(f"probe timeout must be positive, not {timeout!r}")
     targets = tuple(aps)
     rtts: list[list[float]] = [[] for _ in targets]
-    first_pending = on_first is not None
     start = trio.current_time()
 
     async def one(i: int, k: int) -> None:
-        nonlocal first_pending
         await trio.sleep_until(start + k * spacing)
         ap = targets[i]
         rtt: float | None = None
@@ -470,9 +468,8 @@ async def probe_all(
         if rtt is None:
             return
         rtts[i].append(rtt)
-        if first_pending and on_first is not None:
-            first_pending = False
-            on_first(ProbeResult(ap, rtt, 1, 1))
+        if on_answer is not None:
+            on_answer(ProbeResult(ap, rtt, 1, 1))
 
     async with trio.open_nursery() as nursery:
         for k in range(count):

@@ -43,10 +43,13 @@ import trio
 
 from sdnsup import keepalive, paths
 from sdnsup.aps import AccessPoint, ProbeSpec, Target
+from sdnsup.choice import choose, window
 from sdnsup.errors import DiscoveryError, SdnsupError
 from sdnsup.paths import Failure, PassiveDetector, ProbeTarget, describe_failures
 from sdnsup.pins import PinReport
 from sdnsup.probe import HOLD_DOWN, Hysteresis
+from sdnsup.refresh import Outcome, RefreshSchedule
+from sdnsup.savedlist import SavedList
 from sdnsup.slots import SlotEntry, SlotTable
 from sdnsup.state import DesiredState, Slot
 
@@ -65,8 +68,9 @@ JITTER = 0.2
 # than that is useless for interactive traffic.
 PROBE_COUNT = 3
 PROBE_TIMEOUT = 1.0
-# A failed CC refresh is retried with full-jitter backoff up to this, keeping the current AP.
-REFRESH_RETRY_CAP = 60.0
+# After an AP death the survivors are re-probed within this (uniformly): the hosts of a dead
+# AP do not all probe every AP in the same instant (the failover itself needs no probe).
+REPROBE_SPREAD = 1.0
 # An AP whose path fails again within this of its last path failure (a tunnel that stays
 # down: its probes answer all along, so the plain hold-down would bring it back every ~12 s)
 # is held down twice as long as the last time, up to PATH_HOLD_DOWN_MAX.
@@ -115,6 +119,13 @@ class Status:
     cc_last_refresh: float | None = None
     cc_error: str | None = None
     cc_url: str | None = None
+    cc_next_refresh: float | None = None  # when the next CC request is due
+    # where the AP list in use came from: "cc", "saved" (the saved list, from disk, until
+    # the CC answers) or "static" (--ap); when the CC sent it
+    aps_source: str = ""
+    aps_fetched_at: float | None = None
+    saved_error: str | None = None  # the saved list could not be read or written
+    host_id: str = ""
     heals: int = 0
     last_heal: str | None = None
     last_heal_at: float | None = None
@@ -171,6 +182,11 @@ class Supervisor:
         cc: the CC client (with ``fetch()``) when there is no static list.
         discover: initial discovery with retries: ``await discover(cc)``; raises
             :class:`~sdnsup.errors.DiscoveryError` when the retries are exhausted.
+        saved: the saved AP list (:mod:`sdnsup.savedlist`): used at once, and the CC asked
+            after a spread delay (:mod:`sdnsup.refresh`) instead of before anything else.
+        save: keeps each good CC answer (``await save(directory, fetched_at)``); raises
+            :class:`~sdnsup.savedlist.SavedListError`.
+        host_id: this host's id, which orders near-equal APs (:mod:`sdnsup.choice`).
         probe_all / probe_once / should_switch: see :mod:`sdnsup.probe`.
     """
 
@@ -202,8 +218,21 @@ class Supervisor:
         bypass_mark: int = 0,
         probe_target: ProbeTarget = paths.probe_target,
         track_interval: float = paths.TRACK_INTERVAL,
+        saved: SavedList | None = None,
+        save: Callable[[Any, float], Awaitable[None]] | None = None,
+        host_id: str = "",
     ) -> None:
-        self.status = Status(slots=SlotTable(slot_capacity))
+        self.status = Status(slots=SlotTable(slot_capacity), host_id=host_id)
+        self._host = host_id
+        self._saved = saved
+        self._save = save
+        self._schedule = RefreshSchedule()
+        self._refresh_changed = trio.Event()
+        self._reprobe_at = math.inf
+        # the first answers of a round while no AP is active (see _answer)
+        self._early: list[Any] = []
+        self._early_deadline: float | None = None
+        self._early_wake = trio.Event()
         self.slots = self.status.slots
         self._retire = retire
         self._drain_interval = drain_interval
@@ -245,10 +274,8 @@ class Supervisor:
         self._discover = discover
         self._ka = (keepalive_interval, keepalive_timeout, keepalive_misses)
         self._reprobe_interval = reprobe_interval
-        self._ttl = 60.0
         self._hysteresis = Hysteresis()
         self._reprobe = trio.Event()
-        self._refresh = trio.Event()
         self._active_changed = trio.Event()
         self._ka_scope: trio.CancelScope | None = None
 
@@ -328,13 +355,50 @@ class Supervisor:
             if self._hysteresis.usable(key, now):
                 log.info("AP %s is back: held down, then answered every probe", key)
 
-    def _first_answer(self, result: Any) -> None:
-        if self.active is None and not self._hysteresis.is_held(result.ap.id):
-            self._set_active(
-                result.ap,
-                Phase.CONNECTED,
-                f"AP chosen: {result.ap} (first to answer, {_ms(result.rtt)})",
+    def _answer(self, result: Any) -> None:
+        """One answer of a probe round (a provisional single-probe result). With no AP
+        active, the first answer opens a short window in which every AP of its band answers
+        too (:func:`sdnsup.choice.window`: 10 ms for nearby APs); the choice among them is
+        made when it closes (:meth:`_early_loop`), long before the slowest AP's deadline."""
+        if self.active is not None or self._hysteresis.is_held(result.ap.id):
+            return
+        if result.ap not in self.status.aps or result.rtt is None:
+            return
+        if self._early_deadline is None:
+            self._early_deadline = trio.current_time() + window(result.rtt)
+            self._early = []
+            self._early_wake.set()
+        self._early.append(result)
+
+    async def _early_loop(self) -> None:
+        while True:
+            await self._early_wake.wait()
+            self._early_wake = trio.Event()
+            assert self._early_deadline is not None
+            await trio.sleep_until(self._early_deadline)
+            answers, self._early, self._early_deadline = self._early, [], None
+            if self.active is not None or not answers:
+                continue  # the round's ranking decided first
+            answers.sort(key=lambda r: r.rtt)
+            choice = choose(
+                answers,
+                host=self._host,
+                active=None,
+                listed=True,
+                should_switch=self._should_switch,
             )
+            if choice is not None:
+                r = choice.result
+                self._set_active(
+                    r.ap, Phase.CONNECTED, f"AP chosen: {r.ap} ({_ms(r.rtt)}{self._why(answers)})"
+                )
+
+    def _why(self, band: Sequence[Any]) -> str:
+        """How the weighted choice went, for a log line; empty when there was no choice."""
+        members = [r for r in band if r is band[0] or not self._should_switch(r, band[0])]
+        if len(members) < 2:
+            return ""
+        return f"; first by this host's weighted choice among {len(members)} near-equal APs"
 
     def consider(self, ranking: Sequence[Any]) -> None:
         """Take a completed probe ranking into account (best first)."""
@@ -355,23 +419,36 @@ class Supervisor:
             ", ".join(f"{r.ap.id} {_ms(r.rtt)}" + (f" {r.sent - r.received}/{r.sent} lost"
                       if r.received < r.sent and r.rtt is not None else "") for r in ranking),
         )  # fmt: skip
-        eligible = [r for r in ranking if self._eligible(r, now)]
+        eligible = [r for r in ranking if r.ap in st.aps and self._eligible(r, now)]
         current = self._result_for(self.active)
         if not eligible:
             if self.active is None and st.phase is not Phase.NO_AP:
                 self._set_active(None, Phase.NO_AP, "no AP answers: traffic takes the no-AP path")
-                self._refresh.set()
+                self._schedule.no_ap(now)
+                self._refresh_changed.set()
             return
-        best = eligible[0]
+        choice = choose(
+            eligible,
+            host=self._host,
+            active=self.active,
+            listed=self.active in st.aps,
+            should_switch=self._should_switch,
+        )
+        if choice is None:
+            return
+        best = choice.result
         if self.active is None:
-            self._set_active(best.ap, Phase.CONNECTED, f"AP chosen: {best.ap} ({_ms(best.rtt)})")
-        elif self.active not in st.aps:
+            why = self._why(eligible)
+            self._set_active(
+                best.ap, Phase.CONNECTED, f"AP chosen: {best.ap} ({_ms(best.rtt)}{why})"
+            )
+        elif choice.reason == "unlisted":
             self._set_active(
                 best.ap,
                 Phase.CONNECTED,
                 f"AP {self.active} is no longer listed; switched to {best.ap} ({_ms(best.rtt)})",
             )
-        elif best.ap != self.active and (current is None or self._should_switch(current, best)):
+        else:
             if self.slots.find(best.ap) is None and self.slots.free_number() is None:
                 # Switching would leave the faster AP's connections unpinned: the next switch
                 # would break them. Stay until a slot drains.
@@ -386,12 +463,18 @@ class Supervisor:
                     )
                 return
             self._slot_full_logged = None
-            self._set_active(
-                best.ap,
-                Phase.CONNECTED,
-                f"switched to faster AP {best.ap} ({_ms(best.rtt)}) from {self.active} "
-                f"({_ms(current.rtt if current else None)})",
-            )
+            was = f"{self.active} ({_ms(current.rtt if current else None)})"
+            if choice.reason == "preferred":
+                line = (
+                    f"switched to AP {best.ap} ({_ms(best.rtt)}) from {was}: it is back among "
+                    "the near-equal APs, where this host's weighted choice puts it first"
+                )
+            else:
+                line = (
+                    f"switched to faster AP {best.ap} ({_ms(best.rtt)}) from {was}, more than "
+                    f"10 ms and 33% slower than {eligible[0].ap}"
+                )
+            self._set_active(best.ap, Phase.CONNECTED, line)
 
     def on_death(self, death: keepalive.Death) -> None:
         """The active AP missed K probes: fail over to the next live AP of the last ranking."""
@@ -444,21 +527,33 @@ class Supervisor:
                 f"failover: {cause}; no other live AP, traffic takes the no-AP path",
                 died=ap,
             )
-        # Confirm the choice and learn what changed, off the critical path.
+        # Confirm the choice and learn what changed, off the critical path and spread out:
+        # every host of the dead AP is doing the same right now.
+        self._reprobe_soon(random.uniform(0.0, REPROBE_SPREAD))
+        if nxt is not None:
+            self._schedule.ap_died(now)
+        else:
+            self._schedule.no_ap(now)
+        self._refresh_changed.set()
+
+    def _reprobe_soon(self, delay: float = 0.0) -> None:
+        """Start a probe round within ``delay`` seconds (sooner if one is due sooner)."""
+        self._reprobe_at = min(self._reprobe_at, trio.current_time() + delay)
         self._reprobe.set()
-        self._refresh.set()
 
     def _next_live(self, other_than: AccessPoint | None, now: float) -> Any:
-        """The best live, usable AP of the last ranking other than ``other_than``."""
+        """The live, usable AP of the last ranking this host would choose if ``other_than``
+        were gone: its next one by weighted choice among the near-equal APs left."""
         st = self.status
-        return next(
-            (
-                r
-                for r in st.ranking
-                if r.ap != other_than and r.ap in st.aps and self._eligible(r, now)
-            ),
-            None,
+        eligible = [
+            r
+            for r in st.ranking
+            if r.ap != other_than and r.ap in st.aps and self._eligible(r, now)
+        ]
+        choice = choose(
+            eligible, host=self._host, active=None, listed=True, should_switch=self._should_switch
         )
+        return choice.result if choice is not None else None
 
     def set_directory(
         self,
@@ -473,7 +568,7 @@ class Supervisor:
         st.aps = tuple(aps)
         self.slots.update_directory(aps)
         if ttl is not None:
-            self._ttl = ttl
+            self._schedule.ttl = ttl
         if old != new:
             added, removed = sorted(new - old), sorted(old - new)
             log.info(
@@ -482,7 +577,7 @@ class Supervisor:
                 f", new {', '.join(added)}" if added and old else "",
                 f", gone {', '.join(removed)}" if removed else "",
             )
-            self._reprobe.set()
+            self._reprobe_soon()
         if self._decided:
             # the exempt set follows the list of known APs
             self._post(self._desired())
@@ -742,20 +837,36 @@ class Supervisor:
     # --- tasks -------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Discover, then probe, watch and refresh until cancelled.
+        """Discover (or take the saved list), then probe, watch and refresh until cancelled.
 
         Raises:
             DiscoveryError: initial discovery exhausted ``--retries``.
         """
+        st = self.status
         if self._static is not None:
+            st.aps_source = "static"
             self.set_directory(self._static)
+        elif self._saved is not None:
+            saved = self._saved.directory
+            st.aps_source, st.aps_fetched_at = "saved", self._saved.fetched_at
+            self._schedule.ttl = saved.ttl
+            self._schedule.start(trio.current_time(), saved=True)
+            log.info(
+                "AP list from disk: %d APs, received from the CC %s ago; asking the CC in %.0f s",
+                len(saved.aps),
+                _age(time.time() - self._saved.fetched_at),
+                self._schedule.due - trio.current_time(),
+            )
+            self.set_directory(saved.aps, saved.ttl, saved.track)
         else:
             assert self._discover is not None
             directory = await self._discover(self._cc)
-            self.status.cc_last_refresh = time.time()
-            self.set_directory(directory.aps, directory.ttl, directory.track)
+            self._schedule.ttl = directory.ttl
+            self._schedule.start(trio.current_time(), saved=False)
+            await self._took_answer(directory)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._probe_loop)
+            nursery.start_soon(self._early_loop)
             nursery.start_soon(self._keepalive_loop)
             nursery.start_soon(self._drain_loop)
             nursery.start_soon(self._path_loop)
@@ -764,19 +875,45 @@ class Supervisor:
                 nursery.start_soon(self._refresh_loop)
             task_status.started()
 
+    async def _took_answer(self, directory: Any) -> None:
+        """A good CC answer: use it, and keep it on disk for the next start."""
+        st = self.status
+        now = time.time()
+        st.cc_error = None
+        st.cc_last_refresh = st.aps_fetched_at = now
+        st.aps_source = "cc"
+        self.set_directory(directory.aps, directory.ttl, directory.track)
+        if self._save is None:
+            return
+        try:
+            await self._save(directory, now)
+        except SdnsupError as exc:
+            if str(exc) != st.saved_error:
+                log.warning("%s", exc)
+            st.saved_error = str(exc)
+        else:
+            if st.saved_error is not None:
+                log.info("AP list saved again")
+            st.saved_error = None
+
     async def _probe_loop(self) -> None:
         while True:
             self._reprobe = trio.Event()
+            self._reprobe_at = math.inf
             ranking = await self._probe_all(
                 self.status.aps,
                 timeout=PROBE_TIMEOUT,
                 count=PROBE_COUNT,
-                on_first=self._first_answer,
+                on_answer=self._answer,
             )
             self.consider(ranking)
             interval = NO_AP_REPROBE_INTERVAL if self.active is None else self._reprobe_interval
-            with trio.move_on_after(jittered(interval)):
-                await self._reprobe.wait()
+            deadline = trio.current_time() + jittered(interval)
+            while trio.current_time() < min(deadline, self._reprobe_at):
+                # a request (_reprobe_soon) sets the event and may move _reprobe_at closer
+                with trio.move_on_at(min(deadline, self._reprobe_at)):
+                    await self._reprobe.wait()
+                self._reprobe = trio.Event()
 
     async def _keepalive_loop(self) -> None:
         interval, timeout, misses = self._ka
@@ -837,35 +974,42 @@ class Supervisor:
                 self.on_drain_death(entry, death)
 
     async def _refresh_loop(self) -> None:
-        failures = 0
-        idle = 0  # refreshes in a row that found no usable AP
+        """Ask the CC when the schedule says (:mod:`sdnsup.refresh`); a failure keeps the
+        current list and AP."""
+        st, schedule = self.status, self._schedule
         while True:
-            if failures:
-                delay = random.uniform(0, min(REFRESH_RETRY_CAP, 2.0**failures))
-            elif self.active is None and idle:
-                # No usable AP: ask the CC again soon (the seed's "run the access flow
-                # again"), backing off with full jitter so a fleet in trouble does not
-                # hammer the CC in step.
-                delay = random.uniform(0, min(REFRESH_RETRY_CAP, 2.0**idle))
-            else:
-                delay = jittered(self._ttl)
-            with trio.move_on_after(delay):
-                await self._refresh.wait()
-            self._refresh = trio.Event()
+            self._refresh_changed = trio.Event()
+            st.cc_next_refresh = time.time() + max(0.0, schedule.due - trio.current_time())
+            with trio.move_on_at(schedule.due):
+                await self._refresh_changed.wait()
+                continue  # the schedule changed (an AP died, no AP left): look again
+            schedule.fire(trio.current_time())
             try:
                 directory = await self._cc.fetch()
             except DiscoveryError as exc:
-                failures += 1
-                self.status.cc_error = str(exc)
+                outcome = Outcome(False, exc.overloaded, exc.retry_after)
+                schedule.done(trio.current_time(), outcome, has_ap=self.active is not None)
+                st.cc_error = str(exc)
                 keep = f"keeping AP {self.active.id}" if self.active else "no AP in use"
-                log.warning("CC refresh failed (%s): %s", keep, exc)
+                log.warning(
+                    "CC refresh failed (%s): %s; next attempt in %.0f s",
+                    keep,
+                    exc,
+                    schedule.due - trio.current_time(),
+                )
                 continue
-            except SdnsupError as exc:  # pragma: no cover - defensive: never kill the loop
-                failures += 1
-                log.warning("CC refresh failed: %s", exc)
-                continue
-            failures = 0
-            idle = idle + 1 if self.active is None else 0
-            self.status.cc_error = None
-            self.status.cc_last_refresh = time.time()
-            self.set_directory(directory.aps, directory.ttl, directory.track)
+            await self._took_answer(directory)
+            has_ap = self.active is not None
+            schedule.done(trio.current_time(), Outcome(True), has_ap=has_ap, ttl=directory.ttl)
+
+
+def _age(seconds: float) -> str:
+    """A duration for a log line: 42 s, 17 min, 5.2 h, 3.1 d."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"

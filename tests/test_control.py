@@ -40,7 +40,7 @@ AP2 = AccessPoint(
     probe=ProbeSpec("http", 7301, "/health"),
 )
 AP3 = AccessPoint("ap3", addr6=ipaddress.IPv6Address("fd31:1::13"), probe=ProbeSpec("icmp", 0))
-AP4 = AccessPoint("ap4", addr4=ipaddress.IPv4Address("172.31.1.14"))
+AP4 = AccessPoint("ap4", addr4=ipaddress.IPv4Address("172.31.1.14"), weight=2)
 # no longer listed by the CC, still carrying connections
 AP5 = AccessPoint("ap5", addr4=ipaddress.IPv4Address("172.31.1.15"))
 
@@ -69,6 +69,10 @@ def filled_status() -> Status:
         started_at=T0,
         slots=SlotTable(7),
         sockets_aborted=2,
+        cc_next_refresh=NOW + 41.3,
+        aps_source="saved",
+        aps_fetched_at=NOW - 8000.0,
+        host_id="4c4c4544",
     )
     st.slots.entries[2] = SlotEntry(2, AP2, "active", NOW - 192.04, pinned=7)
     st.slots.entries[1] = SlotEntry(1, AP1, "draining", NOW - 192.04, pinned=3)
@@ -99,6 +103,7 @@ def ap_row(
         "id": ap.id,
         "addr": str(ap.addr4) if ap.addr4 else None,
         "addr6": str(ap.addr6) if ap.addr6 else None,
+        "weight": ap.weight,
         "probe": probe,
         "rtt_ms": rtt,
         "probed": probed,
@@ -123,6 +128,7 @@ GOLDEN = {
     "uptime_s": 3600.0,
     "state": "connected",
     "connected": True,
+    "host_id": "4c4c4544",
     "no_ap_policy": "fallback",
     "active_ap": {
         "id": "ap2",
@@ -219,7 +225,14 @@ GOLDEN = {
         "url": "https://cc.example.net",
         "last_refresh": "2025-11-25T20:46:28.000Z",
         "last_refresh_ago_s": 12.0,
+        "next_request_in_s": 41.3,
         "error": "CC answered HTTP 503",
+    },
+    "ap_list": {
+        "source": "saved",
+        "received": "2025-11-25T18:33:20.000Z",
+        "age_s": 8000.0,
+        "saved_error": None,
     },
 }
 
@@ -266,6 +279,7 @@ def test_snapshot_of_a_fresh_daemon_is_mostly_null():
         "url": None,
         "last_refresh": None,
         "last_refresh_ago_s": None,
+        "next_request_in_s": None,
         "error": None,
     }
 
@@ -296,18 +310,18 @@ def test_render_connected():
     rows = {line.split()[0]: line for line in lines if line.strip()}
     active = rows["*"]
     assert active.split() == [
-        "*", "ap2", "172.31.1.12+fd31:1::12", "http:7301/health", "2.5", "ms", "0%", "alive",
-        "ok", "active", "(slot", "2)", "7",
+        "*", "ap2", "172.31.1.12+fd31:1::12", "1", "http:7301/health", "2.5", "ms", "0%",
+        "alive", "ok", "active", "(slot", "2)", "7",
     ]  # fmt: skip
     assert rows["ap1"].split()[1:] == [
-        "172.31.1.11", "udp:7300", "41.2", "ms", "33%", "alive", "broken", "draining", "(slot",
+        "172.31.1.11", "1", "udp:7300", "41.2", "ms", "33%", "alive", "broken", "draining", "(slot",
         "1)", "3",
     ]  # fmt: skip
     assert rows["ap3"].split()[1:] == [
-        "fd31:1::13", "icmp", "19.9", "ms", "100%", "dead", "-", "idle", "-"
+        "fd31:1::13", "1", "icmp", "19.9", "ms", "100%", "dead", "-", "idle", "-"
     ]  # fmt: skip
     assert rows["ap4"].split()[1:] == [
-        "172.31.1.14", "udp:7300", "-", "-", "not", "probed", "-", "idle", "-"
+        "172.31.1.14", "2", "udp:7300", "-", "-", "not", "probed", "-", "idle", "-"
     ]  # fmt: skip
     assert rows["ap5"].split()[-4:] == ["draining", "(slot", "3)", "1"]
     assert "AP slots:  3 of 7 in use, 2 sockets of dead APs aborted" in lines
@@ -316,13 +330,26 @@ def test_render_connected():
         "AP: tcp:22@10.10.10.5 ok"
     ) in lines
     # aligned: every column starts at the same offset in the header and the rows
-    for col in ("ADDRESS", "PROBE", "LAST RTT", "LOSS", "STATE", "PATH", "ROLE", "PINNED"):
+    for col in (
+        "ADDRESS",
+        "WEIGHT",
+        "PROBE",
+        "LAST RTT",
+        "LOSS",
+        "STATE",
+        "PATH",
+        "ROLE",
+        "PINNED",
+    ):
         at = header.index(col)
         for row in (rows["*"], rows["ap1"], rows["ap3"], rows["ap4"]):
             assert row[at - 1] == " " and row[at] != " ", (col, row)
     assert "failovers: 1, last 5m03s ago: AP ap1 (172.31.1.11) dead: 3 probes missed" in lines
     assert "heals:     2, last 5s ago: nftables table inet sdnsup deleted" in lines
-    assert "CC:        https://cc.example.net, last refresh 12s ago" in lines
+    assert "CC:        https://cc.example.net, last refresh 12s ago, next request in 41s" in lines
+    assert (
+        "AP list:   from disk, received from the CC 2h13m ago; the CC has not confirmed it yet"
+    ) in lines
     assert "CC error:  CC answered HTTP 503" in lines
     assert text.endswith("\n") and "\x1b" not in text
 

@@ -6,6 +6,7 @@ sleep runs on trio's MockClock (virtual time), under an absolute virtual deadlin
 
 from __future__ import annotations
 
+import email.utils
 import errno
 import ipaddress
 import json
@@ -35,6 +36,7 @@ from sdnsup.discovery import (
     backoff_ceiling,
     discover,
     parse_answer,
+    parse_retry_after,
 )
 from sdnsup.errors import BadAnswerError, ConfigError, DiscoveryError
 
@@ -882,3 +884,52 @@ def test_negative_retries_is_a_programming_error() -> None:
             await discover(FlakyCC(0).client, retries=-1)
 
     run(main)
+
+
+# --- the CC saying "back off" ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "header", "overloaded", "retry_after"),
+    [
+        (429, "30", True, 30.0),
+        (503, None, True, None),
+        (503, "86400", True, 600.0),  # cut to RETRY_AFTER_MAX
+        (500, "5", False, 5.0),
+        (429, "soon", True, None),  # unreadable: ignored
+    ],
+)
+def test_overload_and_retry_after_are_reported(
+    status: int, header: str | None, overloaded: bool, retry_after: float | None
+) -> None:
+    headers = {"Retry-After": header} if header is not None else {}
+    err = fetch_error(lambda r: httpx.Response(status, headers=headers))
+    assert isinstance(err, DiscoveryError)
+    assert (err.overloaded, err.retry_after) == (overloaded, retry_after)
+    if retry_after is not None:
+        assert f"it asks to retry after {retry_after:g} s" in str(err)
+
+
+def test_retry_after_as_an_http_date() -> None:
+    now = 1_764_645_000.0
+    date = email.utils.formatdate(now + 90, usegmt=True)
+    assert parse_retry_after(date, now=now) == pytest.approx(90.0)
+    assert parse_retry_after(email.utils.formatdate(now - 90, usegmt=True), now=now) == 0.0
+    assert parse_retry_after(None) is None
+
+
+def test_discover_waits_at_least_what_retry_after_asks() -> None:
+    calls: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(trio.current_time())
+        if len(calls) == 1:
+            return httpx.Response(429, headers={"Retry-After": "40"})
+        return httpx.Response(200, content=GOOD)
+
+    async def main() -> None:
+        async with client(handler) as cc:
+            await discover(cc, on_retry=lambda *_: None)
+
+    run(main)
+    assert len(calls) == 2 and 40.0 <= calls[1] - calls[0] <= 48.0

@@ -119,6 +119,7 @@ def test_render_golden_lines():
         'sdnsup_cidrs{family="ipv6"}': "3",
         "sdnsup_cc_up": "1",
         "sdnsup_cc_last_refresh_timestamp_seconds": "1700000050.5",
+        "sdnsup_saved_list_error": "0",
         "sdnsup_start_time_seconds": "1700000000.25",
     }
 

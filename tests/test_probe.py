@@ -199,7 +199,7 @@ def run_virtual(fn: Callable[[], Awaitable[Any]]) -> Any:
     return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_probe_all_decides_on_the_first_answer_and_ranks_everything() -> None:
+def test_probe_all_reports_answers_as_they_come_and_ranks_everything() -> None:
     delays: dict[str, float | None] = {"ap1": 0.080, "ap2": 0.005, "ap3": 0.040, "ap4": None}
     firsts: list[tuple[str, float, int, int]] = []
     started: list[tuple[str, float]] = []
@@ -207,7 +207,7 @@ def test_probe_all_decides_on_the_first_answer_and_ranks_everything() -> None:
     async def go() -> tuple[Any, float]:
         t0 = trio.current_time()
 
-        def on_first(r: ProbeResult) -> None:
+        def on_answer(r: ProbeResult) -> None:
             assert r.rtt is not None
             firsts.append((r.ap.id, trio.current_time() - t0, r.sent, r.received))
 
@@ -215,16 +215,18 @@ def test_probe_all_decides_on_the_first_answer_and_ranks_everything() -> None:
             [AP1, AP2, AP3, AP4],
             timeout=1.0,
             count=3,
-            on_first=on_first,
+            on_answer=on_answer,
             probe=fake_probe(delays, started),
         )
         return ranking, trio.current_time() - t0
 
     ranking, elapsed = run_virtual(go)
-    # on_first fired once, at 5 ms, for the 5 ms AP: long before the 80 ms one answered
-    assert len(firsts) == 1
+    # the first call came at 5 ms, for the 5 ms AP: long before the 80 ms one answered;
+    # then one call per answer, in the order they came
     ap_id, at, sent, received = firsts[0]
     assert ap_id == "ap2" and at == pytest.approx(0.005) and (sent, received) == (1, 1)
+    assert [f[0] for f in firsts] == ["ap2"] * 3 + ["ap3"] * 3 + ["ap1"] * 3
+    assert [f[1] for f in firsts] == sorted(f[1] for f in firsts)
     # the ranking follows the delays; the silent AP is dead after its deadline
     assert [r.ap.id for r in ranking] == ["ap2", "ap3", "ap1", "ap4"]
     assert [r.rtt for r in ranking[:3]] == pytest.approx([0.005, 0.040, 0.080])
@@ -269,14 +271,14 @@ def test_probe_all_loss_and_median() -> None:
     assert ranking[1].rtt == pytest.approx(0.020)  # median of the two answers
 
 
-def test_probe_all_with_no_answer_never_calls_on_first() -> None:
+def test_probe_all_with_no_answer_never_calls_on_answer() -> None:
     called: list[ProbeResult] = []
 
     async def go() -> Any:
         return await probe_all(
             [AP1, AP2],
             timeout=0.2,
-            on_first=called.append,
+            on_answer=called.append,
             probe=fake_probe({"ap1": None, "ap2": 0.5}),
         )
 

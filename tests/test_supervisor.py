@@ -11,7 +11,7 @@ import trio.testing
 from sdnsup.aps import AccessPoint, Target
 from sdnsup.errors import SdnsupError
 from sdnsup.pins import PinReport
-from sdnsup.probe import HOLD_DOWN
+from sdnsup.probe import HOLD_DOWN, should_switch
 from sdnsup.state import Slot
 from sdnsup.supervisor import Phase, Supervisor
 
@@ -96,7 +96,7 @@ class World:
         await trio.sleep(rtt)
         return rtt
 
-    async def probe_all(self, aps, *, timeout, count, on_first=None):
+    async def probe_all(self, aps, *, timeout, count, on_answer=None):
         self.rounds += 1
         results: list[Result] = []
 
@@ -107,8 +107,8 @@ class World:
                 results.append(Result(a, None, count, 0))
                 return
             result = Result(a, rtt)
-            if on_first is not None and all(r.rtt is None for r in results):
-                on_first(result)
+            if on_answer is not None:
+                on_answer(Result(a, rtt, 1, 1))
             results.append(result)
 
         async with trio.open_nursery() as nursery:
@@ -117,11 +117,6 @@ class World:
         return sorted(results, key=lambda r: (r.rtt is None, r.rtt or 0))
 
     def make(self, aps, **kw) -> Supervisor:
-        def should_switch(cur, cand):
-            return cand.rtt is not None and (
-                cur.rtt is None or (cur.rtt - cand.rtt > 0.010 and cand.rtt < cur.rtt * 0.67)
-            )
-
         kw.setdefault("retire", self.retired.append)
         kw.setdefault("probe_target", self.probe_target)
         kw.setdefault("probe_mark", PROBE_MARK)
@@ -571,3 +566,165 @@ def test_an_ap_whose_path_stays_broken_is_held_down_longer_each_time():
     # each time it comes back it fails again; the time away doubles: 10, 20, 40 s (+ probes)
     away = [b - a for a, b in zip(left, back, strict=False)]
     assert len(away) >= 3 and away[0] < 15 and away[1] > 19 and away[2] > 39, away
+
+
+# --- fleet behaviour: the saved list, the refresh schedule, the weighted choice --------------
+
+from sdnsup.choice import rendezvous_key  # noqa: E402
+from sdnsup.discovery import parse_answer  # noqa: E402
+from sdnsup.errors import DiscoveryError  # noqa: E402
+from sdnsup.savedlist import SavedList  # noqa: E402
+
+TTL = 60.0
+
+
+class RecordingCC:
+    """A CC whose answers and failures the test sets; it records when it was asked."""
+
+    def __init__(self, aps: tuple[AccessPoint, ...], ttl: float = TTL) -> None:
+        self.body = answer_body(aps, ttl)
+        self.asked: list[float] = []
+        self.down = False
+        self.overloaded: float | None = None  # Retry-After of a 429 answer
+
+    async def fetch(self):
+        self.asked.append(trio.current_time())
+        if self.overloaded is not None:
+            raise DiscoveryError("CC answered 429", overloaded=True, retry_after=self.overloaded)
+        if self.down:
+            raise DiscoveryError("CC refused the connection")
+        return parse_answer(self.body)
+
+
+def answer_body(aps, ttl=TTL) -> bytes:
+    import json
+
+    return json.dumps(
+        {"aps": [{"id": a.id, "addr": str(a.addr4), "weight": a.weight} for a in aps], "ttl": ttl}
+    ).encode()
+
+
+def fleet_ap(i: int, weight: int = 1) -> AccessPoint:
+    return AccessPoint(f"ap{i}", addr4=ipaddress.IPv4Address(f"10.77.0.{10 + i}"), weight=weight)
+
+
+async def discover_once(client):
+    return await client.fetch()
+
+
+def test_a_saved_list_is_used_at_once_and_the_cc_asked_later():
+    world = World({AP1: 0.005, AP2: 0.040})
+    cc = RecordingCC((AP1, AP2))
+    saved = SavedList(parse_answer(cc.body), "https://cc", 1000.0)
+    kept: list[tuple[object, float]] = []
+
+    async def save(directory, at):
+        kept.append((directory, at))
+
+    sup = world.make(None, cc=cc, discover=discover_once, saved=saved, save=save)
+
+    async def scenario():
+        await trio.sleep(0.1)
+        assert sup.active == AP1 and cc.asked == []  # steering before asking anything
+        assert sup.status.aps_source == "saved" and sup.status.aps_fetched_at == 1000.0
+        await trio.sleep(1.2 * TTL)
+        assert len(cc.asked) == 1 and sup.status.aps_source == "cc"
+
+    run(world, sup, scenario)
+    assert 0 < cc.asked[0] <= 1.2 * TTL
+    assert len(kept) == 1 and kept[0][0] == parse_answer(cc.body)
+
+
+def test_without_a_saved_list_the_cc_is_asked_first_and_refreshed_over_a_ttl():
+    world = World({AP1: 0.005})
+    cc = RecordingCC((AP1,))
+    sup = world.make(None, cc=cc, discover=discover_once)
+
+    async def scenario():
+        await trio.sleep(3 * TTL)
+
+    run(world, sup, scenario)
+    assert cc.asked[0] == 0.0
+    assert 0.5 * TTL <= cc.asked[1] <= 1.5 * TTL  # the first refresh: spread over a ttl
+    assert all(
+        0.8 * TTL <= b - a <= 1.2 * TTL for a, b in zip(cc.asked[1:], cc.asked[2:], strict=False)
+    )
+
+
+def test_a_cc_outage_with_a_working_ap_is_retried_at_the_normal_period():
+    world = World({AP1: 0.005})
+    cc = RecordingCC((AP1,))
+    sup = world.make(None, cc=cc, discover=discover_once)
+
+    async def scenario():
+        await trio.sleep(1)
+        cc.down = True
+        await trio.sleep(10 * TTL)
+        assert sup.active == AP1 and "refused" in (sup.status.cc_error or "")
+
+    run(world, sup, scenario)
+    gaps = [b - a for a, b in zip(cc.asked[1:], cc.asked[2:], strict=False)]
+    assert gaps and min(gaps) >= 0.8 * TTL  # no fast retries: the host has an AP
+
+
+def test_without_any_ap_the_cc_is_asked_soon_and_a_429_is_obeyed():
+    world = World({AP1: 0.005})
+    cc = RecordingCC((AP1,))
+    sup = world.make(None, cc=cc, discover=discover_once)
+
+    async def scenario():
+        await trio.sleep(1)
+        cc.overloaded = 200.0
+        world.rtts[AP1] = None  # the only AP dies: this host is dark
+        died = trio.current_time()
+        await trio.sleep(5)
+        assert sup.active is None
+        asked = [t for t in cc.asked if t > died]
+        assert len(asked) == 1 and asked[0] - died < 3  # asked soon: it has no AP
+        await trio.sleep(190)
+        assert len([t for t in cc.asked if t > died]) == 1  # Retry-After: 200 s
+
+    run(world, sup, scenario)
+
+
+def test_an_ap_death_spreads_the_reprobe_and_asks_the_cc_once_within_half_a_ttl():
+    world = World({AP1: 0.005, AP2: 0.040})
+    cc = RecordingCC((AP1, AP2))
+    sup = world.make(None, cc=cc, discover=discover_once, reprobe_interval=1000.0)
+    seen: dict[str, float] = {}
+
+    async def scenario():
+        await trio.sleep(2)
+        asked, rounds = len(cc.asked), world.rounds
+        world.rtts[AP1] = None
+        while sup.active != AP2:  # noqa: ASYNC110 - virtual time
+            await trio.sleep(0.01)
+        seen["died"] = trio.current_time()
+        assert world.rounds == rounds  # failover needed no probe round
+        await trio.sleep(1.1)
+        assert world.rounds == rounds + 1  # one re-probe, within a second
+        await trio.sleep(TTL / 2)
+        extra = [t for t in cc.asked[asked:] if t > seen["died"]]
+        assert len(extra) <= 1  # at most one extra request (none if the periodic came)
+
+    run(world, sup, scenario)
+
+
+def test_near_equal_aps_are_chosen_by_this_hosts_weighted_key():
+    aps = [fleet_ap(1), fleet_ap(2), fleet_ap(3, weight=2)]
+    rtts = {aps[0]: 0.0050, aps[1]: 0.0053, aps[2]: 0.0061}
+    for host in ("alpha", "bravo", "charlie", "delta"):
+        world = World(rtts)
+        sup = world.make(aps, host_id=host)
+        chosen: list[float] = []
+
+        async def scenario(sup=sup, chosen=chosen):
+            while sup.active is None:  # noqa: ASYNC110 - virtual time
+                await trio.sleep(0.001)
+            chosen.append(trio.current_time())
+            await trio.sleep(100)
+
+        run(world, sup, scenario)
+        top = max(aps, key=lambda a: rendezvous_key(host, a))
+        assert world.posted[0] == top and sup.active == top, host  # and it stays there
+        assert chosen[0] < 0.020  # the first answers' window, not the 1 s probe deadline

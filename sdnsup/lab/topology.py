@@ -557,13 +557,17 @@ class Lab:
     ) -> subprocess.Popen[bytes]:
         """Start ``python -m sdnsup.cli ARGS`` in ``ns``, output to a log file (:meth:`logs`).
 
-        sdnsup's own file log goes to the lab's temp dir (not the host's /tmp/sdnsup, which
-        several labs would share) and no host config file is read, unless ``env`` says
-        otherwise.
+        sdnsup's own file log and its saved AP list go to the lab's temp dir (not the host's
+        /tmp/sdnsup and /var/lib/sdnsup, which several labs would share) and no host config
+        file is read, unless ``env`` says otherwise.
         """
         argv = python_module("sdnsup.cli", *(str(a) for a in args))
         assert self.tmpdir is not None
-        base = {"SDNSUP_LOG_DIR": str(self.tmpdir / "sdnsup-logs"), "SDNSUP_CONFIG": "none"}
+        base = {
+            "SDNSUP_LOG_DIR": str(self.tmpdir / "sdnsup-logs"),
+            "SDNSUP_STATE_DIR": str(self.tmpdir / "sdnsup-state"),
+            "SDNSUP_CONFIG": "none",
+        }
         label = f"{ns.removeprefix(self.prefix)}-sdnsup"
         return self.popen(ns, *argv, env={**base, **(env or {})}, label=label)
 
