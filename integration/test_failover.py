@@ -48,7 +48,7 @@ def test_fastest_of_three_is_chosen_without_waiting_for_the_slowest(make_lab):
     proc = start_sdnsup(lab, "-r", CIDRS, "--cc", url)
     assert via(lab) == overlay(lab, 2)
     assert via(lab, 6) == str(lab.ap(2).overlay_addr6)
-    chosen = log_lines(lab, proc, r"AP chosen: ap2 .*first to answer")
+    chosen = log_lines(lab, proc, r"AP chosen: ap2 .*from the first answers")
     assert chosen, lab.logs(proc)
     # The choice is logged before the ranking, which needs the 80 ms AP's answers.
     logs = lab.logs(proc)

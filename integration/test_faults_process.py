@@ -30,6 +30,7 @@ from integration.helpers import owned, start_sdnsup, stop_sdnsup, wait_for
 from integration.test_supervisord import supervisord_conf
 from sdnsup.lab import Lab
 from sdnsup.lab.services import python_module
+from sdnsup.lab.topology import LAB_HOST_ID
 from sdnsup.lab.traffic import ConnectionStream, StreamReport
 
 pytestmark = pytest.mark.netns
@@ -279,6 +280,7 @@ def test_kill9_under_supervisord_restarts_with_one_of_each(make_lab, tmp_path):
     command = (
         f"{sys.executable} -m sdnsup.cli -r {CIDRS} --cc {url}"
         f" --log-dir {tmp_path}/logs --state-dir {tmp_path}/state --config none"
+        f" --host-id {LAB_HOST_ID}"
     )
     conf = supervisord_conf(tmp_path, command)
     output = tmp_path / "sdnsup.log"  # sdnsup's stdout and stderr, as supervisord keeps them
@@ -419,6 +421,7 @@ def test_full_log_disk_does_not_stop_routing_or_failover(make_lab, tmp_path):
     disk.mkdir()
     log_file = disk / "logs" / "sdnsup.log"
     options = ("--log-dir", str(log_file.parent), "--config", "none", "--state-dir", "none")
+    options += ("--host-id", LAB_HOST_ID)
     argv = python_module("sdnsup.cli", "-r", CIDRS, "--cc", url, *options)
     script = ON_FULL_TMPFS.format(size=LOG_DISK_SIZE)
     proc = lab.popen(lab.ns_a, "sh", "-c", script, "sh", str(disk), *argv, label="a-sdnsup")

@@ -21,6 +21,7 @@ from integration.helpers import start_sdnsup, stop_sdnsup, wait_for
 from integration.test_supervisord import supervisord_conf
 from sdnsup.lab import Lab
 from sdnsup.lab.services import Ticker
+from sdnsup.lab.topology import LAB_HOST_ID
 from sdnsup.lab.traffic import B_TO_A, ConnectionStream
 
 pytestmark = pytest.mark.netns
@@ -170,6 +171,7 @@ def test_kill9_and_restart_under_supervisord_keeps_every_session_on_its_ap(
     command = (
         f"{sys.executable} -m sdnsup.cli -r {CIDRS} --cc {url}"
         f" --log-dir {tmp_path}/logs --state-dir {tmp_path}/state --config none"
+        f" --host-id {LAB_HOST_ID}"
     )
     conf = supervisord_conf(tmp_path, command)
     lab.popen(lab.ns_a, "supervisord", "-c", str(conf), label="a-supervisord")

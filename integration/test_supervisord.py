@@ -10,6 +10,7 @@ import pytest
 
 from integration.helpers import owned, wait_for
 from sdnsup.lab import Lab
+from sdnsup.lab.topology import LAB_HOST_ID
 
 pytestmark = pytest.mark.netns
 
@@ -53,6 +54,7 @@ def test_kill9_restart_converges_and_stop_tears_down(make_lab, tmp_path):
     command = (
         f"{sys.executable} -m sdnsup.cli -r 10.10.10.0/24,fd10:10:10::/64 --cc {url}"
         f" --log-dir {tmp_path}/logs --state-dir {tmp_path}/state --config none"
+        f" --host-id {LAB_HOST_ID}"
     )
     conf = supervisord_conf(tmp_path, command)
     lab.popen(lab.ns_a, "supervisord", "-c", str(conf), label="a-supervisord")

@@ -49,6 +49,7 @@ __all__ = [
     "band",
     "choose",
     "default_host_id",
+    "eligible",
     "rendezvous_key",
     "window",
 ]
@@ -118,6 +119,15 @@ def band(eligible: Sequence[ResultLike], should_switch: ShouldSwitch) -> list[Re
         return []
     best = eligible[0]
     return [r for r in eligible if r is best or not should_switch(r, best)]
+
+
+def eligible(
+    ranking: Sequence[ResultLike], listed: Sequence[AccessPoint], usable: Callable[[str], bool]
+) -> list[ResultLike]:
+    """The results of ``ranking`` (best first) a host may choose: live, listed by the
+    directory, and ``usable`` (not held down after a death: :class:`sdnsup.probe.
+    Hysteresis`)."""
+    return [r for r in ranking if _live(r) and r.ap in listed and usable(r.ap.id)]
 
 
 def window(first_rtt: float) -> float:

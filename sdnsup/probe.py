@@ -550,6 +550,22 @@ class Hysteresis:
         """Whether ``key`` is marked dead and not yet recovered."""
         return key in self._died
 
+    def observe(self, ranking: Iterable[ProbeResult], now: float) -> list[str]:
+        """Count a probe round's probes of the held-down APs (once per round); the ids of
+        those that are usable again after it."""
+        back = []
+        for r in ranking:
+            key = r.ap.id
+            if not self.is_held(key):
+                continue
+            if r.received < r.sent:
+                self.record(key, False, now)
+            for _ in range(r.received):
+                self.record(key, True, now)
+            if self.usable(key, now):
+                back.append(key)
+        return back
+
 
 __all__ = [
     "HOLD_DOWN",

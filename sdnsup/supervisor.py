@@ -44,6 +44,7 @@ import trio
 from sdnsup import keepalive, paths
 from sdnsup.aps import AccessPoint, ProbeSpec, Target
 from sdnsup.choice import choose, window
+from sdnsup.choice import eligible as choice_eligible
 from sdnsup.errors import DiscoveryError, SdnsupError
 from sdnsup.paths import Failure, PassiveDetector, ProbeTarget, describe_failures
 from sdnsup.pins import PinReport
@@ -338,22 +339,9 @@ class Supervisor:
     def _result_for(self, ap: AccessPoint | None) -> Any:
         return next((r for r in self.status.ranking if r.ap == ap), None)
 
-    def _eligible(self, result: Any, now: float) -> bool:
-        live = result.rtt is not None and result.received > 0
-        return live and self._hysteresis.usable(result.ap.id, now)
-
-    def _count_probes(self, ranking: Sequence[Any], now: float) -> None:
-        """Feed a round's probes of held-down APs to the hysteresis (once per round)."""
-        for r in ranking:
-            key = r.ap.id
-            if not self._hysteresis.is_held(key):
-                continue
-            if r.received < r.sent:
-                self._hysteresis.record(key, False, now)
-            for _ in range(r.received):
-                self._hysteresis.record(key, True, now)
-            if self._hysteresis.usable(key, now):
-                log.info("AP %s is back: held down, then answered every probe", key)
+    def _eligible(self, ranking: Sequence[Any], now: float) -> list[Any]:
+        """The APs of ``ranking`` this host may choose now (:func:`sdnsup.choice.eligible`)."""
+        return choice_eligible(ranking, self.status.aps, lambda k: self._hysteresis.usable(k, now))
 
     def _answer(self, result: Any) -> None:
         """One answer of a probe round (a provisional single-probe result). With no AP
@@ -389,9 +377,9 @@ class Supervisor:
             )
             if choice is not None:
                 r = choice.result
-                self._set_active(
-                    r.ap, Phase.CONNECTED, f"AP chosen: {r.ap} ({_ms(r.rtt)}{self._why(answers)})"
-                )
+                why = self._why(answers)
+                line = f"AP chosen: {r.ap} ({_ms(r.rtt)}, from the first answers{why})"
+                self._set_active(r.ap, Phase.CONNECTED, line)
 
     def _why(self, band: Sequence[Any]) -> str:
         """How the weighted choice went, for a log line; empty when there was no choice."""
@@ -412,14 +400,15 @@ class Supervisor:
         for r in ranking:
             if r.rtt is not None:
                 st.last_rtt[r.ap.id] = r.rtt
-        self._count_probes(ranking, now)
+        for key in self._hysteresis.observe(ranking, now):
+            log.info("AP %s is back: held down, then answered every probe", key)
         log.log(
             logging.INFO if changed else logging.DEBUG,
             "probe ranking: %s",
             ", ".join(f"{r.ap.id} {_ms(r.rtt)}" + (f" {r.sent - r.received}/{r.sent} lost"
                       if r.received < r.sent and r.rtt is not None else "") for r in ranking),
         )  # fmt: skip
-        eligible = [r for r in ranking if r.ap in st.aps and self._eligible(r, now)]
+        eligible = self._eligible(ranking, now)
         current = self._result_for(self.active)
         if not eligible:
             if self.active is None and st.phase is not Phase.NO_AP:
@@ -545,11 +534,7 @@ class Supervisor:
         """The live, usable AP of the last ranking this host would choose if ``other_than``
         were gone: its next one by weighted choice among the near-equal APs left."""
         st = self.status
-        eligible = [
-            r
-            for r in st.ranking
-            if r.ap != other_than and r.ap in st.aps and self._eligible(r, now)
-        ]
+        eligible = [r for r in self._eligible(st.ranking, now) if r.ap != other_than]
         choice = choose(
             eligible, host=self._host, active=None, listed=True, should_switch=self._should_switch
         )

@@ -65,6 +65,11 @@ APLink = Literal["shared", "private"]
 
 MAX_APS = 50
 DEFAULT_PORT = 8080
+# sdnsup's host id in the lab: among near-equal APs of equal weight it prefers ap1, then
+# ap2, ... ap6 (its rendezvous keys happen to fall in that order), like a CC's order of
+# preference, and the same on every machine (a machine-id would differ). Tests of the
+# weighted choice itself give their own ids.
+LAB_HOST_ID = "sdnsup-lab-68"
 
 # --- the addressing plan -------------------------------------------------------------------
 
@@ -558,14 +563,16 @@ class Lab:
         """Start ``python -m sdnsup.cli ARGS`` in ``ns``, output to a log file (:meth:`logs`).
 
         sdnsup's own file log and its saved AP list go to the lab's temp dir (not the host's
-        /tmp/sdnsup and /var/lib/sdnsup, which several labs would share) and no host config
-        file is read, unless ``env`` says otherwise.
+        /tmp/sdnsup and /var/lib/sdnsup, which several labs would share), no host config
+        file is read, and the host id is :data:`LAB_HOST_ID` (not this machine's), unless
+        ``env`` says otherwise.
         """
         argv = python_module("sdnsup.cli", *(str(a) for a in args))
         assert self.tmpdir is not None
         base = {
             "SDNSUP_LOG_DIR": str(self.tmpdir / "sdnsup-logs"),
             "SDNSUP_STATE_DIR": str(self.tmpdir / "sdnsup-state"),
+            "SDNSUP_HOST_ID": LAB_HOST_ID,
             "SDNSUP_CONFIG": "none",
         }
         label = f"{ns.removeprefix(self.prefix)}-sdnsup"
