@@ -8,6 +8,7 @@ Exit codes: 0 clean stop, 64 bad usage (nothing applied), 75 another instance ru
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import logging
 import os
@@ -225,6 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdnsup.applier import Applier
     from sdnsup.choice import default_host_id
     from sdnsup.conntrack import Conntrack
+    from sdnsup.echo import Prober
     from sdnsup.netmon import Monitor, Watch
     from sdnsup.nft import LibNftables
     from sdnsup.notify import Notifier
@@ -267,6 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             entry = savedlist.SavedList(directory, cc.url, fetched_at)
             await trio.to_thread.run_sync(entry.save, saved_path)
 
+        # one long-lived socket per probed AP (sdnsup.echo), open while the daemon runs
+        prober = Prober()
         detector = (
             PassiveDetector(destinations=opts.suspect_destinations, window=opts.suspect_window)
             if opts.passive_check
@@ -278,8 +282,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 config, ap, known, slots, probes
             ),
             post=mailbox.post,
-            probe_all=probe.probe_all,
-            probe_once=probe.probe_once,
+            probe_all=functools.partial(probe.probe_all, probe=prober.probe),
+            probe_once=prober.probe,
             should_switch=probe.should_switch,
             cc=cc,
             discover=lambda client: discovery.discover(client, retries=opts.retries),
@@ -318,17 +322,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         async def main() -> None:
             try:
-                await serve(
-                    config,
-                    applier,
-                    mailbox=mailbox,
-                    supervisor=supervisor,
-                    monitor=monitor,
-                    control_path=control.default_socket_path(),
-                    notifier=notifier,
-                    metrics_listen=opts.metrics,
-                    pins=keeper,
-                )
+                async with prober.open():
+                    await serve(
+                        config,
+                        applier,
+                        mailbox=mailbox,
+                        supervisor=supervisor,
+                        monitor=monitor,
+                        control_path=control.default_socket_path(),
+                        notifier=notifier,
+                        metrics_listen=opts.metrics,
+                        pins=keeper,
+                    )
             finally:
                 if cc is not None:
                     with trio.CancelScope(shield=True):

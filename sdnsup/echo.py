@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import secrets
 import socket
 from collections.abc import AsyncIterator
@@ -54,7 +55,7 @@ from sdnsup.probe import (
     probe_once,
 )
 
-__all__ = ["Prober", "open_prober"]
+__all__ = ["IDLE", "Prober"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Key = tuple[str, IPAddress, int]
@@ -199,15 +200,30 @@ class _Echo:
 class Prober:
     """Probes APs like :func:`sdnsup.probe.probe_once`, over long-lived sockets.
 
-    Made by :func:`open_prober`, which owns the reader tasks; ``await prober.probe(ap,
-    timeout=...)`` has probe_once's signature, so it is a drop-in ``probe_once``.
+    ``await prober.probe(ap, timeout=...)`` has probe_once's signature, so it is a drop-in
+    ``probe_once``. The sockets and their reader tasks live inside ``async with
+    prober.open():``; outside it (before, after) each probe opens its own socket, as
+    :func:`~sdnsup.probe.probe_once` does.
     """
 
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
+    def __init__(self) -> None:
+        self._nursery: trio.Nursery | None = None
         self._sockets: dict[Key, _Echo] = {}
-        self._swept = trio.current_time()
+        self._swept = -math.inf
         self.opened = 0  # sockets opened so far (tests and benchmarks read it)
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[Prober]:
+        """Keep sockets for the duration of the block; all are closed when it ends."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._swept = trio.current_time()
+            try:
+                yield self
+            finally:
+                self._nursery = None
+                self.close()
+                nursery.cancel_scope.cancel()
 
     def _sweep(self, now: float) -> None:
         """Close the sockets no probe used for IDLE seconds (an AP the CC no longer lists)."""
@@ -229,6 +245,7 @@ class Prober:
         if echo is not None and not echo.closed and not echo.retiring:
             echo.used = now
             return echo
+        assert self._nursery is not None
         echo = _Echo(kind, addr, port)
         self._sockets[key] = echo
         self.opened += 1
@@ -245,7 +262,7 @@ class Prober:
             ValueError: ``timeout`` is not positive.
         """
         spec = ap.probe
-        if spec.kind not in ("udp", "icmp"):
+        if spec.kind not in ("udp", "icmp") or self._nursery is None:
             return await probe_once(ap, timeout=timeout, addr=addr)
         if not timeout > 0:
             raise ValueError(f"probe timeout must be positive, not {timeout!r}")
@@ -280,15 +297,3 @@ class Prober:
         for echo in self._sockets.values():
             echo.close()
         self._sockets.clear()
-
-
-@asynccontextmanager
-async def open_prober() -> AsyncIterator[Prober]:
-    """A :class:`Prober` whose sockets and reader tasks live as long as the block."""
-    async with trio.open_nursery() as nursery:
-        prober = Prober(nursery)
-        try:
-            yield prober
-        finally:
-            prober.close()
-            nursery.cancel_scope.cancel()

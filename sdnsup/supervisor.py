@@ -356,7 +356,8 @@ class Supervisor:
             self._early_deadline = trio.current_time() + window(result.rtt)
             self._early = []
             self._early_wake.set()
-        self._early.append(result)
+        if all(r.ap != result.ap for r in self._early):  # its first answer only
+            self._early.append(result)
 
     async def _early_loop(self) -> None:
         while True:

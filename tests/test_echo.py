@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from sdnsup.aps import AccessPoint, ProbeSpec
-from sdnsup.echo import IDLE, open_prober
+from sdnsup.echo import IDLE, Prober
 from sdnsup.probe import ProbeFailed, open_icmp_socket, probe_all
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
@@ -58,7 +58,7 @@ def test_every_probe_of_an_ap_uses_one_socket():
     async def go(nursery):
         await nursery.start(echo.serve)
         ap = on_loopback("udp", echo.port)
-        async with open_prober() as prober:
+        async with Prober().open() as prober:
             for _ in range(20):  # keepalive probes
                 assert 0 < await prober.probe(ap, timeout=1.0) < 0.5
             # a probe round: 3 concurrent probes per AP on the same socket
@@ -76,7 +76,7 @@ def test_a_missed_answer_gives_the_next_probe_a_new_socket():
     async def go(nursery):
         await nursery.start(echo.serve)
         ap = on_loopback("udp", echo.port)
-        async with open_prober() as prober:
+        async with Prober().open() as prober:
             await prober.probe(ap, timeout=1.0)
             echo.silent = True
             with pytest.raises(ProbeFailed, match="no answer within 100 ms") as info:
@@ -98,7 +98,7 @@ def test_refused_fails_fast_and_the_socket_stays_usable():
         port = s.getsockname()[1]
 
     async def go(nursery):
-        async with open_prober() as prober:
+        async with Prober().open() as prober:
             t0 = trio.current_time()
             with pytest.raises(ProbeFailed) as info:
                 await prober.probe(on_loopback("udp", port), timeout=2.0)
@@ -116,7 +116,7 @@ def test_concurrent_probes_each_get_their_own_answer():
         await nursery.start(echo.serve)
         ap = on_loopback("udp", echo.port)
         rtts: list[float] = []
-        async with open_prober() as prober:
+        async with Prober().open() as prober:
 
             async def one():
                 rtts.append(await prober.probe(ap, timeout=1.0))
@@ -136,7 +136,7 @@ def test_sockets_of_aps_no_longer_probed_are_closed():
         await nursery.start(first.serve)
         await nursery.start(second.serve)
         old, new = on_loopback("udp", first.port, "old"), on_loopback("udp", second.port, "new")
-        async with open_prober() as prober:
+        async with Prober().open() as prober:
             await prober.probe(old, timeout=1.0)
             await prober.probe(new, timeout=1.0)
             assert prober.open_sockets == 2
@@ -166,7 +166,7 @@ def test_icmp_probes_share_one_socket():
             return None
         sock.close()
         ap = on_loopback("icmp", 0)
-        async with open_prober() as prober:
+        async with Prober().open() as prober:
             for _ in range(5):
                 assert 0 < await prober.probe(ap, timeout=1.0) < 0.5
             ranking = await probe_all([ap], timeout=1.0, probe=prober.probe)
@@ -184,7 +184,7 @@ def test_tcp_probes_still_open_a_connection_each():
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
         nursery.start_soon(trio.serve_listeners, lambda s: s.aclose(), listeners)
-        async with open_prober() as prober:
+        async with Prober().open() as prober:
             await prober.probe(on_loopback("tcp", port), timeout=1.0)
             return prober.opened
 

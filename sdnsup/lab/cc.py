@@ -18,7 +18,8 @@ that is re-read on every request, so a test changes the CC's behaviour by rewrit
 
 A refused connection is made by stopping the process. With ``--token-file``, requests
 without ``Authorization: Bearer <token>`` get ``401`` (the file is re-read per request).
-Other paths get ``404``. One line per request goes to stderr: method, path, status.
+Other paths get ``404``. One line per request goes to stderr: client address, method, path,
+status and the wall-clock time (``cc: 172.31.1.2 GET /v1/aps 200 at 1764645000.123``).
 ``--ready-file`` is created once the server listens.
 
 Standard library only, run by path with ``python -P`` like :mod:`sdnsup.lab.whoami`.
@@ -77,7 +78,8 @@ class CCHandler(BaseHTTPRequestHandler):
 
     def _log(self, status: int) -> None:
         peer = self.client_address[0]
-        print(f"cc: {peer} {self.command} {self.path} {status}", file=sys.stderr, flush=True)
+        line = f"cc: {peer} {self.command} {self.path} {status} at {time.time():.3f}"
+        print(line, file=sys.stderr, flush=True)
 
     def _send(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
         self._log(status)

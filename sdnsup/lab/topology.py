@@ -14,8 +14,11 @@
                   10.77.0.(10+I)     fd77::(10+I)         br-ap  (ap_link="private")
     apI   ov0     10.10.10.(10+I)    fd10:10:10::(10+I)   br-ov; masquerade out of ov0
     c     eth0    10.88.0.2/24       fd88::2/64           veth to a; default routes via A
+    hI    eth0    172.31.1.(100+I)   fd31:1::(100+I)      br-lan; default routes via R
+                                                          (clients=N: more hosts like A)
 
-* Every namespace is ``<prefix><role>``: ``a``, ``r``, ``b``, ``ap1``..``apN`` and ``c``.
+* Every namespace is ``<prefix><role>``: ``a``, ``r``, ``b``, ``ap1``..``apN``, ``c`` and
+  ``h1``..``hN`` (extra client hosts, for fleet tests: each runs its own sdnsup).
   ``r`` also holds the bridges (``br-lan``, ``br-ov``, ``br-ap``); R forwards, no NAT.
 * An AP forwards and masquerades what leaves through ``ov0``; it has no default route, so it
   can only return traffic addressed to its own uplink subnet (the point of ``private`` mode).
@@ -64,6 +67,7 @@ IPv6Address = ipaddress.IPv6Address
 APLink = Literal["shared", "private"]
 
 MAX_APS = 50
+MAX_CLIENTS = 150
 DEFAULT_PORT = 8080
 # sdnsup's host id in the lab: among near-equal APs of equal weight it prefers ap1, then
 # ap2, ... ap6 (its rendezvous keys happen to fall in that order), like a CC's order of
@@ -95,10 +99,15 @@ A_IF, A_PRIVATE_IF, A_CTR_IF = "eth0", "eth1", "ctr0"
 AP_UPLINK_IF, AP_OVERLAY_IF = "up0", "ov0"
 
 
+def _host(net: ipaddress.IPv4Network | ipaddress.IPv6Network, n: int) -> str:
+    """Host ``n`` of ``net``: ``.n`` in IPv4, ``::n`` written the same way in IPv6."""
+    base = str(net.network_address)
+    return f"{base.rstrip(':')}::{n}" if net.version == 6 else f"{base[:-1]}{n}"
+
+
 def _ap_host(net: ipaddress.IPv4Network | ipaddress.IPv6Network, i: int) -> str:
     """AP ``i``'s host part: ``.(10+i)`` in IPv4, ``::(10+i)`` written the same way in IPv6."""
-    base = str(net.network_address)
-    return f"{base.rstrip(':')}::{10 + i}" if net.version == 6 else f"{base[:-1]}{10 + i}"
+    return _host(net, 10 + i)
 
 
 def _ap_nat_ruleset() -> str:
@@ -168,10 +177,13 @@ class Lab:
         prefix: str | None = None,
         rp_filter_strict: bool = False,
         keep_logs: bool = False,
+        clients: int = 0,
     ) -> None:
         """Plan a lab; nothing is created before :meth:`up` (use :meth:`up`/:meth:`create`)."""
         if not 1 <= n_aps <= MAX_APS:
             raise ValueError(f"n_aps must be between 1 and {MAX_APS}, not {n_aps}")
+        if not 0 <= clients <= MAX_CLIENTS:
+            raise ValueError(f"clients must be between 0 and {MAX_CLIENTS}, not {clients}")
         if ap_link not in ("shared", "private"):
             raise ValueError(f"ap_link must be 'shared' or 'private', not {ap_link!r}")
         self.prefix = _teardown.validate_prefix(prefix) if prefix is not None else _new_prefix()
@@ -184,6 +196,8 @@ class Lab:
         self.ns_r = f"{self.prefix}r"
         self.ns_b = f"{self.prefix}b"
         self.ns_c: str | None = f"{self.prefix}c" if container else None
+        # extra client hosts h1..hN on the LAN, like A (fleet tests)
+        self.clients = [f"{self.prefix}h{i}" for i in range(1, clients + 1)]
 
         private = ap_link == "private"
         up_net, up_net6 = (PRIVATE_NET, PRIVATE_NET6) if private else (LAN_NET, LAN_NET6)
@@ -229,9 +243,10 @@ class Lab:
         prefix: str | None = None,
         rp_filter_strict: bool = False,
         keep_logs: bool = False,
+        clients: int = 0,
     ) -> Lab:
         """Build a lab and return it; the caller must :meth:`down` it (or use ``with``)."""
-        lab = cls(n_aps, ap_link, container, prefix, rp_filter_strict, keep_logs)
+        lab = cls(n_aps, ap_link, container, prefix, rp_filter_strict, keep_logs, clients)
         lab._build()
         return lab
 
@@ -245,9 +260,10 @@ class Lab:
         prefix: str | None = None,
         rp_filter_strict: bool = False,
         keep_logs: bool = False,
+        clients: int = 0,
     ) -> Iterator[Lab]:
         """``with Lab.create(...) as lab:`` builds a lab and always tears it down."""
-        lab = cls.up(n_aps, ap_link, container, prefix, rp_filter_strict, keep_logs)
+        lab = cls.up(n_aps, ap_link, container, prefix, rp_filter_strict, keep_logs, clients)
         try:
             yield lab
         finally:
@@ -265,11 +281,22 @@ class Lab:
     def namespaces(self) -> list[str]:
         """Every namespace of this lab, in creation order."""
         names = [self.ns_r, self.ns_a, self.ns_b, *(ap.ns for ap in self.aps)]
-        return names + ([self.ns_c] if self.ns_c else [])
+        return names + ([self.ns_c] if self.ns_c else []) + self.clients
 
     @property
     def is_up(self) -> bool:
         return self._state == "up"
+
+    def client(self, index: int) -> str:
+        """The namespace of extra client host ``index`` (1-based)."""
+        if not 1 <= index <= len(self.clients):
+            raise IndexError(f"no client {index}: this lab has clients 1..{len(self.clients)}")
+        return self.clients[index - 1]
+
+    @staticmethod
+    def client_addr(index: int) -> IPv4Address:
+        """Extra client host ``index``'s LAN address (172.31.1.(100+index))."""
+        return IPv4Address(_host(LAN_NET, 100 + index))
 
     def ap(self, index: int) -> AccessPoint:
         """The access point with 1-based ``index``."""
@@ -380,6 +407,8 @@ class Lab:
         for ap in self.aps:
             ports.append((f"ap{ap.index}u", uplink_bridge, AP_UPLINK_IF, ap.ns))
             ports.append((f"ap{ap.index}o", "br-ov", AP_OVERLAY_IF, ap.ns))
+        for i, ns in enumerate(self.clients, start=1):
+            ports.append((f"h{i}", "br-lan", A_IF, ns))
         for port, _, peer, peer_ns in ports:
             lines.append(f"link add {port} type veth peer name {peer} netns {peer_ns}")
         lines += [f"link set {port} master {br} up" for port, br, _, _ in ports]
@@ -447,6 +476,14 @@ class Lab:
             )
             lines += iface(AP_OVERLAY_IF, f"{ap.overlay_addr}/{ov}", f"{ap.overlay_addr6}/{ov6}")
             jobs.append(self._batch(ap.ns, lines))
+
+        for i, ns in enumerate(self.clients, start=1):
+            h = [
+                "link set lo up",
+                *iface(A_IF, f"{self.client_addr(i)}/{lan}", f"{_host(LAN_NET6, 100 + i)}/{lan6}"),
+            ]
+            h += defaults(A_IF, ROUTER_ADDR, ROUTER_ADDR6)
+            jobs.append(self._batch(ns, h))
 
         if self.ns_c:
             c = ["link set lo up"]
@@ -799,11 +836,12 @@ class Lab:
         aps: Sequence[int] | None = None,
         ttl: float = 60,
         probe: Mapping[str, Any] | None = None,
+        weights: Mapping[int, int] | None = None,
     ) -> dict[str, Any]:
         """A CC answer listing this lab's APs ``aps`` (indexes, default all) as ``ap1``...
 
         Each entry has ``addr``/``addr6`` (the AP's uplink addresses), ``probe`` (default
-        udp to the lab agent's port 7300) and weight 1.
+        udp to the lab agent's port 7300) and its weight from ``weights`` (default 1).
         """
         spec = dict(probe) if probe is not None else {"kind": "udp", "port": _apagent.UDP_PORT}
         indexes = list(aps) if aps is not None else [ap.index for ap in self.aps]
@@ -816,7 +854,7 @@ class Lab:
                     "addr": str(ap.addr),
                     "addr6": str(ap.addr6),
                     "probe": dict(spec),
-                    "weight": 1,
+                    "weight": (weights or {}).get(index, 1),
                 }
             )
         return {"aps": entries, "ttl": ttl}
@@ -829,15 +867,16 @@ class Lab:
         ttl: float = 60,
         slow_seconds: float = _cc.DEFAULT_SLOW_SECONDS,
         probe: Mapping[str, Any] | None = None,
+        weights: Mapping[int, int] | None = None,
     ) -> None:
         """Set what the lab CC answers from its next request (see :mod:`sdnsup.lab.cc`).
 
         ``mode``: ``ok``, ``500``, ``garbage``, ``slow`` (after ``slow_seconds``) or
-        ``oversize``. ``answer`` defaults to :meth:`cc_answer` ``(aps, ttl, probe)``. The
+        ``oversize``. ``answer`` defaults to :meth:`cc_answer` ``(aps, ttl, probe, weights)``. The
         control file is replaced atomically; this may be called before :meth:`start_cc`.
         """
         if answer is None:
-            answer = self.cc_answer(aps, ttl, probe)
+            answer = self.cc_answer(aps, ttl, probe, weights)
         _cc.write_control(self._lab_file("cc.json"), mode, answer, slow_seconds)
 
     def _address_in(self, ns: str) -> str:
@@ -896,6 +935,18 @@ class Lab:
     def cc_process(self) -> subprocess.Popen[bytes] | None:
         """The running lab CC's process (for :meth:`logs`), None when it is not running."""
         return self._cc_proc
+
+    def cc_requests(self) -> list[tuple[float, str, int]]:
+        """The running lab CC's ``GET /v1/aps`` requests so far: (wall-clock time, client
+        address, status), oldest first (from its log)."""
+        if self._cc_proc is None:
+            return []
+        out = []
+        for line in self.logs(self._cc_proc).splitlines():
+            parts = line.split()
+            if len(parts) == 7 and parts[0] == "cc:" and parts[3] == "/v1/aps":
+                out.append((float(parts[6]), parts[1], int(parts[4])))
+        return out
 
     def stop_cc(self) -> None:
         """Stop the lab CC: connections to its URL are refused from now on. Idempotent."""
