@@ -594,6 +594,13 @@ class Lab:
             parts.append(f"===== {tracked.label} ({state}): {args}\n{self.logs(tracked.proc)}")
         return "\n".join(parts)
 
+    @property
+    def state_dir(self) -> Path:
+        """Where the sdnsup processes of this lab keep their saved AP lists (delete it to
+        make the next start a first boot)."""
+        assert self.tmpdir is not None
+        return self.tmpdir / "sdnsup-state"
+
     def run_sdnsup(
         self, ns: str, *args: str, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
@@ -608,7 +615,7 @@ class Lab:
         assert self.tmpdir is not None
         base = {
             "SDNSUP_LOG_DIR": str(self.tmpdir / "sdnsup-logs"),
-            "SDNSUP_STATE_DIR": str(self.tmpdir / "sdnsup-state"),
+            "SDNSUP_STATE_DIR": str(self.state_dir),
             "SDNSUP_HOST_ID": LAB_HOST_ID,
             "SDNSUP_CONFIG": "none",
         }
