@@ -378,7 +378,7 @@ BIN = 0.010  # the plot's bins: replies per 10 ms (two send intervals)
 AFTER_SWITCH = 0.3  # traffic recorded after the first reply through AP2 (and in the plot)
 DARK_TARGET = {"default": 1.0, "aggressive": 0.3}
 # AP changes in sdnsup's log; only the one failover of AP1 after the cut is expected.
-AP_CHANGE = r"failover: |switched to faster AP|is no longer listed|no AP answers"
+AP_CHANGE = r"failover: |switched to (faster )?AP|is no longer listed|no AP answers"
 # At debug level sdnsup logs the duration of every apply ("applied: ... in 2.1 ms]") and each
 # keepalive miss that did not reach the verdict ("answered again after 1 missed probes"):
 # the apply's own share of the failover, and how close the keepalive came to a false one.

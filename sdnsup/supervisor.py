@@ -459,6 +459,11 @@ class Supervisor:
                     f"switched to AP {best.ap} ({_ms(best.rtt)}) from {was}: it is back among "
                     "the near-equal APs, where this host's weighted choice puts it first"
                 )
+            elif current is None or current.rtt is None or current.received <= 0:
+                line = (
+                    f"switched to AP {best.ap} ({_ms(best.rtt)}) from {self.active}, which did "
+                    "not answer this probe round"
+                )
             else:
                 line = (
                     f"switched to faster AP {best.ap} ({_ms(best.rtt)}) from {was}, more than "
@@ -965,7 +970,8 @@ class Supervisor:
         st, schedule = self.status, self._schedule
         while True:
             self._refresh_changed = trio.Event()
-            st.cc_next_refresh = time.time() + max(0.0, schedule.due - trio.current_time())
+            due = schedule.due - trio.current_time()
+            st.cc_next_refresh = time.time() + max(0.0, due) if math.isfinite(due) else None
             with trio.move_on_at(schedule.due):
                 await self._refresh_changed.wait()
                 continue  # the schedule changed (an AP died, no AP left): look again
