@@ -310,7 +310,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         monitor = Monitor(Watch.for_settings(settings))
         notifier = Notifier.from_env()
         log.info(
-            "starting: %d IPv4 + %d IPv6 CIDRs, %s, mark %#x/%#x table %d priority %d",
+            "starting: %d IPv4 + %d IPv6 CIDRs, %s, mark %#x/%#x table %d priority %d, host id %s",
             len(cidrs.v4),
             len(cidrs.v6),
             f"CC {opts.cc}" if opts.cc else "APs " + ", ".join(str(ap) for ap in aps),
@@ -318,6 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings.mask,
             settings.table,
             settings.priority,
+            supervisor.status.host_id,
         )
 
         async def main() -> None:

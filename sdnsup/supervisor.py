@@ -884,7 +884,7 @@ class Supervisor:
             st.saved_error = str(exc)
         else:
             if st.saved_error is not None:
-                log.info("AP list saved again")
+                log.info("AP list saved to disk again")
             st.saved_error = None
 
     async def _probe_loop(self) -> None:
