@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
-from integration.helpers import owned, start_sdnsup, stop_sdnsup, sysctl
+from integration.helpers import owned, start_sdnsup, stop_sdnsup, sysctl, wait_for
 from sdnsup.lab import Lab
 
 pytestmark = pytest.mark.netns
@@ -60,3 +64,61 @@ def test_down_after_kill9_leaves_the_kernel_clean(make_lab):
     assert sysctl(lab, lab.ns_a, key) == 0
     again = cli(lab, "down")
     assert "nothing of sdnsup's" in again.stdout
+
+
+def test_sighup_reloads_the_cidrs_without_a_gap_and_keeps_them_on_a_bad_file(make_lab, tmp_path):
+    """A reload adds the new CIDRs while a steered session stays up and the policy rules
+    never leave the kernel; a broken file is refused, said in the log and in status, and
+    the running CIDRs stay."""
+    lab = make_lab(n_aps=1)
+    lab.start_ap_agents({1: 0.005})
+    lab.serve_whoami(lab.ns_b)
+    ap = lab.ap(1)
+    listing = tmp_path / "cidrs.txt"
+    listing.write_text("10.10.20.0/24\nfd10:10:10::/64\n")
+    proc = start_sdnsup(lab, "-r", f"@{listing}", "--ap", f"{ap.addr}+{ap.addr6}")
+    session = lab.open_ticker(lab.ns_a, lab.b_addr6)
+    assert session.wait_open() == str(ap.overlay_addr6)
+    assert lab.whoami(lab.ns_a, lab.b_addr) != str(ap.overlay_addr)  # not steered yet
+
+    gaps: list[str] = []
+    stop = threading.Event()
+
+    def watch_rules() -> None:  # bounded: until stop, at most 60 s
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            for fam in ("-4", "-6"):
+                out = lab.exec(lab.ns_a, "ip", fam, "rule", "show", "priority", "7300").stdout
+                if "lookup 7300" not in out:
+                    gaps.append(f"{fam} rule missing at {time.monotonic():.3f}")
+
+    watcher = threading.Thread(target=watch_rules, daemon=True)
+    watcher.start()
+    try:
+        listing.write_text("10.10.20.0/24\n10.10.10.0/24\nfd10:10:10::/64\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: lab.whoami(lab.ns_a, lab.b_addr) == str(ap.overlay_addr),
+            10,
+            "B's IPv4 net steered after the reload",
+        )
+        assert "reloaded: IPv4 CIDRs 1 -> 2 (+1 -0)" in lab.logs(proc)
+
+        listing.write_text("10.10.20.0/24\n10.10.10.300/24\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in lab.logs(proc), 10, "the refused reload logged")
+        status = json.loads(cli(lab, "status", "--json").stdout)
+        assert status["reload"]["count"] == 1 and status["reload"]["failures"] == 1
+        assert "'10.10.10.300/24' is not a CIDR" in status["reload"]["error"]
+        assert lab.whoami(lab.ns_a, lab.b_addr) == str(ap.overlay_addr)  # still steered
+        assert proc.poll() is None
+        time.sleep(1)  # the session keeps talking after both reloads
+    finally:
+        stop.set()
+        watcher.join(10)
+    report = session.stop()
+    assert report.errors == [] and report.lost == 0 and report.sent > 0, report
+    assert set(report.peers) == {str(ap.overlay_addr6)}
+    assert gaps == []
+    assert stop_sdnsup(lab, proc) == 0
+    assert owned(lab) == NOTHING

@@ -8,21 +8,24 @@ Exit codes: 0 clean stop, 64 bad usage (nothing applied), 75 another instance ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from sdnsup import __version__
 from sdnsup.aps import parse_static_aps
-from sdnsup.cidrs import parse_cidrs
-from sdnsup.config import add_run_arguments, resolve
-from sdnsup.errors import ConfigError, SdnsupError
+from sdnsup.cidrs import MAX_CIDRS, parse_cidrs
+from sdnsup.config import RunOptions, add_run_arguments, resolve
+from sdnsup.errors import EX_USAGE, ConfigError, SdnsupError
 from sdnsup.logs import setup_logging
 from sdnsup.state import (
     DEFAULT_MARK,
@@ -32,6 +35,9 @@ from sdnsup.state import (
     Settings,
     Slot,
 )
+
+if TYPE_CHECKING:
+    from sdnsup.daemon import RunConfig
 
 log = logging.getLogger("sdnsup")
 
@@ -85,8 +91,16 @@ def _int(text: str) -> int:
         ) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors exiting 64 (EX_USAGE, as documented) instead of 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sdnsup",
         description="Steer traffic for chosen CIDRs through the fastest SDN access point, "
         "with policy routing and conntrack marks, and keep it working.",
@@ -114,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="as for run")  # fmt: skip
     plan.add_argument("--ap", metavar="APS", help="the AP to show as active (default: none)")
     plan.add_argument("--allow-default", action="store_true", help="as for run")
+    plan.add_argument("--strict-cidrs", action="store_true", help="as for run")
+    plan.add_argument("--max-cidrs", type=int, default=MAX_CIDRS, help="as for run (%(default)s)")
     plan.add_argument("--no-ap", choices=("fallback", "blackhole"), default="fallback",
                       help="as for run (%(default)s)")  # fmt: skip
     plan.add_argument("--mark", type=_int, default=DEFAULT_MARK, help="(%(default)#x)")
@@ -196,6 +212,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdnsup.daemon import RUN_DIR, Mailbox, RunConfig, desired_for, first_sdnsup_error, serve
     from sdnsup.preflight import InstanceLock, check_privileges, netns_id
 
+    # SIGHUP reloads once the daemon serves; until then it must not kill the process (its
+    # default action), which would leave state in the kernel with no teardown.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Validate everything before touching anything: flags, SDNSUP_* and the config file.
     opts = resolve(args)
     cidrs, aps, settings = opts.cidrs, opts.aps, opts.settings
@@ -212,6 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in opts.warnings:
         log.warning("%s", warning)
     log.info("configuration: %s", opts.describe())
+    log.info("CIDRs: %s", cidrs.report)
     exempt = cc_addresses(opts.cc) if opts.cc else ()
     config = RunConfig(
         cidrs=cidrs,
@@ -286,7 +306,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             probe_once=prober.probe,
             should_switch=probe.should_switch,
             cc=cc,
-            discover=lambda client: discovery.discover(client, retries=opts.retries),
+            discover=lambda client, on_retry: discovery.discover(
+                client, retries=opts.retries, on_retry=on_retry
+            ),
             keepalive_interval=opts.keepalive_interval,
             keepalive_timeout=opts.keepalive_timeout,
             keepalive_misses=opts.keepalive_misses,
@@ -334,6 +356,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         notifier=notifier,
                         metrics_listen=opts.metrics,
                         pins=keeper,
+                        reload=functools.partial(reload_config, args, opts, config),
                     )
             finally:
                 if cc is not None:
@@ -351,13 +374,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a reload (SIGHUP) applies: the CIDRs, from these options and the files they name.
+# Everything else is bound into running tasks, sockets and kernel objects at start.
+RELOADED = frozenset({"routes", "allow_default", "strict_cidrs", "max_cidrs", "cidrs"})
+
+
+def reload_config(args: argparse.Namespace, running: RunOptions, config: RunConfig) -> RunConfig:
+    """SIGHUP: the run configuration as its sources say now (the file, CIDR files, the
+    environment), in a worker thread. Options that only a restart can apply are named in a
+    warning and keep their running value.
+
+    Raises:
+        ConfigError: the new configuration is invalid (the caller keeps the running one).
+    """
+    new = resolve(args)
+    later = [
+        f.name
+        for f in dataclasses.fields(new)
+        if f.name not in RELOADED | {"sources", "warnings"}
+        and getattr(new, f.name) != getattr(running, f.name)
+    ]
+    if later:
+        log.warning(
+            "reload: %s changed; a restart applies %s, the running value is kept until then",
+            ", ".join(k.replace("_", "-") for k in later),
+            "it" if len(later) == 1 else "them",
+        )
+    return dataclasses.replace(config, cidrs=new.cidrs)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from sdnsup.daemon import RunConfig, desired_for
     from sdnsup.plan import plan
     from sdnsup.rtnl import RtnlRoutes
     from sdnsup.sysctl import ProcSysctl, strict_rp_filter
 
-    cidrs = parse_cidrs(args.routes, allow_default=args.allow_default)
+    cidrs = parse_cidrs(
+        args.routes,
+        allow_default=args.allow_default,
+        strict=args.strict_cidrs,
+        max_cidrs=args.max_cidrs,
+    )
     aps = parse_static_aps(args.ap) if args.ap else ()
     settings = Settings(mark=args.mark, mask=args.mask, table=args.table, priority=args.priority)
     config = RunConfig(cidrs=cidrs, aps=aps, settings=settings, no_ap=args.no_ap)
@@ -379,6 +436,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     finally:
         routes.close()
     sys.stdout.write(text)
+    # stderr: stdout stays loadable (nft -f, a JSON parser)
+    print(f"sdnsup plan: CIDRs: {cidrs.report}", file=sys.stderr)
     return 0
 
 
@@ -409,10 +468,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from sdnsup import control
 
-    code = control.status_command(as_json=args.json)
-    if code == 3 and not args.json:
-        print(leftovers())
-    return code
+    return control.status_command(as_json=args.json, leftovers=leftovers)
 
 
 def leftovers() -> str:
@@ -463,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(_with_default_command(argv))
     if args.command is None:
         parser.print_help()
-        return 64
+        return EX_USAGE
     try:
         return COMMANDS[args.command](args)
     except SdnsupError as exc:

@@ -62,7 +62,7 @@ from sdnsup.aps import (
     parse_static_aps,
     parse_targets,
 )
-from sdnsup.cidrs import CidrSet, parse_cidrs
+from sdnsup.cidrs import MAX_CIDRS, MAX_FILE_BYTES, CidrSet, parse_cidrs
 from sdnsup.daemon import VERIFY_INTERVAL
 from sdnsup.errors import ConfigError
 from sdnsup.logs import DEFAULT_LOG_DIR  # /tmp/sdnsup: the seed's convention
@@ -468,6 +468,26 @@ OPTIONS: tuple[Option, ...] = (
         group=_G_WHAT,
         help="accept 0.0.0.0/0 and ::/0 (default off: it would steer everything through the AP, "
         "this host's own management traffic included)",
+    ),
+    Option(
+        "strict-cidrs",
+        BOOLEAN,
+        default=False,
+        group=_G_WHAT,
+        help="refuse duplicate and nested CIDRs instead of merging them (default off: a "
+        "published list often holds both, and its union is what is meant; the merge is logged "
+        "with its counts)",
+    ),
+    Option(
+        "max-cidrs",
+        INTEGER,
+        default=MAX_CIDRS,
+        check=_at_least(1),
+        metavar="N",
+        group=_G_WHAT,
+        help=f"the most CIDR entries read from -r and its files together (default {MAX_CIDRS}: "
+        "ten times a large list; a wrong or endless file stops here with an error); a CIDR "
+        f"file must also be a regular file of at most {MAX_FILE_BYTES // (1024 * 1024)} MiB",
     ),
     Option(
         "cc",
@@ -892,6 +912,8 @@ class RunOptions:
     config: Path | None  # the file actually read, None if none
     routes: tuple[str, ...]  # as given: comma lists and @FILEs
     allow_default: bool
+    strict_cidrs: bool
+    max_cidrs: int
     cc: str | None
     ap: str | None  # as given, validated
     cc_token_file: Path | None
@@ -1150,7 +1172,12 @@ def _cidrs(values: Mapping[str, Any], sources: Mapping[str, str], path: Path | N
             f"{_BY_KEY['routes'].env}, or routes = [...] in {path or DEFAULT_CONFIG_PATH}"
         )
     try:
-        return parse_cidrs(routes, allow_default=values["allow_default"])
+        return parse_cidrs(
+            routes,
+            allow_default=values["allow_default"],
+            strict=values["strict_cidrs"],
+            max_cidrs=values["max_cidrs"],
+        )
     except ConfigError as exc:
         if sources["routes"] == "cli":
             raise  # parse_cidrs already says "-r: ..." or "FILE:LINE: ..."

@@ -80,7 +80,13 @@ never negative (a wall clock stepped backwards reads 0.0), ``null`` means unknow
       "slots": {"used": 2, "capacity": 7,     int: AP slots held / the mark's capacity
                 "sockets_aborted": 3,          int: local sockets of dead APs' connections
                 "error": null},                str | null: the pin keeper's last error
-      "cidrs": {"ipv4": 2, "ipv6": 1},                     int, CIDRs steered per family
+      "reload": {"count": 1, "failures": 0,       int: SIGHUP reloads applied / refused
+                 "last_at": "...Z", "error": null},   str | null: the last one, and why it
+                                                      was refused (null once one works)
+      "cidrs": {"ipv4": 2, "ipv6": 1,                      int, CIDRs steered per family
+                "read": 3, "duplicates": 0, "merged": 0},   int: entries given, equal to an
+                                                            earlier one, folded into a
+                                                            wider or adjacent prefix
       "failovers": {"count": 1, "last_cause": "AP ap1 (...) dead: ...",
                     "last_at": "...Z", "last_ago_s": 303.4},   int, str|null, str|null,
                                                                float|null
@@ -222,6 +228,7 @@ def snapshot(
     pid: int,
     now: float | None = None,
     no_ap: str | None = None,
+    cidrs_read: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """What the daemon knows, as a JSON-able dict; the schema is in the module docstring.
 
@@ -234,6 +241,8 @@ def snapshot(
         pid: the daemon's process id.
         now: wall-clock time of the snapshot (``time.time()`` when None; tests pass one).
         no_ap: the ``--no-ap`` policy (``"fallback"`` / ``"blackhole"``), None if unknown.
+        cidrs_read: how the CIDRs were read (:meth:`sdnsup.cidrs.CidrReport.as_dict`: read,
+            duplicates, merged, steered), None if unknown.
 
     Returns:
         A new dict of str, int, float, bool, None, lists and dicts only.
@@ -299,7 +308,17 @@ def snapshot(
         "no_ap_policy": no_ap,
         "active_ap": active_ap,
         "aps": aps,
-        "cidrs": {"ipv4": cidrs4, "ipv6": cidrs6},
+        "cidrs": {
+            "ipv4": cidrs4,
+            "ipv6": cidrs6,
+            **{k: v for k, v in (cidrs_read or {}).items() if k != "steered"},
+        },
+        "reload": {
+            "count": status.reloads,
+            "failures": status.reload_failures,
+            "last_at": _iso(status.reloaded_at),
+            "error": status.reload_error,
+        },
         "paths": {
             "suspicions": status.suspicions,
             "failures": status.path_failures,
@@ -751,9 +770,15 @@ def render(snap: Mapping[str, Any]) -> str:
     """
     lines = [f"sdnsup (pid {snap.get('pid')}): {_state_line(snap)}"]
     cidrs = snap.get("cidrs") or {}
+    merged = ""
+    if cidrs.get("duplicates") or cidrs.get("merged"):
+        merged = (
+            f" ({cidrs.get('read')} read: {cidrs.get('duplicates')} duplicates, "
+            f"{cidrs.get('merged')} merged into wider or adjacent prefixes)"
+        )
     lines.append(
         f"up {_duration(snap.get('uptime_s'))}, steering {cidrs.get('ipv4', 0)} IPv4 + "
-        f"{cidrs.get('ipv6', 0)} IPv6 CIDRs"
+        f"{cidrs.get('ipv6', 0)} IPv6 CIDRs{merged}"
     )
     lines.append("")
     aps = snap.get("aps") or []
@@ -768,6 +793,12 @@ def render(snap: Mapping[str, Any]) -> str:
     lines.append("")
     lines.append(_events("failovers: ", snap.get("failovers") or {}))
     lines.append(_events("heals:     ", snap.get("heals") or {}))
+    reload = snap.get("reload") or {}
+    if reload.get("count") or reload.get("failures"):
+        line = f"reloads:   {reload.get('count', 0)}, {reload.get('failures', 0)} refused"
+        if reload.get("error"):
+            line += f"; the last was refused, the running configuration kept: {reload['error']}"
+        lines.append(line)
     checks = snap.get("paths") or {}
     if checks:
         line = (
@@ -818,13 +849,16 @@ def status_command(
     as_json: bool = False,
     out: TextIO | None = None,
     timeout: float = 2.0,
+    leftovers: Callable[[], str] | None = None,
 ) -> int:
     """``sdnsup status``: query, print, and return the exit code.
 
     Args:
         path: the daemon's socket (:func:`default_socket_path` of this namespace when None).
-        as_json: print the status as one JSON line (keys sorted) instead of the human view.
+        as_json: print the status as one JSON line (keys sorted) instead of the human view;
+            with no daemon, ``{"state": "not running", "connected": false, ...}``.
         out: where to print (stdout when None).
+        leftovers: with no daemon, says what sdnsup left in the kernel (shown in both views).
 
     Returns:
         :func:`exit_code` of the answer: 0 connected, 1 not connected, 3 not running.
@@ -835,10 +869,27 @@ def status_command(
     out = sys.stdout if out is None else out
     path = default_socket_path() if path is None else path
     snap = query(path, timeout)
-    if as_json:
-        print(json.dumps(snap, sort_keys=True), file=out)  # "null": not running
-    elif snap is None:
-        print(f"sdnsup is not running in this network namespace (no daemon at {path})", file=out)
+    if snap is None:
+        left = leftovers() if leftovers is not None else None
+        if as_json:
+            # A JSON consumer reads the same keys as from a daemon, never a bare null.
+            gone = {
+                "schema": SCHEMA_VERSION,
+                "state": "not running",
+                "connected": False,
+                "socket": str(path),
+                "leftovers": left,
+            }
+            print(json.dumps(gone, sort_keys=True), file=out)
+        else:
+            print(
+                f"sdnsup is not running in this network namespace (no daemon at {path})",
+                file=out,
+            )
+            if left is not None:
+                print(left, file=out)
+    elif as_json:
+        print(json.dumps(snap, sort_keys=True), file=out)
     else:
         print(render(snap), file=out, end="")
     return exit_code(snap)

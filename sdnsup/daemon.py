@@ -13,6 +13,7 @@ scope and must finish well inside supervisord's ``stopwaitsecs`` (10 s).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -28,7 +29,7 @@ import trio
 from sdnsup.applier import Applier, ApplyResult
 from sdnsup.aps import AccessPoint
 from sdnsup.cidrs import CidrSet
-from sdnsup.errors import KernelError, SdnsupError
+from sdnsup.errors import ConfigError, KernelError, SdnsupError
 from sdnsup.pins import PinKeeper
 from sdnsup.state import DesiredState, NoApPolicy, Settings, Slot
 from sdnsup.supervisor import Status
@@ -286,12 +287,34 @@ async def monitor_task(
         delay = min(delay * 2, RESTART_MAX)
 
 
-async def _cancel_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _on_signals(
+    scope: trio.CancelScope, reload: Callable[[], Awaitable[None]] | None
+) -> None:
+    """SIGTERM/SIGINT tear down; SIGHUP reloads (one at a time: a second HUP during a
+    reload waits for it, and reloads again, so the newest file always wins)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                if reload is None:
+                    log.warning("received SIGHUP: this sdnsup has nothing to reload")
+                else:
+                    await reload()
+                continue
             log.info("received %s, tearing down", signal.Signals(signum).name)
             scope.cancel()
             return
+
+
+def cidr_change(old: CidrSet, new: CidrSet) -> str:
+    """``+3 -1 IPv4 CIDRs, +0 -0 IPv6 CIDRs`` (or ``CIDRs unchanged``), for a reload line."""
+    if (old.v4, old.v6) == (new.v4, new.v6):
+        return f"CIDRs unchanged ({len(new.v4)} IPv4 + {len(new.v6)} IPv6)"
+    parts = []
+    for version, a, b in ((4, old.v4, new.v4), (6, old.v6, new.v6)):
+        added, removed = len(b - a), len(a - b)
+        if added or removed:
+            parts.append(f"IPv{version} CIDRs {len(a)} -> {len(b)} (+{added} -{removed})")
+    return ", ".join(parts)
 
 
 async def serve(
@@ -305,8 +328,9 @@ async def serve(
     notifier: Any = None,
     metrics_listen: tuple[str, int] | None = None,
     pins: PinKeeper | None = None,
+    reload: Callable[[], RunConfig] | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT, then remove everything sdnsup owns.
+    """Run until SIGTERM/SIGINT, then remove everything sdnsup owns. SIGHUP reloads.
 
     Args:
         mailbox: the applier's inbox (the supervisor posts to it).
@@ -326,6 +350,12 @@ async def serve(
         metrics_listen: (host, port) for Prometheus metrics (None: off).
         pins: the :class:`sdnsup.pins.PinKeeper`, told of every applied state (None: no
             counting, no re-pinning; tests of the kernel side alone).
+        reload: re-reads the configuration (the file, CIDR files, the environment) and
+            returns the new one, or raises :class:`~sdnsup.errors.ConfigError`; called in a
+            worker thread on SIGHUP. The new CIDRs are applied like any other change of
+            desired state: a diff, so the policy rules never go and pinned connections keep
+            their AP. A bad configuration is logged (and shown in status) and the running
+            one kept. None: SIGHUP is logged and ignored.
 
     Raises:
         DiscoveryError: initial discovery exhausted its retries.
@@ -366,9 +396,36 @@ async def serve(
                 notifier.ready(text)
                 ready = True
 
+    reload_lock = trio.Lock()
+
+    async def reload_now() -> None:
+        nonlocal config
+        assert reload is not None
+        async with reload_lock:
+            st = supervisor.status if supervisor is not None else None
+            try:
+                new = await trio.to_thread.run_sync(reload)
+            except ConfigError as exc:
+                log.error("reload failed, the running configuration is kept: %s", exc)
+                if st is not None:
+                    st.reload_failures += 1
+                    st.reload_error, st.reloaded_at = str(exc), time.time()
+                return
+            old, config = config, new
+            log.info("reloaded: %s; CIDRs: %s", cidr_change(old.cidrs, new.cidrs), new.cidrs.report)
+            if st is not None:
+                st.reloads += 1
+                st.reload_error, st.reloaded_at = None, time.time()
+            if supervisor is not None:
+                supervisor.set_desired_for(functools.partial(desired_for, new))
+            else:
+                mailbox.post(desired_for(new, new.aps[0] if new.aps else None))
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+            nursery.start_soon(
+                _on_signals, nursery.cancel_scope, reload_now if reload is not None else None
+            )
             nursery.start_soon(
                 supervised,
                 "applier",
@@ -391,6 +448,7 @@ async def serve(
                         cidrs6=len(config.cidrs.v6),
                         pid=os.getpid(),
                         no_ap=config.no_ap,
+                        cidrs_read=config.cidrs.report.as_dict(),
                     )
 
                 await nursery.start(control.serve_control, control_path, get_snapshot)
@@ -409,6 +467,7 @@ async def serve(
                         supervisor.status if supervisor is not None else Status(),
                         cidrs4=len(config.cidrs.v4),
                         cidrs6=len(config.cidrs.v6),
+                        cidrs_read=config.cidrs.report.as_dict(),
                     )
 
                 await nursery.start(metrics.serve_metrics, *metrics_listen, metrics_text)

@@ -17,7 +17,10 @@ Series (``ap`` is the AP id the CC or ``--ap`` gives)::
     sdnsup_active_ap_info{ap="ap1"} 1          only while an AP is in use
     sdnsup_failovers_total 2                   counters since the process started
     sdnsup_heals_total 5
+    sdnsup_reloads_total{result="ok"} 1        SIGHUP reloads applied / refused ("failed")
     sdnsup_cidrs{family="ipv4"} 12             CIDRs steered, per family
+    sdnsup_cidr_entries{kind="read"} 14        CIDR entries given; kind duplicate, merged:
+                                               how many of them the merge folded away
     sdnsup_cc_up 1                             last CC answer was good (only with --cc)
     sdnsup_cc_last_refresh_timestamp_seconds   last good CC answer (only once there is one)
     sdnsup_ap_list_source{source="saved"} 1    where the AP list in use came from: cc, saved
@@ -37,7 +40,7 @@ import ipaddress
 import logging
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -133,13 +136,16 @@ def _known_aps(status: Status) -> list[str]:
     return ids
 
 
-def render(status: Status, *, cidrs4: int, cidrs6: int) -> str:
+def render(
+    status: Status, *, cidrs4: int, cidrs6: int, cidrs_read: Mapping[str, int] | None = None
+) -> str:
     """The Prometheus text (format 0.0.4) for one scrape.
 
     Args:
         status: the supervisor's status (read, never changed).
         cidrs4: the number of IPv4 CIDRs steered.
         cidrs6: the number of IPv6 CIDRs steered.
+        cidrs_read: how the CIDR list was read (read, duplicates, merged), None if unknown.
 
     Returns:
         The exposition text, ending with a newline.
@@ -272,9 +278,27 @@ def render(status: Status, *, cidrs4: int, cidrs6: int) -> str:
         "Re-applies of the kernel state after someone or something changed it.",
     ).add(status.heals)
 
+    reloads = family(
+        "sdnsup_reloads_total",
+        "counter",
+        "Reloads on SIGHUP: applied (ok), or refused for a bad configuration (failed).",
+    )
+    reloads.add(status.reloads, result="ok")
+    reloads.add(status.reload_failures, result="failed")
+
     cidrs = family("sdnsup_cidrs", "gauge", "Number of CIDRs steered through the AP, per family.")
     cidrs.add(cidrs4, family="ipv4")
     cidrs.add(cidrs6, family="ipv6")
+    if cidrs_read is not None:
+        entries = family(
+            "sdnsup_cidr_entries",
+            "gauge",
+            "CIDR entries given (read), equal to an earlier one (duplicate), or folded into a "
+            "wider or adjacent prefix (merged).",
+        )
+        entries.add(cidrs_read.get("read", 0), kind="read")
+        entries.add(cidrs_read.get("duplicates", 0), kind="duplicate")
+        entries.add(cidrs_read.get("merged", 0), kind="merged")
 
     if status.cc_url is not None:
         cc_up = family("sdnsup_cc_up", "gauge", "1 if the last CC request succeeded, else 0.")

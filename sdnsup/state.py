@@ -131,6 +131,16 @@ class Settings:
                 f"e.g. --mark {DEFAULT_MARK:#x} --mask {DEFAULT_MASK:#x}, or the mark bit plus "
                 "2-4 bits no other tool on this host uses"
             )
+        if field_bits > MAX_SLOTS.bit_length():
+            # Every steered connection's mark is rewritten under the whole mask: bits no slot
+            # number needs would be cleared in other tools' marks for nothing.
+            raise ConfigError(
+                f"--mask {self.mask:#x} has {field_bits} bits beside --mark {self.mark:#x}; "
+                f"sdnsup uses at most {MAX_SLOTS.bit_length()} ({MAX_SLOTS} slots) and would "
+                "clear the others in every steered connection's mark, taking them from other "
+                f"tools: give the mark bit plus 2-{MAX_SLOTS.bit_length()} free bits, e.g. "
+                f"--mark {DEFAULT_MARK:#x} --mask {DEFAULT_MASK:#x}"
+            )
         # 253-255 are the kernel's default/main/local tables; 0 means "unspecified".
         tables = range(self.table, self.probe_table + 1)
         if not 0 < self.table or tables[-1] >= 2**32 or {253, 254, 255} & set(tables):

@@ -140,6 +140,11 @@ class Status:
     track: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     suspicions: int = 0
     path_failures: int = 0
+    # SIGHUP: reloads applied and refused; the last refusal's reason (None once one works)
+    reloads: int = 0
+    reload_failures: int = 0
+    reload_error: str | None = None
+    reloaded_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +186,9 @@ class Supervisor:
         probe_target: the path probe function (:func:`sdnsup.paths.probe_target`).
         track_interval: seconds between rounds of tracked-target probes.
         cc: the CC client (with ``fetch()``) when there is no static list.
-        discover: initial discovery with retries: ``await discover(cc)``; raises
+        discover: initial discovery with retries: ``await discover(cc, on_retry)``, which
+            calls ``on_retry(attempt, error, delay)`` after each failed attempt (see
+            :func:`sdnsup.discovery.discover`); raises
             :class:`~sdnsup.errors.DiscoveryError` when the retries are exhausted.
         saved: the saved AP list (:mod:`sdnsup.savedlist`): used at once, and the CC asked
             after a spread delay (:mod:`sdnsup.refresh`) instead of before anything else.
@@ -203,7 +210,8 @@ class Supervisor:
         probe_once: ProbeOnce,
         should_switch: ShouldSwitch,
         cc: Any = None,
-        discover: Callable[[Any], Awaitable[Any]] | None = None,
+        discover: Callable[[Any, Callable[[int, DiscoveryError, float], None]], Awaitable[Any]]
+        | None = None,
         keepalive_interval: float = keepalive.KEEPALIVE_INTERVAL,
         keepalive_timeout: float = keepalive.KEEPALIVE_TIMEOUT,
         keepalive_misses: int = keepalive.KEEPALIVE_MISSES,
@@ -267,7 +275,13 @@ class Supervisor:
             )
         self._static = tuple(aps) if aps is not None else None
         self._desired_for = desired_for
-        self._post = post
+        self._posted = False  # whether a decision was posted yet (not while discovering)
+
+        def _post(desired: DesiredState) -> None:
+            self._posted = True
+            post(desired)
+
+        self._post = _post
         self._probe_all = probe_all
         self._probe_once = probe_once
         self._should_switch = should_switch
@@ -291,6 +305,13 @@ class Supervisor:
         known = list(self.status.aps)
         known += [e.ap for e in self.slots.entries.values() if e.ap not in known]
         return known
+
+    def set_desired_for(self, desired_for: Callable[..., DesiredState]) -> None:
+        """A reload changed what is steered: build states with ``desired_for`` from now on,
+        and post the current decision with it at once (the applier diffs it)."""
+        self._desired_for = desired_for
+        if self._posted:
+            self._post(self._desired())
 
     def _desired(self) -> DesiredState:
         probes = (self._probe_via, self._confirm_targets | self._track_targets)
@@ -851,7 +872,7 @@ class Supervisor:
             self.set_directory(saved.aps, saved.ttl, saved.track)
         else:
             assert self._discover is not None
-            directory = await self._discover(self._cc)
+            directory = await self._discover(self._cc, self._discovery_failed)
             self._schedule.ttl = directory.ttl
             self._schedule.start(trio.current_time(), saved=False)
             await self._took_answer(directory)
@@ -865,6 +886,12 @@ class Supervisor:
             if self._cc is not None:
                 nursery.start_soon(self._refresh_loop)
             task_status.started()
+
+    def _discovery_failed(self, attempt: int, error: DiscoveryError, delay: float) -> None:
+        """A first-boot CC attempt failed: what the log says, status says too."""
+        self.status.cc_error = f"attempt {attempt}: {error}"
+        self.status.cc_next_refresh = time.time() + delay
+        log.warning("CC attempt %d failed: %s; next attempt in %.1f s", attempt, error, delay)
 
     async def _took_answer(self, directory: Any) -> None:
         """A good CC answer: use it, and keep it on disk for the next start."""

@@ -180,7 +180,7 @@ def test_cli_repeats_accumulate_and_replace_lower_sources(tmp_path):
     path = write_toml(tmp_path / "sdnsup.toml", {"routes": '"10.9.0.0/16"'})
     got = resolve(
         [
-            *("--config", str(path), "-r", "10.1.0.0/16", "-r", "10.2.0.0/16,10.3.0.0/16"),
+            *("--config", str(path), "-r", "10.1.0.0/16", "-r", "10.2.0.0/16,10.5.0.0/16"),
             *("--ap", "10.77.0.11", "--ap", "10.77.0.12+fd77::12"),
         ],
     )
@@ -246,11 +246,13 @@ def test_config_from_environment(tmp_path):
 def test_relative_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypatch):
     etc = tmp_path / "etc"
     etc.mkdir()
-    (etc / "cidrs.txt").write_text("10.20.0.0/16  # lab\n10.21.0.0/16\n")
+    (etc / "cidrs.txt").write_text("10.20.0.0/16  # lab\n10.23.0.0/16\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
     path = write_toml(
         etc / "sdnsup.toml",
         {
-            "routes": '["10.1.0.0/16,@cidrs.txt", "@/dev/null"]',
+            "routes": f'["10.1.0.0/16,@cidrs.txt", "@{empty}"]',
             "ap": '["10.77.0.11"]',
             "cc_token_file": '"cc.token"',
         },
@@ -258,7 +260,7 @@ def test_relative_paths_in_the_file_are_relative_to_the_file(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # not the file's directory
     got = resolve(["--config", str(path)])
     assert len(got.cidrs) == 3
-    assert got.routes == (f"10.1.0.0/16,@{etc}/cidrs.txt", "@/dev/null")
+    assert got.routes == (f"10.1.0.0/16,@{etc}/cidrs.txt", f"@{empty}")
     assert got.cc_token_file == etc / "cc.token"
 
 

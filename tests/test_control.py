@@ -221,6 +221,7 @@ GOLDEN = {
         "last_at": "2025-11-25T20:46:35.000Z",
         "last_ago_s": 5.0,
     },
+    "reload": {"count": 0, "failures": 0, "last_at": None, "error": None},
     "cc": {
         "url": "https://cc.example.net",
         "last_refresh": "2025-11-25T20:46:28.000Z",
@@ -696,7 +697,14 @@ def test_status_command(tmp_path):
     assert "not running" in out.getvalue()
     out = io.StringIO()
     assert control.status_command(tmp_path / "none.sock", as_json=True, out=out) == 3
-    assert out.getvalue() == "null\n"
+    gone = json.loads(out.getvalue())
+    assert gone["state"] == "not running" and gone["connected"] is False
+    assert gone["socket"] == str(tmp_path / "none.sock") and gone["leftovers"] is None
+    out = io.StringIO()
+    code = control.status_command(
+        tmp_path / "none.sock", as_json=True, out=out, leftovers=lambda: "2 nexthops left"
+    )
+    assert code == 3 and json.loads(out.getvalue())["leftovers"] == "2 nexthops left"
 
     async def client(path):
         human, js = io.StringIO(), io.StringIO()
@@ -725,3 +733,23 @@ def test_handler_drops_a_silent_client_after_the_default_timeout():
             return trio.current_time() - t0
 
     assert trio.run(main, clock=MockClock(autojump_threshold=0)) == control.REQUEST_TIMEOUT
+
+
+def test_status_text_shows_merged_cidrs_and_a_refused_reload():
+    from sdnsup.supervisor import Status
+
+    st = Status(reloads=2, reload_failures=1, reload_error="cidrs.txt:3: 'x' is not a CIDR")
+    read = {"read": 6187, "duplicates": 968, "merged": 3862, "steered": 1357}
+    snap = control.snapshot(st, cidrs4=1300, cidrs6=57, pid=7, now=1e9, cidrs_read=read)
+    assert snap["cidrs"] == {
+        "ipv4": 1300, "ipv6": 57, "read": 6187, "duplicates": 968, "merged": 3862,
+    }  # fmt: skip
+    text = control.render(snap)
+    assert (
+        "steering 1300 IPv4 + 57 IPv6 CIDRs (6187 read: 968 duplicates, 3862 merged into "
+        "wider or adjacent prefixes)"
+    ) in text
+    assert (
+        "reloads:   2, 1 refused; the last was refused, the running configuration kept: "
+        "cidrs.txt:3: 'x' is not a CIDR"
+    ) in text

@@ -1,3 +1,4 @@
+import functools
 import ipaddress
 import os
 import signal
@@ -46,6 +47,50 @@ def test_sigterm_tears_down_and_returns():
             os.kill(os.getpid(), signal.SIGTERM)
 
     trio.run(main)
+    assert routes.dump() == ""
+
+
+def test_sighup_reloads_the_cidrs_without_a_gap_and_keeps_the_old_on_a_bad_config(caplog):
+    from sdnsup.errors import ConfigError
+
+    applier, routes = make()
+    wider = RunConfig(cidrs=parse_cidrs(["10.10.10.0/24,10.10.20.0/24,fd10::/64"]), aps=CONFIG.aps)
+    answers: list[object] = [wider, ConfigError("cidrs.txt:3: 'banana' is not a CIDR")]
+
+    def reload():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def dsts():
+        return {str(r.dst) for r in routes.routes(RTPROT_SDNSUP)}
+
+    async def wait(predicate):
+        with trio.fail_after(5):
+            while not predicate():  # noqa: ASYNC110 - state in a thread
+                await trio.sleep(0.01)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(serve, CONFIG, applier, reload=reload))
+            await wait(lambda: routes.rules(RTPROT_SDNSUP))
+            rules = routes.rules(RTPROT_SDNSUP)
+            routes.calls.clear()
+            os.kill(os.getpid(), signal.SIGHUP)
+            await wait(lambda: "10.10.20.0/24" in dsts())
+            # a diff: one route added, nothing removed, the policy rules never touched
+            assert routes.calls == ["add_routes 1"] and routes.rules(RTPROT_SDNSUP) == rules
+            os.kill(os.getpid(), signal.SIGHUP)  # now the file is broken: kept as it was
+            await wait(lambda: "reload failed" in caplog.text)
+            await trio.sleep(0.2)
+            assert "10.10.20.0/24" in dsts() and routes.calls == ["add_routes 1"]
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with caplog.at_level("INFO", logger="sdnsup"):
+        trio.run(main)
+    assert "reloaded: IPv4 CIDRs 1 -> 2 (+1 -0)" in caplog.text
+    assert "reload failed, the running configuration is kept: cidrs.txt:3:" in caplog.text
     assert routes.dump() == ""
 
 

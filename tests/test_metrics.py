@@ -115,6 +115,8 @@ def test_render_golden_lines():
         "sdnsup_sockets_aborted_total": "4",
         "sdnsup_failovers_total": "2",
         "sdnsup_heals_total": "5",
+        'sdnsup_reloads_total{result="ok"}': "0",
+        'sdnsup_reloads_total{result="failed"}': "0",
         'sdnsup_cidrs{family="ipv4"}': "12",
         'sdnsup_cidrs{family="ipv6"}': "3",
         "sdnsup_cc_up": "1",

@@ -34,8 +34,8 @@ def test_default_marks_hold_seven_slots_in_their_own_tables():
         (4, 0), (4, 3), (6, 0), (6, 3),
     }  # fmt: skip
     assert slot_of_nhid(7) is None
-    # a wide mask is capped: every slot is a table and a nexthop per family
-    assert Settings(mark=0x2000, mask=0x2F00FF00).slots == 15
+    # four bits beside the mark hold the most slots: every slot is a table and a nexthop
+    assert Settings(mark=0x2000, mask=0x0F002000).slots == 15
 
 
 @pytest.mark.parametrize(
@@ -43,6 +43,9 @@ def test_default_marks_hold_seven_slots_in_their_own_tables():
     [
         ({"mark": 0x2000, "mask": 0x2000}, "leaves 0 bit(s) beside --mark 0x2000"),
         ({"mark": 0x2000, "mask": 0x2002}, "leaves 1 bit(s)"),
+        # a mask wider than the slots need would clear other tools' bits for nothing
+        ({"mark": 0x2000, "mask": 0xFFFFFFFF}, "has 31 bits beside --mark 0x2000; sdnsup uses"),
+        ({"mark": 0x2000, "mask": 0x2F00FF00}, "has 12 bits beside"),
         ({"table": 250}, "sdnsup uses tables 250-258"),
         ({"priority": 2}, "between 3 and 32765"),
     ],

@@ -244,7 +244,7 @@ def test_cc_refresh_failure_keeps_the_current_ap_and_new_list_is_used():
 
     cc = CC()
 
-    async def discover(client):
+    async def discover(client, on_retry):
         return await client.fetch()
 
     sup = world.make(None, cc=cc, discover=discover)
@@ -608,7 +608,7 @@ def fleet_ap(i: int, weight: int = 1) -> AccessPoint:
     return AccessPoint(f"ap{i}", addr4=ipaddress.IPv4Address(f"10.77.0.{10 + i}"), weight=weight)
 
 
-async def discover_once(client):
+async def discover_once(client, on_retry):
     return await client.fetch()
 
 
@@ -728,3 +728,33 @@ def test_near_equal_aps_are_chosen_by_this_hosts_weighted_key():
         top = max(aps, key=lambda a: rendezvous_key(host, a))
         assert world.posted[0] == top and sup.active == top, host  # and it stays there
         assert chosen[0] < 0.020  # the first answers' window, not the 1 s probe deadline
+
+
+def test_a_failing_first_cc_request_shows_in_status_until_an_answer():
+    """The log's "CC attempt N failed" is also status's CC error (it once said none)."""
+    from sdnsup import control, discovery
+
+    world = World({AP1: 0.005})
+    cc = RecordingCC((AP1,))
+    cc.down = True
+
+    async def discover(client, on_retry):
+        return await discovery.discover(client, on_retry=on_retry)
+
+    sup = world.make(None, cc=cc, discover=discover)
+
+    def cc_error() -> object:
+        return control.snapshot(sup.status, cidrs4=1, cidrs6=0, pid=1)["cc"]["error"]
+
+    async def scenario():
+        await trio.sleep(5)
+        assert len(cc.asked) >= 2 and sup.active is None
+        error = cc_error()
+        assert isinstance(error, str) and "CC refused the connection" in error
+        assert error.startswith("attempt ")
+        assert sup.status.cc_next_refresh is not None
+        cc.down = False
+        await trio.sleep(70)
+        assert sup.active == AP1 and cc_error() is None
+
+    run(world, sup, scenario)
