@@ -94,3 +94,14 @@ def test_plan_needs_no_root_and_prints_loadable_nft_and_ip_commands(capsys, monk
 def test_plan_rejects_bad_cidrs_like_run(capsys):
     assert cli.main(["plan", "-r", "10.10.10.1/24"]) == 64
     assert "host bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["run", "--no-such-flag"], ["status", "--bogus"], ["plan", "-r", "10.0.0.0/8", "--mark", "x"]],
+)
+def test_usage_errors_exit_64_as_documented(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 64
+    assert "error:" in capsys.readouterr().err
