@@ -333,7 +333,8 @@ def big_cidr_file(lab: Lab, path: Path, n: int) -> Path:
     """``n`` CIDRs: B's networks (IPv4 and IPv6) and /28s in 11.0.0.0/8, away from the lab's."""
     base = int(ipaddress.IPv4Address("11.0.0.0"))
     nets = [str(lab.overlay_net), str(lab.overlay_net6)]
-    nets += [f"{ipaddress.IPv4Address(base + i * 16)}/28" for i in range(n - len(nets))]
+    # every other /28: adjacent ones would be merged into fewer, wider prefixes
+    nets += [f"{ipaddress.IPv4Address(base + i * 32)}/28" for i in range(n - len(nets))]
     path.write_text("".join(f"{net}\n" for net in nets))
     return path
 

@@ -27,7 +27,13 @@ def test_status_reflects_a_failover_within_a_second(make_lab):
     wait_for(lambda: status(lab).returncode == 0, 10, "status to say connected")
     snap = json.loads(status(lab, "--json").stdout)
     assert snap["schema"] == 1 and snap["state"] == "connected"
-    assert snap["active_ap"]["id"] == "ap1" and snap["cidrs"] == {"ipv4": 1, "ipv6": 1}
+    assert snap["active_ap"]["id"] == "ap1" and snap["cidrs"] == {
+        "ipv4": 1,
+        "ipv6": 1,
+        "read": 2,
+        "duplicates": 0,
+        "merged": 0,
+    }
     assert {ap["id"] for ap in snap["aps"]} == {"ap1", "ap2"}
     human = status(lab).stdout
     assert "connected via ap1" in human and "ap2" in human

@@ -156,12 +156,14 @@ def scattered_cidrs(n: int) -> list[ipaddress.IPv4Network]:
     a real list of unrelated prefixes costs.
     """
     first, last = 11, 99  # public unicast first octets, clear of 10/8 (the lab) and 100.64/10
-    slots = (last - first + 1) * 65536
-    stride = 40_503  # odd and not a multiple of 89: invertible modulo slots = 89 * 2**16
+    # One /24 per /23 slot: two of them are never adjacent, so sdnsup's merge of adjacent
+    # prefixes leaves all n of them.
+    slots = (last - first + 1) * 32768
+    stride = 40_503  # odd and not a multiple of 89: invertible modulo slots = 89 * 2**15
     if n > slots:
         raise ValueError(f"at most {slots} CIDRs")
     base = first << 24
-    return [ipaddress.IPv4Network((base + (i * stride % slots) * 256, 24)) for i in range(n)]
+    return [ipaddress.IPv4Network((base + (i * stride % slots) * 512, 24)) for i in range(n)]
 
 
 def write_cidr_file(path: Path, n: int, *extra: str) -> Path:
