@@ -9,6 +9,8 @@ import time
 import pytest
 
 from integration.helpers import start_sdnsup, stop_sdnsup, wait_for
+from sdnsup.aps import parse_static_aps
+from sdnsup.choice import rendezvous_key
 from sdnsup.lab import Lab
 
 pytestmark = pytest.mark.netns
@@ -64,3 +66,32 @@ def test_status_without_daemon_reports_leftovers_after_kill9(make_lab):
     out = status(lab)
     assert out.returncode == 3
     assert "left in the kernel" in out.stdout and "sdnsup down" in out.stdout
+
+
+def test_an_ap_at_this_hosts_own_address_is_rejected_and_status_tells_the_truth(make_lab):
+    """It answers its pings (this host answers itself) and is the fastest, but the kernel
+    cannot use it as next hop: sdnsup says so, leaves it for the next AP, and status says
+    connected only once the kernel routes through that one."""
+    lab: Lab = make_lab(n_aps=1)
+    lab.serve_whoami(lab.ns_b)
+    ap = lab.ap(1)
+    own, other = parse_static_aps(f"{lab.a_addr},{ap.addr}")
+    # a host id whose weighted choice puts the own address first among the near-equal two
+    host = next(
+        f"h{i}" for i in range(100) if rendezvous_key(f"h{i}", own) > rendezvous_key(f"h{i}", other)
+    )
+    proc = start_sdnsup(
+        lab,
+        *("-r", "10.10.10.0/24", "--ap", f"{own.id},{other.id}", "--probe", "icmp"),
+        *("--host-id", host),
+    )
+    wait_for(lambda: "rejected: an address of this host" in lab.logs(proc), 10, "the rejection")
+    wait_for(lambda: status(lab).returncode == 0, 10, "status to say connected")
+    snap = json.loads(status(lab, "--json").stdout)
+    assert snap["active_ap"]["id"] == str(ap.addr) and snap["kernel"]["routed"] is True
+    assert snap["kernel"]["apply_failures"] == 0  # never an "invalid gateway" apply loop
+    assert lab.whoami(lab.ns_a, lab.b_addr) == str(ap.overlay_addr)
+    time.sleep(3)  # a probe round later it is still away
+    assert json.loads(status(lab, "--json").stdout)["active_ap"]["id"] == str(ap.addr)
+    assert "apply failed" not in lab.logs(proc)
+    assert stop_sdnsup(lab, proc) == 0

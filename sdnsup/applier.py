@@ -151,6 +151,8 @@ class ApplyResult:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     ap_links: dict[int, Link] = field(default_factory=dict)
+    # AP addresses that can never be a next hop (this host's own), with the reason
+    rejected: dict[IPAddress, str] = field(default_factory=dict)
     # (IP version, slot number) -> the link of that slot's AP
     slot_links: dict[tuple[int, int], Link] = field(default_factory=dict)
 
@@ -199,6 +201,13 @@ def render(
             link = resolve(ap)
             if link is None:
                 result.problems.append(f"{what} {ap} is unreachable: no route to it")
+            elif link.local:
+                # The kernel refuses a nexthop via its own address ("invalid gateway"): an
+                # apply would fail forever while traffic stayed on the previous AP.
+                reason = "an address of this host, which cannot be a next hop"
+                result.problems.append(f"{what} {ap} is {reason}")
+                result.rejected[ap] = reason
+                link = None
             elif link.gateway is not None:
                 result.problems.append(
                     f"{what} {ap} is not on a directly connected network (the main table "

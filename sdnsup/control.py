@@ -24,8 +24,15 @@ never negative (a wall clock stepped backwards reads 0.0), ``null`` means unknow
       "started_at": "...Z",            str, when the daemon started
       "uptime_s": 312.5,               float
       "state": "connected",            str: "discovering" | "connected" | "failing over"
-                                            | "no AP"
-      "connected": true,               bool, state is "connected" and an AP is active
+                                            | "no AP" | "not routed" (an AP is chosen but
+                                            the kernel does not route through it)
+      "connected": true,               bool: an AP is active and the kernel, read back
+                                            by the last apply, routes the CIDRs through it
+      "kernel": {"routed": true,       bool, as above
+                 "problems": [],       [str]: what the last apply could not do (an AP
+                                            unreachable, not on-link, this host's own)
+                 "apply_error": null,  str | null: the last apply failed (it is retried)
+                 "apply_failures": 0}, int, failed applies since the start
       "host_id": "4c4c...",            str, the id the weighted choice of APs uses
       "no_ap_policy": "fallback",      str | null: "fallback" | "blackhole" (what traffic
                                             does while no AP is usable), null if not given
@@ -249,6 +256,8 @@ def snapshot(
     """
     now = time.time() if now is None else now
     active = status.active
+    chosen = status.phase is Phase.CONNECTED and active is not None
+    routed = status.kernel_routed and status.apply_error is None
     results = {r.ap.id: (i, r) for i, r in enumerate(status.ranking, start=1)}
     known = list(status.aps)
     if active is not None and active not in known:
@@ -302,8 +311,16 @@ def snapshot(
         "time": _iso(now),
         "started_at": _iso(status.started_at),
         "uptime_s": _ago(now, status.started_at),
-        "state": status.phase.value,
-        "connected": status.phase is Phase.CONNECTED and active is not None,
+        # "connected" is the kernel's word, not the supervisor's intent: the last apply
+        # succeeded and routes every family's CIDRs through the active AP.
+        "state": "not routed" if chosen and not routed else status.phase.value,
+        "connected": chosen and routed,
+        "kernel": {
+            "routed": routed,
+            "problems": list(status.kernel_problems),
+            "apply_error": status.apply_error,
+            "apply_failures": status.apply_failures,
+        },
         "host_id": status.host_id,
         "no_ap_policy": no_ap,
         "active_ap": active_ap,
@@ -704,6 +721,10 @@ def _state_line(snap: Mapping[str, Any]) -> str:
         if active.get("rtt_ms") is not None:
             line += f", last RTT {active['rtt_ms']:.1f} ms"
         return line
+    if state == "not routed" and active:
+        kernel = snap.get("kernel") or {}
+        why = kernel.get("apply_error") or "; ".join(kernel.get("problems") or []) or "unknown"
+        return f"{_label(active)} chosen, but the kernel does not route the CIDRs through it: {why}"
     if state == "discovering":
         return "discovering: no AP chosen yet"
     if state == "failing over":

@@ -153,6 +153,7 @@ async def applier_task(
     *,
     on_applied: Callable[[DesiredState, ApplyResult], None] | None = None,
     on_healed: Callable[[str], None] | None = None,
+    on_failed: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Apply the newest desired state whenever there is news; heal on request.
@@ -182,6 +183,8 @@ async def applier_task(
             result = await trio.to_thread.run_sync(applier.apply, state)
         except KernelError as exc:
             log.error("apply failed, retrying in %.1f s: %s", delay, exc)
+            if on_failed is not None:
+                on_failed(str(exc))
             applier.resync()
             await trio.sleep(delay)
             delay = min(delay * 2, APPLY_RETRY_MAX)
@@ -372,6 +375,7 @@ async def serve(
             st.heals += 1
             st.last_heal, st.last_heal_at = cause, time.time()
 
+    on_failed = supervisor.apply_failed if hasattr(supervisor, "apply_failed") else None
     ready = False
 
     def on_applied(desired: DesiredState, result: ApplyResult) -> None:
@@ -379,7 +383,7 @@ async def serve(
         if pins is not None:
             pins.applied(desired.slots)
         if supervisor is not None and hasattr(supervisor, "applied"):
-            supervisor.applied(desired)
+            supervisor.applied(desired, result)
         if monitor is not None:
             from sdnsup.netmon import Watch
 
@@ -429,7 +433,13 @@ async def serve(
             nursery.start_soon(
                 supervised,
                 "applier",
-                lambda: applier_task(applier, mailbox, on_applied=on_applied, on_healed=on_healed),
+                lambda: applier_task(
+                    applier,
+                    mailbox,
+                    on_applied=on_applied,
+                    on_healed=on_healed,
+                    on_failed=on_failed,
+                ),
             )
             nursery.start_soon(
                 supervised, "verify", lambda: verify_loop(mailbox, config.verify_interval)

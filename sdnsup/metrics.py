@@ -18,6 +18,8 @@ Series (``ap`` is the AP id the CC or ``--ap`` gives)::
     sdnsup_failovers_total 2                   counters since the process started
     sdnsup_heals_total 5
     sdnsup_reloads_total{result="ok"} 1        SIGHUP reloads applied / refused ("failed")
+    sdnsup_kernel_routed 1                     the kernel routes the CIDRs through the AP
+    sdnsup_apply_failures_total 0              applies that failed (and were retried)
     sdnsup_cidrs{family="ipv4"} 12             CIDRs steered, per family
     sdnsup_cidr_entries{kind="read"} 14        CIDR entries given; kind duplicate, merged:
                                                how many of them the merge folded away
@@ -277,6 +279,18 @@ def render(
         "counter",
         "Re-applies of the kernel state after someone or something changed it.",
     ).add(status.heals)
+
+    family(
+        "sdnsup_kernel_routed",
+        "gauge",
+        "1 if the last apply routes the CIDRs through the active AP (what status calls "
+        "connected), else 0.",
+    ).add(1 if status.kernel_routed and status.apply_error is None else 0)
+    family(
+        "sdnsup_apply_failures_total",
+        "counter",
+        "Applies to the kernel that failed (each is retried with backoff).",
+    ).add(status.apply_failures)
 
     reloads = family(
         "sdnsup_reloads_total",

@@ -80,6 +80,7 @@ class Link:
     ifname: str
     gateway: IPAddress | None  # None when the address is on-link
     prefsrc: IPAddress | None
+    local: bool = False  # the address is this host's own (a route of type local)
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,7 @@ RTM_NEWNEXTHOP = 104
 RTM_DELNEXTHOP = 105
 RTM_GETNEXTHOP = 106
 RTN_UNICAST = 1
+RTN_LOCAL = 2
 RTN_BLACKHOLE = 6
 RTN_UNREACHABLE = 7
 RTN_PROHIBIT = 8
@@ -734,7 +735,9 @@ class RtnlRoutes:
             via = a.get(RTA_VIA)  # an IPv4 route via an IPv6 gateway: struct rtvia
             if gateway is None and via is not None:
                 gateway = _ip(via[2:])
-            return Link(ifindex, self._ifname(ifindex), gateway, _ip(a.get(RTA_PREFSRC)))
+            ifname = self._ifname(ifindex)
+            prefsrc = _ip(a.get(RTA_PREFSRC))
+            return Link(ifindex, ifname, gateway, prefsrc, local=rtype == RTN_LOCAL)
 
     def _ifname(self, ifindex: int) -> str:
         """Interface name by index, asked on our socket so that it is our namespace's."""

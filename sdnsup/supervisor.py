@@ -77,6 +77,10 @@ REPROBE_SPREAD = 1.0
 # is held down twice as long as the last time, up to PATH_HOLD_DOWN_MAX.
 PATH_STRIKE_WINDOW = 600.0
 PATH_HOLD_DOWN_MAX = 320.0
+# An AP the kernel can never use as next hop (this host's own address) is held down this long:
+# it answers probes (we answer ourselves), so only the hold-down keeps it from being chosen
+# again; an hour, not forever, in case the address moves off this host.
+REJECTED_HOLD_DOWN = 3600.0
 
 
 class Phase(enum.Enum):
@@ -141,6 +145,12 @@ class Status:
     suspicions: int = 0
     path_failures: int = 0
     # SIGHUP: reloads applied and refused; the last refusal's reason (None once one works)
+    # The kernel's truth, from the applier: whether the last apply routes the CIDRs through
+    # the active AP (every family with CIDRs), its problems, and the last failed apply's error
+    kernel_routed: bool = False
+    kernel_problems: tuple[str, ...] = ()
+    apply_error: str | None = None
+    apply_failures: int = 0
     reloads: int = 0
     reload_failures: int = 0
     reload_error: str | None = None
@@ -674,11 +684,39 @@ class Supervisor:
             self._suspicion = failures
             self._suspect.set()
 
-    def applied(self, desired: DesiredState) -> None:
-        """The applier applied ``desired`` (the daemon calls this after every apply)."""
+    def applied(self, desired: DesiredState, result: Any = None) -> None:
+        """The applier applied ``desired`` (the daemon calls this after every apply, with
+        its :class:`~sdnsup.applier.ApplyResult`; None: as intended, as in tests)."""
         self._applied = desired
         self._applied_changed.set()
         self._applied_changed = trio.Event()
+        st, ap = self.status, self.status.active
+        st.apply_error = None
+        if result is None:
+            st.kernel_problems, st.kernel_routed = (), ap is not None
+            return
+        st.kernel_problems = tuple(result.problems)
+        st.kernel_routed = ap is not None and all(
+            want == addr and version in result.ap_links
+            for version, cidrs, want, addr in (
+                (4, desired.cidrs4, desired.ap4, ap.addr4),
+                (6, desired.cidrs6, desired.ap6, ap.addr6),
+            )
+            if cidrs
+        )
+        rejected = result.rejected
+        why = (
+            next((rejected[a] for a in (ap.addr4, ap.addr6) if a in rejected), None) if ap else None
+        )
+        if ap is not None and why is not None:
+            # Permanent: held down until the directory changes it (a new list forgets it).
+            self._fail_over(ap, f"AP {ap} rejected: {why}", REJECTED_HOLD_DOWN)
+
+    def apply_failed(self, error: str) -> None:
+        """An apply failed (the applier retries): the kernel may not be what was intended."""
+        st = self.status
+        st.apply_error, st.kernel_routed = error, False
+        st.apply_failures += 1
 
     def _track_list(self) -> tuple[Target, ...]:
         """Tracked targets now: ``--track``, the CC's, and the active AP's own."""

@@ -7,7 +7,7 @@ import pytest
 
 from sdnsup.applier import Applier, KernelState, diff, render
 from sdnsup.errors import KernelError
-from sdnsup.routes import RTPROT_SDNSUP, Nexthop, Route, Rule
+from sdnsup.routes import RTPROT_SDNSUP, Link, Nexthop, Route, Rule
 from sdnsup.state import EMPTY, NHID_V4, NHID_V6, DesiredState, Settings, Slot, slot_nhid
 from tests.fakes import FakeNft, FakeRoutes, FakeSysctl, link
 
@@ -169,6 +169,22 @@ def test_unreachable_or_routed_ap_is_reported_and_treated_as_no_ap():
     assert routes.rules(RTPROT_SDNSUP) == set()
     result = applier.apply(state(ap4=A("10.99.0.1")))
     assert "unreachable" in result.problems[0]
+
+
+def test_an_ap_at_this_hosts_own_address_is_rejected_not_written():
+    """The kernel refuses a nexthop via its own address ("invalid gateway"): the apply
+    must not fail forever, it renders no AP and names the reason."""
+    own = Link(ifindex=1, ifname="lo", gateway=None, prefsrc=None, local=True)
+    applier, routes, _, _ = make(links={"10.77.0.11": own})
+    result = applier.apply(state())
+    assert result.problems == [
+        "AP 10.77.0.11 is an address of this host, which cannot be a next hop"
+    ]
+    assert result.rejected == {
+        A("10.77.0.11"): "an address of this host, which cannot be a next hop"
+    }
+    assert result.ap_links == {} and routes.rules(RTPROT_SDNSUP) == set()
+    assert routes.nexthops(RTPROT_SDNSUP) == {Nexthop(NHID_V4, socket.AF_INET, None, 0)}
 
 
 def test_v6_without_ap6_follows_no_ap_policy_v4_unaffected():

@@ -48,6 +48,7 @@ AP5 = AccessPoint("ap5", addr4=ipaddress.IPv4Address("172.31.1.15"))
 def filled_status() -> Status:
     st = Status(
         phase=Phase.CONNECTED,
+        kernel_routed=True,
         active=AP2,
         active_since=NOW - 192.04,
         aps=(AP1, AP2, AP3, AP4),
@@ -222,6 +223,7 @@ GOLDEN = {
         "last_ago_s": 5.0,
     },
     "reload": {"count": 0, "failures": 0, "last_at": None, "error": None},
+    "kernel": {"routed": True, "problems": [], "apply_error": None, "apply_failures": 0},
     "cc": {
         "url": "https://cc.example.net",
         "last_refresh": "2025-11-25T20:46:28.000Z",
@@ -381,7 +383,9 @@ def test_render_not_connected(status, no_ap, line):
 
 def test_render_static_aps_and_no_cc():
     ap = AccessPoint("10.77.0.11", addr4=ipaddress.IPv4Address("10.77.0.11"))
-    st = Status(phase=Phase.CONNECTED, active=ap, active_since=NOW - 4000, aps=(ap,))
+    st = Status(
+        phase=Phase.CONNECTED, active=ap, active_since=NOW - 4000, aps=(ap,), kernel_routed=True
+    )
     text = render(snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=NOW))
     assert "connected via 10.77.0.11 for 1h06m" in text
     assert "CC:        none (static --ap list)" in text
@@ -753,3 +757,26 @@ def test_status_text_shows_merged_cidrs_and_a_refused_reload():
         "reloads:   2, 1 refused; the last was refused, the running configuration kept: "
         "cidrs.txt:3: 'x' is not a CIDR"
     ) in text
+
+
+def test_a_chosen_ap_the_kernel_does_not_route_through_is_not_connected():
+    from sdnsup.supervisor import Phase, Status
+
+    st = Status(
+        phase=Phase.CONNECTED,
+        active=AP1,
+        kernel_routed=False,
+        kernel_problems=("AP 172.31.1.11 is unreachable: no route to it",),
+    )
+    snap = control.snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=1e9)
+    assert snap["state"] == "not routed" and snap["connected"] is False
+    assert control.exit_code(snap) == 1
+    assert "chosen, but the kernel does not route the CIDRs through it: AP 172.31.1.11 is " in (
+        control.render(snap)
+    )
+    st.kernel_routed = True
+    st.apply_error = "nexthop 0x5d5d0004: Nexthop has invalid gateway"
+    snap = control.snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=1e9)
+    assert not snap["connected"] and snap["kernel"]["apply_error"] == st.apply_error
+    st.apply_error = None
+    assert control.exit_code(control.snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=1e9)) == 0

@@ -37,6 +37,7 @@ AP1, AP2, AP3 = ap(1), ap(2), ap(3)
 def filled_status() -> Status:
     st = Status(
         phase=Phase.CONNECTED,
+        kernel_routed=True,
         active=AP1,
         active_since=1_700_000_100.0,
         aps=(AP1, AP2, AP3),
@@ -115,6 +116,8 @@ def test_render_golden_lines():
         "sdnsup_sockets_aborted_total": "4",
         "sdnsup_failovers_total": "2",
         "sdnsup_heals_total": "5",
+        "sdnsup_kernel_routed": "1",
+        "sdnsup_apply_failures_total": "0",
         'sdnsup_reloads_total{result="ok"}': "0",
         'sdnsup_reloads_total{result="failed"}': "0",
         'sdnsup_cidrs{family="ipv4"}': "12",

@@ -758,3 +758,45 @@ def test_a_failing_first_cc_request_shows_in_status_until_an_answer():
         assert sup.active == AP1 and cc_error() is None
 
     run(world, sup, scenario)
+
+
+def test_an_ap_the_kernel_rejects_as_next_hop_is_left_and_not_chosen_again():
+    """A CC listing this host's own address as an AP: the apply renders no route through
+    it and says why; the supervisor leaves it at once and does not come back to it."""
+    from types import SimpleNamespace
+
+    from sdnsup.applier import ApplyResult
+
+    world = World({AP1: 0.005, AP2: 0.020})
+    sup = world.make([AP1, AP2], reprobe_interval=5.0)
+
+    def kernel_result(active):
+        result = ApplyResult()
+        if active == AP1:
+            result.rejected[AP1.addr4] = "an address of this host, which cannot be a next hop"
+        else:
+            result.ap_links[4] = object()
+        return result
+
+    def apply(state):
+        desired = SimpleNamespace(
+            cidrs4=frozenset({"10.10.10.0/24"}),
+            cidrs6=frozenset(),
+            ap4=state.active.addr4 if state.active else None,
+            ap6=None,
+        )
+        sup.applied(desired, kernel_result(state.active))
+
+    async def scenario():
+        await trio.sleep(1)
+        assert sup.active == AP1  # the fastest, before the kernel had its say
+        apply(world.last)
+        assert sup.active == AP2 and "AP ap1 (10.77.0.11) rejected: an address of this host" in (
+            sup.status.last_failover
+        )
+        apply(world.last)
+        assert sup.status.kernel_routed
+        await trio.sleep(60)  # rounds rank AP1 first all along: it stays away
+        assert sup.active == AP2 and world.posted.count(AP1) == 1
+
+    run(world, sup, scenario)
