@@ -257,7 +257,7 @@ def snapshot(
     now = time.time() if now is None else now
     active = status.active
     chosen = status.phase is Phase.CONNECTED and active is not None
-    routed = status.kernel_routed and status.apply_error is None
+    routed = status.kernel_routed
     results = {r.ap.id: (i, r) for i, r in enumerate(status.ranking, start=1)}
     known = list(status.aps)
     if active is not None and active not in known:

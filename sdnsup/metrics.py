@@ -285,7 +285,7 @@ def render(
         "gauge",
         "1 if the last apply routes the CIDRs through the active AP (what status calls "
         "connected), else 0.",
-    ).add(1 if status.kernel_routed and status.apply_error is None else 0)
+    ).add(1 if status.kernel_routed else 0)
     family(
         "sdnsup_apply_failures_total",
         "counter",

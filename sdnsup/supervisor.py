@@ -147,10 +147,23 @@ class Status:
     # SIGHUP: reloads applied and refused; the last refusal's reason (None once one works)
     # The kernel's truth, from the applier: whether the last apply routes the CIDRs through
     # the active AP (every family with CIDRs), its problems, and the last failed apply's error
-    kernel_routed: bool = False
+    # IP version -> the AP address the last apply routes that family's CIDRs through (None:
+    # not through an AP); None before any apply is known
+    kernel_via: dict[int, Any] | None = None
     kernel_problems: tuple[str, ...] = ()
     apply_error: str | None = None
     apply_failures: int = 0
+
+    @property
+    def kernel_routed(self) -> bool:
+        """Whether the kernel, as the last apply left it, routes every family's CIDRs
+        through the active AP (the only meaning of "connected")."""
+        ap, via = self.active, self.kernel_via
+        if ap is None or via is None or self.apply_error is not None:
+            return False
+        want = {4: ap.addr4, 6: ap.addr6}
+        return bool(via) and all(addr is not None and addr == want[v] for v, addr in via.items())
+
     reloads: int = 0
     reload_failures: int = 0
     reload_error: str | None = None
@@ -693,17 +706,19 @@ class Supervisor:
         st, ap = self.status, self.status.active
         st.apply_error = None
         if result is None:
-            st.kernel_problems, st.kernel_routed = (), ap is not None
+            st.kernel_problems = ()
+            addrs = ((4, ap.addr4), (6, ap.addr6)) if ap is not None else ((4, None),)
+            st.kernel_via = {version: addr for version, addr in addrs if addr is not None}
             return
         st.kernel_problems = tuple(result.problems)
-        st.kernel_routed = ap is not None and all(
-            want == addr and version in result.ap_links
-            for version, cidrs, want, addr in (
-                (4, desired.cidrs4, desired.ap4, ap.addr4),
-                (6, desired.cidrs6, desired.ap6, ap.addr6),
+        st.kernel_via = {
+            version: want if version in result.ap_links else None
+            for version, cidrs, want in (
+                (4, desired.cidrs4, desired.ap4),
+                (6, desired.cidrs6, desired.ap6),
             )
             if cidrs
-        )
+        }
         rejected = result.rejected
         why = (
             next((rejected[a] for a in (ap.addr4, ap.addr6) if a in rejected), None) if ap else None
@@ -715,7 +730,7 @@ class Supervisor:
     def apply_failed(self, error: str) -> None:
         """An apply failed (the applier retries): the kernel may not be what was intended."""
         st = self.status
-        st.apply_error, st.kernel_routed = error, False
+        st.apply_error = error
         st.apply_failures += 1
 
     def _track_list(self) -> tuple[Target, ...]:

@@ -48,7 +48,7 @@ AP5 = AccessPoint("ap5", addr4=ipaddress.IPv4Address("172.31.1.15"))
 def filled_status() -> Status:
     st = Status(
         phase=Phase.CONNECTED,
-        kernel_routed=True,
+        kernel_via={4: AP2.addr4},
         active=AP2,
         active_since=NOW - 192.04,
         aps=(AP1, AP2, AP3, AP4),
@@ -384,7 +384,11 @@ def test_render_not_connected(status, no_ap, line):
 def test_render_static_aps_and_no_cc():
     ap = AccessPoint("10.77.0.11", addr4=ipaddress.IPv4Address("10.77.0.11"))
     st = Status(
-        phase=Phase.CONNECTED, active=ap, active_since=NOW - 4000, aps=(ap,), kernel_routed=True
+        phase=Phase.CONNECTED,
+        active=ap,
+        active_since=NOW - 4000,
+        aps=(ap,),
+        kernel_via={4: ap.addr4},
     )
     text = render(snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=NOW))
     assert "connected via 10.77.0.11 for 1h06m" in text
@@ -765,7 +769,7 @@ def test_a_chosen_ap_the_kernel_does_not_route_through_is_not_connected():
     st = Status(
         phase=Phase.CONNECTED,
         active=AP1,
-        kernel_routed=False,
+        kernel_via={4: None},
         kernel_problems=("AP 172.31.1.11 is unreachable: no route to it",),
     )
     snap = control.snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=1e9)
@@ -774,9 +778,12 @@ def test_a_chosen_ap_the_kernel_does_not_route_through_is_not_connected():
     assert "chosen, but the kernel does not route the CIDRs through it: AP 172.31.1.11 is " in (
         control.render(snap)
     )
-    st.kernel_routed = True
+    st.kernel_via = {4: AP1.addr4}
     st.apply_error = "nexthop 0x5d5d0004: Nexthop has invalid gateway"
     snap = control.snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=1e9)
     assert not snap["connected"] and snap["kernel"]["apply_error"] == st.apply_error
     st.apply_error = None
     assert control.exit_code(control.snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=1e9)) == 0
+    # a failover posted but not applied yet: the kernel still routes through the old AP
+    st.active = AP2
+    assert control.exit_code(control.snapshot(st, cidrs4=1, cidrs6=0, pid=7, now=1e9)) == 1

@@ -37,7 +37,7 @@ AP1, AP2, AP3 = ap(1), ap(2), ap(3)
 def filled_status() -> Status:
     st = Status(
         phase=Phase.CONNECTED,
-        kernel_routed=True,
+        kernel_via={4: AP1.addr4},
         active=AP1,
         active_since=1_700_000_100.0,
         aps=(AP1, AP2, AP3),
