@@ -122,3 +122,49 @@ def test_sighup_reloads_the_cidrs_without_a_gap_and_keeps_them_on_a_bad_file(mak
     assert gaps == []
     assert stop_sdnsup(lab, proc) == 0
     assert owned(lab) == NOTHING
+
+
+def test_other_tools_objects_where_sdnsup_writes_stop_it_and_are_left_alone(make_lab):
+    """A foreign route in table 7300, a rule at priority 7299 and a nexthop with sdnsup's
+    id: run refuses with each named and changes nothing (before: the nexthop was rewritten
+    to the AP and deleted at teardown, the route overwritten then deleted); check says the
+    same first; once they are gone, both pass."""
+    lab = make_lab(n_aps=1)
+    ap = lab.ap(1)
+    gw = str(lab.router_addr)
+    theirs = [
+        ("ip", "nexthop", "add", "id", str(0x5D5D0004), "via", gw, "dev", lab.a_ifname),
+        ("ip", "route", "add", "10.10.10.0/24", "via", gw, "table", "7300", "proto", "static"),
+        ("ip", "rule", "add", "priority", "7299", "lookup", "100"),
+    ]
+    for argv in theirs:
+        lab.exec(lab.ns_a, *argv)
+
+    def snapshot() -> tuple[str, ...]:
+        return tuple(
+            lab.exec(lab.ns_a, *argv).stdout
+            for argv in (
+                ("ip", "nexthop", "show"),
+                ("ip", "route", "show", "table", "7300"),
+                ("ip", "rule", "show"),
+            )
+        )
+
+    before = snapshot()
+    args = ("-r", CIDRS, "--ap", f"{ap.addr}+{ap.addr6}", "--config", "none")
+    checked = cli(lab, "check", *args, check=False)
+    assert checked.returncode == 64, checked
+    started = cli(lab, "run", *args, check=False)
+    assert started.returncode == 64, started
+    for out in (checked.stderr, started.stderr):
+        assert "sdnsup never overwrites or deletes what it did not create" in out
+        assert f"nexthop id {0x5D5D0004} ({0x5D5D0004:#x}, proto 0)" in out
+        assert "route 10.10.10.0/24 in table 7300 (proto 4)" in out
+        assert "IPv4 policy rule priority 7299 lookup 100 (proto 0)" in out
+    assert snapshot() == before and owned(lab) == NOTHING
+    lab.exec(lab.ns_a, "ip", "rule", "del", "priority", "7299")
+    lab.exec(lab.ns_a, "ip", "route", "del", "10.10.10.0/24", "table", "7300")
+    lab.exec(lab.ns_a, "ip", "nexthop", "del", "id", str(0x5D5D0004))
+    assert "sdnsup check: OK" in cli(lab, "check", *args).stdout
+    proc = start_sdnsup(lab, *args)
+    assert stop_sdnsup(lab, proc) == 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from sdnsup.errors import KernelError, NftError, RoutesError
+from sdnsup.errors import ConfigError, KernelError, NftError, RoutesError
 from sdnsup.nft import Element, NftBackend, NftTable, render_table
 from sdnsup.routes import (
     RTPROT_SDNSUP,
@@ -498,6 +498,22 @@ class Applier:
         """Forget what was applied: the next :meth:`apply` reads the kernel first."""
         self._applied = None
 
+    def foreign_objects(self, settings: Settings) -> list[str]:
+        """Other tools' objects where ``settings`` make sdnsup write: policy rules at its
+        priorities or looking up its tables, routes in its tables, nexthops with its ids.
+
+        Applies replace by key (a route by destination and table, a nexthop by id), so
+        writing over one of these would take it: callers refuse to start instead
+        (:func:`foreign_error`).
+        """
+        versions_slots = ((v, n) for v in (4, 6) for n in (*range(settings.slots + 1), PROBE_SLOT))
+        return self._routes.foreign_objects(
+            self._proto,
+            tables=range(settings.table, settings.probe_table + 1),
+            priorities=range(settings.priority - PRIORITY_SPAN, settings.priority + 1),
+            nhids={slot_nhid(v, n) for v, n in versions_slots},
+        )
+
     def recover_slots(self, settings: Settings) -> tuple[Slot, ...]:
         """The AP slots an earlier sdnsup left in the kernel (after ``kill -9``, a restart).
 
@@ -754,3 +770,20 @@ def _patch_routes(
     for r in deleted:
         out.get((r.table, r.nhid), set()).discard(r.dst)
     return {k: frozenset(v) for k, v in out.items() if v}
+
+
+def foreign_error(settings: Settings, conflicts: Sequence[str]) -> ConfigError:
+    """The error that refuses to start over other tools' objects, naming each."""
+    space = (
+        f"tables {settings.table}-{settings.probe_table}, priorities "
+        f"{settings.priority - PRIORITY_SPAN}-{settings.priority}, nexthop ids "
+        f"{NHID_V4:#x}/{NHID_V6:#x} and their slots'"
+    )
+    shown = list(conflicts[:20]) + (
+        [f"... and {len(conflicts) - 20} more"] if len(conflicts) > 20 else []
+    )
+    return ConfigError(
+        f"other tools' objects are where sdnsup writes ({space}); sdnsup never overwrites or "
+        "deletes what it did not create, so nothing was changed. Remove them, or choose "
+        "another --table/--priority:\n  " + "\n  ".join(shown)
+    )

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sdnsup")
 
-SUBCOMMANDS = ("run", "plan", "down", "status", "lab")
+SUBCOMMANDS = ("run", "check", "plan", "down", "status", "lab")
 
 RUN_EPILOG = f"""\
 how it steers traffic:
@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--nexthop-compat", choices=("auto", "keep"), default="auto",
                       help="as for run (%(default)s)")  # fmt: skip
     plan.add_argument("--json", action="store_true", help="nftables part as libnftables JSON")
+
+    check = sub.add_parser(
+        "check",
+        help="validate what run would use, start nothing (exit 0 valid, 64 not)",
+        description="Validate everything 'run' would use with these options, like nginx -t: "
+        "flags, SDNSUP_* variables and the config file (the same sources, the same rules), "
+        "the CIDR files (read and merged, with their counts), the CC URL and token file; as "
+        "root also the kernel: no other tool's policy rules, routes or nexthops where sdnsup "
+        "would write. Nothing is changed. Exit code 0 valid, 64 not (the errors are printed).",
+    )
+    add_run_arguments(check)
 
     status = sub.add_parser(
         "status",
@@ -243,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     # Kernel backends load libnftables and open netlink sockets: only now.
     from sdnsup import control, probe, savedlist
-    from sdnsup.applier import Applier
+    from sdnsup.applier import Applier, foreign_error
     from sdnsup.choice import default_host_id
     from sdnsup.conntrack import Conntrack
     from sdnsup.echo import Prober
@@ -267,6 +278,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         mailbox = Mailbox()
         # The previous run's AP slots (after kill -9 or a restart): their connections keep
         # their AP. Read before anything is decided, so the first state applied keeps them.
+        conflicts = applier.foreign_objects(settings)
+        if conflicts:
+            raise foreign_error(settings, conflicts)
         recovered = applier.recover_slots(settings)
         keeper = PinKeeper(
             Conntrack(),
@@ -498,7 +512,38 @@ def leftovers() -> str:
     return f"left in the kernel by an earlier run: {listed}; 'sdnsup down' removes them"
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "down": cmd_down, "status": cmd_status}
+def cmd_check(args: argparse.Namespace) -> int:
+    from sdnsup.check import can_read_kernel, check
+
+    opts = resolve(args)
+
+    def kernel_conflicts(opts: RunOptions) -> list[str]:
+        from sdnsup.applier import Applier
+        from sdnsup.nft import LibNftables
+        from sdnsup.rtnl import RtnlRoutes
+        from sdnsup.sysctl import ProcSysctl
+
+        with RtnlRoutes.from_system() as routes:
+            return Applier(routes, LibNftables(), ProcSysctl()).foreign_objects(opts.settings)
+
+    lines = check(
+        opts,
+        read_token=lambda o: read_token(o.cc_token_file),
+        kernel_conflicts=kernel_conflicts if can_read_kernel() else None,
+    )
+    for line in lines:
+        print(line)
+    print("sdnsup check: OK, run would start with this configuration")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "plan": cmd_plan,
+    "down": cmd_down,
+    "status": cmd_status,
+}
 
 
 def cmd_lab(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,6 +114,18 @@ class RoutesBackend(Protocol):
 
     def rules(self, proto: int) -> set[Rule]:
         """Every policy rule tagged ``proto``, both families."""
+        ...
+
+    def foreign_objects(
+        self,
+        proto: int,
+        *,
+        tables: Collection[int],
+        priorities: Collection[int],
+        nhids: Collection[int],
+    ) -> list[str]:
+        """Objects *not* tagged ``proto`` at ``priorities``/in ``tables``/with ``nhids``
+        (rules, routes, nexthops), each described for an error message."""
         ...
 
     def resolve(self, addr: IPAddress) -> Link | None:

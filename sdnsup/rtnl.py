@@ -26,7 +26,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from sdnsup.errors import RoutesError
@@ -700,6 +700,67 @@ class RtnlRoutes:
             body = _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
             out.update(self._dump("policy rules", RTM_GETRULE, body, parse))
         return out
+
+    def foreign_objects(
+        self,
+        proto: int,
+        *,
+        tables: Collection[int],
+        priorities: Collection[int],
+        nhids: Collection[int],
+    ) -> list[str]:
+        """Objects another tool (a protocol other than ``proto``) holds in sdnsup's space:
+        policy rules at ``priorities`` or looking up ``tables``, routes in ``tables``, and
+        nexthops with one of ``nhids``; each described for an error message.
+
+        Raises:
+            RoutesError: a dump failed.
+        """
+
+        def rule(mtype: int, data: bytes, start: int, end: int) -> str | None:
+            family, _d, _s, _t, table, _r1, _r2, _action, _f = _FIB_RULE_HDR.unpack_from(
+                data, start
+            )
+            a = _attrs(data, start + _FIB_RULE_HDR.size, end)
+            rproto = a.get(FRA_PROTOCOL)
+            table = _u32(a.get(FRA_TABLE), table)
+            priority = _u32(a.get(FRA_PRIORITY))
+            if mtype != RTM_NEWRULE or (rproto[0] if rproto else 0) == proto:
+                return None
+            if priority not in priorities and table not in tables:
+                return None
+            fam = "IPv4" if family == socket.AF_INET else "IPv6"
+            owner = rproto[0] if rproto else 0
+            return f"{fam} policy rule priority {priority} lookup {table} (proto {owner})"
+
+        def route(mtype: int, data: bytes, start: int, end: int) -> str | None:
+            family, dst_len, _s, _t, table, rproto, _sc, _ty, _f = _RTMSG.unpack_from(data, start)
+            a = _attrs(data, start + _RTMSG.size, end)
+            table = _u32(a.get(RTA_TABLE), table)
+            if mtype != RTM_NEWROUTE or rproto == proto or table not in tables:
+                return None
+            raw = a.get(RTA_DST) or bytes(4 if family == socket.AF_INET else 16)
+            dst = ipaddress.ip_network((raw, dst_len))
+            return f"route {dst} in table {table} (proto {rproto})"
+
+        def nexthop(mtype: int, data: bytes, start: int, end: int) -> str | None:
+            _family, _scope, nproto, _r, _flags = _NHMSG.unpack_from(data, start)
+            a = _attrs(data, start + _NHMSG.size, end)
+            nhid = _u32(a.get(NHA_ID))
+            if mtype != RTM_NEWNEXTHOP or nproto == proto or nhid not in nhids:
+                return None
+            return f"nexthop id {nhid} ({nhid:#x}, proto {nproto})"
+
+        found: list[str] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            body = _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+            found += self._dump("policy rules", RTM_GETRULE, body, rule)
+            body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_UNSPEC, 0, 0, 0, 0)
+            found += self._dump("routes", RTM_GETROUTE, body, route)
+        found += self._dump(
+            "nexthops", RTM_GETNEXTHOP, _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), nexthop
+        )
+        return found
 
     def resolve(self, addr: IPAddress) -> Link | None:
         """Where the kernel sends packets for ``addr`` without a mark (``ip route get``).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from sdnsup.nft import Element, NftTable
 from sdnsup.routes import Failure, IPAddress, Link, Nexthop, Route, Rule
@@ -39,6 +39,31 @@ class FakeRoutes:
 
     def rules(self, proto: int) -> set[Rule]:
         return {r for r, p in self.ru.items() if p == proto}
+
+    def foreign_objects(
+        self,
+        proto: int,
+        *,
+        tables: Collection[int],
+        priorities: Collection[int],
+        nhids: Collection[int],
+    ) -> list[str]:
+        found = [
+            f"rule priority {r.priority} lookup {r.table} (proto {p})"
+            for r, p in self.ru.items()
+            if p != proto and (r.priority in priorities or r.table in tables)
+        ]
+        found += [
+            f"route {r.dst} in table {r.table} (proto {p})"
+            for r, p in self.rt.values()
+            if p != proto and r.table in tables
+        ]
+        found += [
+            f"nexthop id {n.id:#x} (proto {p})"
+            for n, p in self.nh.values()
+            if p != proto and n.id in nhids
+        ]
+        return found
 
     def resolve(self, addr: IPAddress) -> Link | None:
         return self.links.get(str(addr))

@@ -105,3 +105,24 @@ def test_usage_errors_exit_64_as_documented(argv, capsys):
         cli.main(argv)
     assert info.value.code == 64
     assert "error:" in capsys.readouterr().err
+
+
+def test_check_validates_like_run_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    from sdnsup import check as check_mod
+
+    monkeypatch.setattr(check_mod, "can_read_kernel", lambda: False)
+    listing = tmp_path / "cidrs.txt"
+    listing.write_text("10.0.0.0/24\n10.0.0.0/24\n10.0.1.0/24\n")
+    argv = ["check", "--config", "none", "-r", f"@{listing}", "--ap", "10.77.0.11"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "CIDRs: 3 CIDRs read: 1 duplicates, 1 merged" in out
+    assert "kernel: mark 0x2000/0x3082, tables 7300-7308, priorities 7298-7300: not checked" in out
+    assert out.rstrip().endswith("sdnsup check: OK, run would start with this configuration")
+    listing.write_text("10.0.0.0/24\n10.0.0.300/24\n")
+    assert cli.main(argv) == 64
+    assert f"{listing}:2: '10.0.0.300/24' is not a CIDR" in capsys.readouterr().err
+    token = tmp_path / "missing.token"
+    argv = ["check", "--config", "none", "-r", "10.0.0.0/24", "--cc", "https://cc.example.net"]
+    assert cli.main([*argv, "--cc-token-file", str(token)]) == 64
+    assert "cannot read --cc-token-file" in capsys.readouterr().err
