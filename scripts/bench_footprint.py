@@ -162,6 +162,7 @@ class Footprint:
     samples: list[ProcSample] = field(default_factory=list)
     threads: list[int] = field(default_factory=list)
     kinds: dict[str, int] = field(default_factory=dict)
+    status_ms: list[float] = field(default_factory=list)  # `sdnsup status --json` wall times
 
     @property
     def wall(self) -> float:
@@ -194,7 +195,23 @@ class Footprint:
             "threads": stat(self.threads),
             "fds": stat(s.fds for s in self.samples),
             "fd_kinds_end": self.kinds,
+            "status_ms": stat(self.status_ms),
         }
+
+
+STATUS_RUNS = 15
+TARGET_STATUS_MS = 80.0
+
+
+def status_times(lab: Lab) -> list[float]:
+    """Wall milliseconds of ``sdnsup status --json`` against the running daemon, as an
+    operator's health check runs it (a new interpreter each time)."""
+    times = []
+    for _ in range(STATUS_RUNS):
+        t0 = time.perf_counter()
+        lab.exec(lab.ns_a, sys.executable, "-m", "sdnsup.cli", "status", "--json")
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
 
 
 def measure(lab: Lab, label: str, routes: str, url: str, seconds: float) -> Footprint:
@@ -228,6 +245,7 @@ def measure(lab: Lab, label: str, routes: str, url: str, seconds: float) -> Foot
         next_at += SAMPLE_INTERVAL
         time.sleep(max(0.0, min(next_at, deadline) - time.monotonic()))
     fp.kinds = fd_kinds(proc.pid)
+    fp.status_ms = status_times(lab)
     code = lab.stop(proc, grace=STOP_TIMEOUT)
     if code != 0:
         raise BenchError(f"{label}: sdnsup exited {code} on SIGTERM:\n{lab.logs(proc)}")
@@ -284,6 +302,16 @@ def report(phases: list[Footprint], seconds: float) -> dict[str, Any]:
         ],
         ["threads", *each(lambda f: _range(f["threads"])), ""],
         ["open fds", *each(lambda f: _range(f["fds"])), ""],
+        [
+            f"`sdnsup status --json` wall time ({STATUS_RUNS} runs)",
+            *each(
+                lambda f: (
+                    f"{f['status_ms'].median:.0f} ms "
+                    f"({f['status_ms'].min:.0f}-{f['status_ms'].max:.0f})"
+                )
+            ),
+            f"< {TARGET_STATUS_MS:.0f} ms",
+        ],
         [
             "open fds at the end, by kind",
             *each(lambda f: ", ".join(f"{k} {n}" for k, n in f["fd_kinds_end"].items())),

@@ -22,28 +22,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from sdnsup import __version__
-from sdnsup.aps import parse_static_aps
-from sdnsup.cidrs import MAX_CIDRS, parse_cidrs
-from sdnsup.config import RunOptions, add_run_arguments, resolve
 from sdnsup.errors import EX_USAGE, ConfigError, SdnsupError
-from sdnsup.logs import setup_logging
-from sdnsup.state import (
-    DEFAULT_MARK,
-    DEFAULT_MASK,
-    DEFAULT_PRIORITY,
-    DEFAULT_TABLE,
-    Settings,
-    Slot,
-)
 
 if TYPE_CHECKING:
+    from sdnsup.config import RunOptions
     from sdnsup.daemon import RunConfig
 
 log = logging.getLogger("sdnsup")
 
 SUBCOMMANDS = ("run", "check", "plan", "down", "status", "lab")
 
-RUN_EPILOG = f"""\
+
+def run_epilog() -> str:
+    """The end of ``run --help``: how it steers, with the defaults (state is imported only
+    here, so that the commands that do not show it start faster)."""
+    from sdnsup.state import DEFAULT_MARK, DEFAULT_MASK, DEFAULT_PRIORITY, DEFAULT_TABLE
+
+    return f"""\
 how it steers traffic:
   New connections to the CIDRs (from this host or forwarded for containers) get the mark
   {DEFAULT_MARK:#x} on their conntrack entry; after routing, the AP their first packet went to
@@ -99,31 +94,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="sdnsup",
-        description="Steer traffic for chosen CIDRs through the fastest SDN access point, "
-        "with policy routing and conntrack marks, and keep it working.",
-    )
-    parser.add_argument("--version", action="version", version=f"sdnsup {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser(
-        "run",
-        help="apply the routing and stay in the foreground (default command)",
-        description="Apply the routing for CIDRS through an AP and keep it until SIGTERM/SIGINT, "
-        "then remove everything sdnsup added.",
-        epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_run_arguments(run)
+def _add_plan_arguments(plan: argparse.ArgumentParser) -> None:
+    from sdnsup.cidrs import MAX_CIDRS
+    from sdnsup.state import DEFAULT_MARK, DEFAULT_MASK, DEFAULT_PRIORITY, DEFAULT_TABLE
 
-    plan = sub.add_parser(
-        "plan",
-        help="print the nftables ruleset and routing run would install (no root needed)",
-        description="Print exactly what 'run' would install: the nftables table in nft syntax "
-        "(loadable with nft -f; --json for libnftables JSON) and the policy rules, nexthops "
-        "and routes as the equivalent ip commands. Review it before a deployment.",
-    )
     plan.add_argument("-r", "--routes", action="append", required=True, metavar="CIDRS",
                       help="as for run")  # fmt: skip
     plan.add_argument("--ap", metavar="APS", help="the AP to show as active (default: none)")
@@ -140,6 +114,42 @@ def build_parser() -> argparse.ArgumentParser:
                       help="as for run (%(default)s)")  # fmt: skip
     plan.add_argument("--json", action="store_true", help="nftables part as libnftables JSON")
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``command``, only that subcommand gets its options (run's and
+    check's import :mod:`sdnsup.config`, and with it the runtime modules their defaults
+    come from: ``status``, a health check, answers several times faster without them)."""
+    run_options = command in (None, "run", "check")
+    parser = _Parser(
+        prog="sdnsup",
+        description="Steer traffic for chosen CIDRs through the fastest SDN access point, "
+        "with policy routing and conntrack marks, and keep it working.",
+    )
+    parser.add_argument("--version", action="version", version=f"sdnsup {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="apply the routing and stay in the foreground (default command)",
+        description="Apply the routing for CIDRS through an AP and keep it until SIGTERM/SIGINT, "
+        "then remove everything sdnsup added.",
+        epilog=run_epilog() if command in (None, "run") else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if run_options:
+        from sdnsup.config import add_run_arguments
+
+        add_run_arguments(run)
+
+    plan = sub.add_parser(
+        "plan",
+        help="print the nftables ruleset and routing run would install (no root needed)",
+        description="Print exactly what 'run' would install: the nftables table in nft syntax "
+        "(loadable with nft -f; --json for libnftables JSON) and the policy rules, nexthops "
+        "and routes as the equivalent ip commands. Review it before a deployment.",
+    )
+    if command in (None, "plan"):
+        _add_plan_arguments(plan)
+
     check = sub.add_parser(
         "check",
         help="validate what run would use, start nothing (exit 0 valid, 64 not)",
@@ -149,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "root also the kernel: no other tool's policy rules, routes or nexthops where sdnsup "
         "would write. Nothing is changed. Exit code 0 valid, 64 not (the errors are printed).",
     )
-    add_run_arguments(check)
+    if run_options:
+        add_run_arguments(check)
 
     status = sub.add_parser(
         "status",
@@ -227,6 +238,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # default action), which would leave state in the kernel with no teardown.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Validate everything before touching anything: flags, SDNSUP_* and the config file.
+    from sdnsup.config import resolve
+
     opts = resolve(args)
     cidrs, aps, settings = opts.cidrs, opts.aps, opts.settings
     from sdnsup import discovery
@@ -238,6 +251,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         else None
     )
     check_privileges()
+    from sdnsup.logs import setup_logging
+
     setup_logging(level=opts.log_level, log_dir=opts.log_dir, fmt=opts.log_format)
     for warning in opts.warnings:
         log.warning("%s", warning)
@@ -401,6 +416,8 @@ def reload_config(args: argparse.Namespace, running: RunOptions, config: RunConf
     Raises:
         ConfigError: the new configuration is invalid (the caller keeps the running one).
     """
+    from sdnsup.config import resolve
+
     new = resolve(args)
     later = [
         f.name
@@ -418,9 +435,12 @@ def reload_config(args: argparse.Namespace, running: RunOptions, config: RunConf
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from sdnsup.aps import parse_static_aps
+    from sdnsup.cidrs import parse_cidrs
     from sdnsup.daemon import RunConfig, desired_for
     from sdnsup.plan import plan
     from sdnsup.rtnl import RtnlRoutes
+    from sdnsup.state import Settings, Slot
     from sdnsup.sysctl import ProcSysctl, strict_rp_filter
 
     cidrs = parse_cidrs(
@@ -514,6 +534,7 @@ def leftovers() -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from sdnsup.check import can_read_kernel, check
+    from sdnsup.config import resolve
 
     opts = resolve(args)
 
@@ -560,8 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "lab":
         return cmd_lab(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(_with_default_command(argv))
+    argv = _with_default_command(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else "")
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EX_USAGE

@@ -126,3 +126,24 @@ def test_check_validates_like_run_and_changes_nothing(tmp_path, capsys, monkeypa
     argv = ["check", "--config", "none", "-r", "10.0.0.0/24", "--cc", "https://cc.example.net"]
     assert cli.main([*argv, "--cc-token-file", str(token)]) == 64
     assert "cannot read --cc-token-file" in capsys.readouterr().err
+
+
+def test_status_and_help_import_neither_trio_nor_the_run_configuration(tmp_path):
+    """``sdnsup status`` is a health check run every few seconds: it must not pay for the
+    daemon's modules (trio, httpx, the option table and the runtime modules behind it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sdnsup import cli\n"
+        "for argv in (['status', '--json'], ['--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('trio', 'httpx', 'sdnsup.config', 'sdnsup.supervisor', 'sdnsup.daemon')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out
