@@ -498,9 +498,11 @@ class Applier:
         """Forget what was applied: the next :meth:`apply` reads the kernel first."""
         self._applied = None
 
-    def foreign_objects(self, settings: Settings) -> list[str]:
-        """Other tools' objects where ``settings`` make sdnsup write: policy rules at its
-        priorities or looking up its tables, routes in its tables, nexthops with its ids.
+    def foreign_objects(self, settings: Settings, cidrs: Iterable[IPNetwork] = ()) -> list[str]:
+        """Other tools' objects where sdnsup would write with ``settings`` and ``cidrs``:
+        policy rules at its priorities or looking up its tables, routes it would write (a
+        CIDR in its table, the default route of a slot's table), nexthops with its ids.
+        Other routes in its tables are no conflict: they stay as they are.
 
         Applies replace by key (a route by destination and table, a nexthop by id), so
         writing over one of these would take it: callers refuse to start instead
@@ -512,6 +514,14 @@ class Applier:
             tables=range(settings.table, settings.probe_table + 1),
             priorities=range(settings.priority - PRIORITY_SPAN, settings.priority + 1),
             nhids={slot_nhid(v, n) for v, n in versions_slots},
+            routes={
+                *((settings.table, net) for net in cidrs),
+                *(
+                    (settings.slot_table(n), default)
+                    for n in range(1, settings.slots + 1)
+                    for default in (_DEFAULT_ROUTE[4] | _DEFAULT_ROUTE[6])
+                ),
+            },
         )
 
     def recover_slots(self, settings: Settings) -> tuple[Slot, ...]:

@@ -293,7 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         mailbox = Mailbox()
         # The previous run's AP slots (after kill -9 or a restart): their connections keep
         # their AP. Read before anything is decided, so the first state applied keeps them.
-        conflicts = applier.foreign_objects(settings)
+        conflicts = applier.foreign_objects(settings, [*cidrs.v4, *cidrs.v6])
         if conflicts:
             raise foreign_error(settings, conflicts)
         recovered = applier.recover_slots(settings)
@@ -545,7 +545,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         from sdnsup.sysctl import ProcSysctl
 
         with RtnlRoutes.from_system() as routes:
-            return Applier(routes, LibNftables(), ProcSysctl()).foreign_objects(opts.settings)
+            applier = Applier(routes, LibNftables(), ProcSysctl())
+            return applier.foreign_objects(opts.settings, [*opts.cidrs.v4, *opts.cidrs.v6])
 
     lines = check(
         opts,

@@ -123,9 +123,11 @@ class RoutesBackend(Protocol):
         tables: Collection[int],
         priorities: Collection[int],
         nhids: Collection[int],
+        routes: Collection[tuple[int, IPNetwork]],
     ) -> list[str]:
-        """Objects *not* tagged ``proto`` at ``priorities``/in ``tables``/with ``nhids``
-        (rules, routes, nexthops), each described for an error message."""
+        """Objects *not* tagged ``proto`` where sdnsup writes: rules at ``priorities`` or
+        looking up ``tables``, routes with a ``(table, destination)`` of ``routes``,
+        nexthops with ``nhids``; each described for an error message."""
         ...
 
     def resolve(self, addr: IPAddress) -> Link | None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from sdnsup.errors import RoutesError
-from sdnsup.routes import Failure, IPAddress, Link, Nexthop, Route, Rule
+from sdnsup.routes import Failure, IPAddress, IPNetwork, Link, Nexthop, Route, Rule
 
 T = TypeVar("T")
 W = TypeVar("W", Route, Nexthop, Rule)  # what a batch of RtnlRoutes writes
@@ -708,10 +708,12 @@ class RtnlRoutes:
         tables: Collection[int],
         priorities: Collection[int],
         nhids: Collection[int],
+        routes: Collection[tuple[int, IPNetwork]],
     ) -> list[str]:
-        """Objects another tool (a protocol other than ``proto``) holds in sdnsup's space:
-        policy rules at ``priorities`` or looking up ``tables``, routes in ``tables``, and
-        nexthops with one of ``nhids``; each described for an error message.
+        """Objects another tool (a protocol other than ``proto``) holds where sdnsup would
+        write: policy rules at ``priorities`` or looking up ``tables``, routes with one of
+        the ``(table, destination)`` keys of ``routes``, and nexthops with one of ``nhids``;
+        each described for an error message.
 
         Raises:
             RoutesError: a dump failed.
@@ -741,6 +743,8 @@ class RtnlRoutes:
                 return None
             raw = a.get(RTA_DST) or bytes(4 if family == socket.AF_INET else 16)
             dst = ipaddress.ip_network((raw, dst_len))
+            if (table, dst) not in routes:
+                return None  # another destination in the same table: it stays, untouched
             return f"route {dst} in table {table} (proto {rproto})"
 
         def nexthop(mtype: int, data: bytes, start: int, end: int) -> str | None:

@@ -47,6 +47,7 @@ class FakeRoutes:
         tables: Collection[int],
         priorities: Collection[int],
         nhids: Collection[int],
+        routes: Collection[tuple[int, object]],
     ) -> list[str]:
         found = [
             f"rule priority {r.priority} lookup {r.table} (proto {p})"
@@ -56,7 +57,7 @@ class FakeRoutes:
         found += [
             f"route {r.dst} in table {r.table} (proto {p})"
             for r, p in self.rt.values()
-            if p != proto and r.table in tables
+            if p != proto and (r.table, r.dst) in routes
         ]
         found += [
             f"nexthop id {n.id:#x} (proto {p})"

@@ -448,26 +448,31 @@ def test_other_tools_objects_in_sdnsups_space_are_found_and_named():
     routes.nh[NHID_V4] = (Nexthop(NHID_V4, socket.AF_INET, A("192.0.2.1"), 2), static)
     routes.nh[99] = (Nexthop(99, socket.AF_INET, A("192.0.2.1"), 2), static)  # elsewhere
     routes.nh[slot_nhid(6, 3)] = (Nexthop(slot_nhid(6, 3), socket.AF_INET6, None, 0), static)
-    foreign = Route(ipaddress.ip_network("10.10.10.0/24"), 7301, 0)
-    routes.rt[(foreign.dst, 7301)] = (foreign, static)
+    foreign = Route(ipaddress.ip_network("10.10.10.0/24"), 7300, 0)  # a CIDR sdnsup steers
+    routes.rt[(foreign.dst, 7300)] = (foreign, static)
+    default = Route(ipaddress.ip_network("0.0.0.0/0"), 7302, 0)  # a slot's default route
+    routes.rt[(default.dst, 7302)] = (default, static)
     routes.rt[(foreign.dst, 254)] = (Route(foreign.dst, 254, 0), static)  # the main table
+    other = ipaddress.ip_network("192.0.2.0/24")  # in sdnsup's table, but not one it writes
+    routes.rt[(other, 7300)] = (Route(other, 7300, 0), static)
     routes.ru[Rule(socket.AF_INET, 7299, 0x1, 0x1, 100)] = static
     routes.ru[Rule(socket.AF_INET, 100, 0x1, 0x1, 7308)] = static  # looks up a probe table
     routes.ru[Rule(socket.AF_INET, 7301, 0x1, 0x1, 100)] = static  # above its priorities
-    found = applier.foreign_objects(s)
+    found = applier.foreign_objects(s, [ipaddress.ip_network("10.10.10.0/24")])
     assert sorted(found) == sorted(
         [
             f"nexthop id {NHID_V4:#x} (proto 4)",
             f"nexthop id {slot_nhid(6, 3):#x} (proto 4)",
-            "route 10.10.10.0/24 in table 7301 (proto 4)",
+            "route 10.10.10.0/24 in table 7300 (proto 4)",
+            "route 0.0.0.0/0 in table 7302 (proto 4)",
             "rule priority 7299 lookup 100 (proto 4)",
             "rule priority 100 lookup 7308 (proto 4)",
         ]
     )
     error = str(foreign_error(s, found))
     assert "sdnsup never overwrites or deletes what it did not create" in error
-    assert "route 10.10.10.0/24 in table 7301 (proto 4)" in error
+    assert "route 10.10.10.0/24 in table 7300 (proto 4)" in error
     # sdnsup's own objects are never conflicts
     applier2, *_ = make()
     applier2.apply(state())
-    assert applier2.foreign_objects(s) == []
+    assert applier2.foreign_objects(s, [ipaddress.ip_network("10.10.10.0/24")]) == []
