@@ -430,7 +430,10 @@ class Option:
 
 
 _G_WHAT = "what to steer"
-_G_WHERE = "where the APs come from (exactly one of --cc and --ap, from any source)"
+_G_WHERE = (
+    "where the APs come from (one of --cc and --ap; a higher source overrides a lower one's "
+    "choice: --ap on the command line wins over cc in the file)"
+)
 _G_KEEP = "choosing and keeping the AP"
 _G_KERNEL = "kernel state (defaults chosen to coexist with other mark users)"
 _G_OPS = "configuration, logging and metrics"
@@ -980,6 +983,11 @@ def _show(opt: Option, value: object) -> str:
 # --- resolving ---------------------------------------------------------------------------------
 
 
+def _rank(source: str) -> int:
+    """Precedence of a source: 0 the command line, 1 the environment, 2 the file."""
+    return 0 if source == "cli" else 1 if source.startswith("env ") else 2
+
+
 def _where(source: str) -> str:
     """A source for a sentence: "the command line", "environment SDNSUP_CC", a file path."""
     if source == "cli":
@@ -1124,6 +1132,12 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
             if rank == 0:
                 values[opt.key], sources[opt.key] = value, source
     # Checked on what was given, valid or not, so a bad --cc is not also "no AP source".
+    # --cc and --ap are one choice, "where the APs come from": a higher source overrides a
+    # lower one's choice as for any option (--ap on the command line over cc in the file).
+    if "cc" in given and "ap" in given and _rank(given["cc"]) != _rank(given["ap"]):
+        lower = "ap" if _rank(given["cc"]) < _rank(given["ap"]) else "cc"
+        del given[lower]
+        values[lower], sources[lower] = None, "default"
     if "cc" in given and "ap" in given:
         problems.append(
             f"--cc (from {_where(given['cc'])}) and --ap (from {_where(given['ap'])}) "

@@ -480,14 +480,28 @@ def test_broken_files(tmp_path):
 # --- checks across options -------------------------------------------------------------------
 
 
-def test_cc_and_ap_from_different_sources_name_both(tmp_path):
+def test_cc_or_ap_from_a_higher_source_overrides_the_lower_ones_choice(tmp_path):
+    """Where the APs come from is one choice: the documented precedence applies to it."""
     path = write_toml(tmp_path / "sdnsup.toml", {"routes": '"10.0.0.0/8"', "cc": '"https://cc"'})
-    assert error(["--config", str(path), "--ap", "10.77.0.11"]) == (
-        f"--cc (from {path}) and --ap (from the command line) exclude each other: "
-        "use a control center or a static AP list, not both"
+    got = resolve(["--config", str(path), "--ap", "10.77.0.11"])
+    assert got.cc is None and [ap.id for ap in got.aps] == ["10.77.0.11"]
+    assert got.sources["ap"] == "cli" and got.sources["cc"] == "default"
+    got = resolve(["-r", "10.0.0.0/8", "--cc", "https://cc"], {"SDNSUP_AP": "10.77.0.11"})
+    assert got.cc == "https://cc" and got.ap is None
+    got = resolve(["--config", str(path)], {"SDNSUP_AP": "10.77.0.11"})
+    assert got.cc is None and got.sources["ap"] == "env SDNSUP_AP"
+
+
+def test_cc_and_ap_from_the_same_source_exclude_each_other(tmp_path):
+    message = error(["-r", "10.0.0.0/8", "--cc", "https://cc", "--ap", "10.77.0.11"])
+    assert "--cc (from the command line) and --ap (from the command line) exclude" in message
+    path = write_toml(
+        tmp_path / "sdnsup.toml",
+        {"routes": '"10.0.0.0/8"', "cc": '"https://cc"', "ap": '["10.77.0.11"]'},
     )
-    message = error(["-r", "10.0.0.0/8", "--cc", "https://cc"], {"SDNSUP_AP": "10.77.0.11"})
-    assert "--cc (from the command line) and --ap (from environment SDNSUP_AP)" in message
+    assert f"--cc (from {path}) and --ap (from {path}) exclude each other" in error(
+        ["--config", str(path)]
+    )
 
 
 def test_neither_cc_nor_ap(tmp_path):
