@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from integration.helpers import owned, start_sdnsup, stop_sdnsup, wait_for
@@ -89,3 +91,25 @@ def test_token_is_sent_and_never_logged(make_lab, tmp_path):
     bad = lab.run_sdnsup(lab.ns_a, *argv)
     assert bad.wait(20) == 75
     assert "401" in lab.logs(bad)
+
+
+def test_token_warnings_are_log_lines_like_any_other(make_lab, tmp_path):
+    """The clear-text and file-mode warnings come after logging is set up: in the JSON
+    stream, not printed raw before it (which broke a shipper parsing stderr)."""
+    lab: Lab = make_lab(n_aps=1)
+    lab.start_ap_agents({1: 0.005})
+    url = lab.start_cc(token="s3cret-token-value")
+    lab.set_cc()
+    token_file = tmp_path / "cc.token"
+    token_file.write_text("s3cret-token-value\n")
+    token_file.chmod(0o644)
+    proc = start_sdnsup(
+        lab, "-r", "10.10.10.0/24", "--cc", url, "--cc-token-file", str(token_file),
+        "--log-format", "json",
+    )  # fmt: skip
+    assert stop_sdnsup(lab, proc) == 0
+    lines = [json.loads(line) for line in lab.logs(proc).splitlines() if line.strip()]
+    messages = " | ".join(line["msg"] for line in lines)
+    assert "is readable by every user; chmod 600 it" in messages
+    assert "the CC token is sent in clear text" in messages
+    assert "s3cret" not in lab.logs(proc)

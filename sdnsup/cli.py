@@ -244,16 +244,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     cidrs, aps, settings = opts.cidrs, opts.aps, opts.settings
     from sdnsup import discovery
 
+    check_privileges()
+    from sdnsup.logs import setup_logging
+
+    # Logging first: the token checks warn (clear text over http, a world-readable file), and
+    # a warning printed before logging is set up is in no log and breaks --log-format json.
+    setup_logging(level=opts.log_level, log_dir=opts.log_dir, fmt=opts.log_format)
     token = read_token(opts.cc_token_file) if opts.cc else None
     cc = (
         discovery.CCClient(opts.cc, token=token, ca_file=opts.cc_ca)
         if opts.cc is not None
         else None
     )
-    check_privileges()
-    from sdnsup.logs import setup_logging
-
-    setup_logging(level=opts.log_level, log_dir=opts.log_dir, fmt=opts.log_format)
     for warning in opts.warnings:
         log.warning("%s", warning)
     log.info("configuration: %s", opts.describe())
@@ -573,8 +575,6 @@ def cmd_lab(argv: list[str]) -> int:
     ``sdnsup lab down PREFIX|--stale`` removes what a killed lab left."""
     from sdnsup.lab.__main__ import main as lab_main
 
-    if argv and argv[0] == "down":
-        argv = ["cleanup", *argv[1:]]
     return lab_main(argv)
 
 

@@ -11,6 +11,7 @@ waits until Ctrl-C / SIGTERM, then removes everything. Explore it meanwhile with
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 
@@ -20,6 +21,10 @@ from sdnsup.lab.topology import Lab, unavailable_reason
 
 
 def _up(args: argparse.Namespace) -> int:
+    # A shell starts a background job (`sdnsup lab up &`) with SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: `kill -INT` would do nothing. Ctrl-C and
+    # kill -INT must always remove the lab.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with Lab.create(
         n_aps=args.aps,
         ap_link="private" if args.private else "shared",
@@ -51,7 +56,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdnsup.lab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sdnsup lab", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     up = sub.add_parser("up", help="build a lab and keep it until interrupted")
     up.add_argument("--aps", type=int, default=2, help="number of access points (default 2)")
@@ -62,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=8080, help="whoami port on B")
     up.add_argument("--no-whoami", action="store_true", help="do not start whoami on B")
     up.add_argument("--no-cc", action="store_true", help="no CC and no AP probe agents")
-    clean = sub.add_parser("cleanup", help="remove lab namespaces")
+    clean = sub.add_parser("down", aliases=["cleanup"], help="remove lab namespaces")
     group = clean.add_mutually_exclusive_group(required=True)
     group.add_argument("prefix", nargs="?", help="remove every namespace starting with this")
     group.add_argument("--stale", action="store_true", help="only labs whose owner died")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("up", "cleanup", "-h", "--help"):
+    if not argv or argv[0] not in ("up", "down", "cleanup", "-h", "--help"):
         argv.insert(0, "up")  # `up` is the default command
     args = parser.parse_args(argv)
 
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot run the lab: {reason}", file=sys.stderr)
         return 77
     try:
-        if args.command == "cleanup":
+        if args.command in ("down", "cleanup"):
             removed = cleanup_stale() if args.stale else cleanup(args.prefix)
             print("\n".join(removed) if removed else "nothing to remove")
             return 0
