@@ -741,7 +741,9 @@ class CCClient:
             except httpx.HTTPError:
                 pass  # the status is what matters
         if snippet:
-            message += f"; body {_show(snippet[:SHOW_CHARS])}"
+            # Text, escaped and quoted (not a Python bytes literal): what an operator reads.
+            text = snippet[:SHOW_CHARS].decode("utf-8", errors="replace").strip()
+            message += f"; body {_show(text)}"
         return message
 
 

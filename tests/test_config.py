@@ -624,7 +624,7 @@ def test_help_teaches_defaults_and_reasons():
         "default /tmp/sdnsup, the seed's convention",
         "default text",
         "default off: the endpoint is unauthenticated",
-        "exactly one of --cc and --ap",
+        "a higher source overrides a lower one's choice",
         "SDNSUP_KEEPALIVE_INTERVAL=0.3",
         "unknown keys and wrong types are errors",
         "SDNSUP_CC_TOKEN only",

@@ -395,7 +395,9 @@ def test_http_status_is_a_discovery_error_with_the_status() -> None:
     err = fetch_error(lambda r: httpx.Response(500, content=b"db down"))
     assert type(err) is DiscoveryError
     assert "CC https://cc.example:8443 answered HTTP 500 Internal Server Error" in str(err)
-    assert "db down" in str(err)
+    assert str(err).endswith("; body 'db down'")  # text, not a Python bytes literal
+    err = fetch_error(lambda r: httpx.Response(502, content=b"bad \xff gateway\n"))
+    assert str(err).endswith("; body 'bad \ufffd gateway'")
 
 
 def test_http_status_body_is_truncated_or_not_read() -> None:
