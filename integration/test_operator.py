@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -167,4 +168,22 @@ def test_other_tools_objects_where_sdnsup_writes_stop_it_and_are_left_alone(make
     lab.exec(lab.ns_a, "ip", "nexthop", "del", "id", str(0x5D5D0004))
     assert "sdnsup check: OK" in cli(lab, "check", *args).stdout
     proc = start_sdnsup(lab, *args)
+    assert stop_sdnsup(lab, proc) == 0
+
+
+def test_a_log_folder_planted_by_another_user_does_not_stop_sdnsup(make_lab, tmp_path):
+    """Another user created the log folder first (in /tmp anyone can): sdnsup neither writes
+    into it nor refuses to start; it logs to stderr only, and says so loudly."""
+    lab = make_lab(n_aps=1)
+    ap = lab.ap(1)
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o777)
+    os.chown(planted, 65534, 65534)  # nobody
+    proc = start_sdnsup(
+        lab, "-r", CIDRS, "--ap", f"{ap.addr}+{ap.addr6}", "--probe", "icmp",
+        "--log-dir", str(planted),
+    )  # fmt: skip
+    logs = lab.logs(proc)
+    assert "NOT LOGGING TO A FILE: log directory" in logs and "owned by uid 65534" in logs
+    assert list(planted.iterdir()) == []
     assert stop_sdnsup(lab, proc) == 0

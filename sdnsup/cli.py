@@ -245,11 +245,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdnsup import discovery
 
     check_privileges()
-    from sdnsup.logs import setup_logging
+    from sdnsup.logs import LogSetupError, setup_logging
 
     # Logging first: the token checks warn (clear text over http, a world-readable file), and
     # a warning printed before logging is set up is in no log and breaks --log-format json.
-    setup_logging(level=opts.log_level, log_dir=opts.log_dir, fmt=opts.log_format)
+    try:
+        setup_logging(level=opts.log_level, log_dir=opts.log_dir, fmt=opts.log_format)
+    except LogSetupError as exc:
+        # A folder another user planted in /tmp must not keep the network down: stderr only
+        # (supervisord and journald keep it), and say so on every start until it is fixed.
+        setup_logging(level=opts.log_level, log_dir=None, fmt=opts.log_format)
+        log.warning("NOT LOGGING TO A FILE: %s; logging to stderr only until that is fixed", exc)
     token = read_token(opts.cc_token_file) if opts.cc else None
     cc = (
         discovery.CCClient(opts.cc, token=token, ca_file=opts.cc_ca)
