@@ -43,6 +43,7 @@ import argparse
 import datetime
 import difflib
 import math
+import ipaddress
 import os
 import tomllib
 import urllib.parse
@@ -362,6 +363,16 @@ def _listen(value: str) -> tuple[str, int] | None:
         return parse_listen(value)
     except ConfigError as exc:
         raise _Invalid(f"{exc}; 'off' disables") from None
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listen address reaches only this host ("" and 0.0.0.0 reach everyone)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _config_path(value: str) -> Path | None:
@@ -1160,6 +1171,14 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
     values["aps"] = _static_aps(values, sources)
     values["settings"] = _settings(values, sources)
     warnings = _env_warnings(environ)
+    listen = values.get("metrics")
+    if listen is not None and not _loopback(listen[0]):
+        host = f"[{listen[0]}]" if ":" in listen[0] else listen[0] or "every address"
+        warnings.append(
+            f"--metrics serves on {host} port {listen[1]} without authentication: anyone who "
+            "reaches it reads the APs, CIDR counts and CC state; bind 127.0.0.1 or a "
+            "management address and firewall the port"
+        )
     if config_path is not None and config_path.stat().st_mode & 0o002:
         # The file steers a root daemon's routing: anyone who can write it can redirect traffic.
         warnings.append(f"{config_path} is writable by every user; chmod o-w it")

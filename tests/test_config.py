@@ -631,3 +631,12 @@ def test_help_teaches_defaults_and_reasons():
         "examples: sdnsup -r",  # the caller's epilog is kept
     ]:
         assert expected.lower() in flat.lower(), expected
+
+
+@pytest.mark.parametrize(
+    ("listen", "warned"),
+    [("127.0.0.1:9730", False), ("[::1]:9730", False), (":9730", True), ("0.0.0.0:9730", True)],
+)
+def test_metrics_off_loopback_warn_that_the_endpoint_is_unauthenticated(listen, warned):
+    got = resolve(["-r", "10.0.0.0/8", "--ap", "10.77.0.11", "--metrics", listen])
+    assert any("without authentication" in w for w in got.warnings) is warned
