@@ -101,6 +101,10 @@ def test_sigterm_leaves_nothing_and_kill9_restart_has_no_duplicates(make_lab):
     proc.kill()
     proc.wait(5)
     proc = start_sdnsup(lab, "-r", cidrs, "--ap", ap_arg(lab), "--probe", "icmp")
+    assert (
+        "adopted what an earlier sdnsup left in the kernel (killed or crashed): 4 nexthops, "
+        "5 routes, 2 policy rules, nftables table inet sdnsup"
+    ) in lab.logs(proc)
     state = owned(lab)
     assert len(state["rules"]) == 2, state["rules"]  # one per family
     assert sorted(r["dst"] for r in state["routes"]) == [

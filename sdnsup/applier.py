@@ -94,6 +94,16 @@ class KernelState:
     def route_count(self) -> int:
         return sum(len(v) for v in self.routes.values())
 
+    def summary(self) -> str:
+        """``4 nexthops, 5 routes, 2 policy rules, nftables table inet sdnsup``; "" if none."""
+        parts = [
+            f"{len(self.nexthops)} nexthops" if self.nexthops else "",
+            f"{self.route_count()} routes" if self.routes else "",
+            f"{len(self.rules)} policy rules" if self.rules else "",
+            f"nftables table inet {self.table.name}" if self.table else "",
+        ]
+        return ", ".join(p for p in parts if p)
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -472,6 +482,10 @@ class Applier:
         self._nexthop_compat = nexthop_compat
         self._proto = proto
         self._applied: KernelState | None = None
+        # What the first read of the kernel found of an earlier sdnsup (after kill -9 or a
+        # crash): adopted by the first apply, which keeps what fits and removes the rest.
+        self.found_at_start: KernelState | None = None
+        self._first_read = True
         self._settings = Settings()
         self._compat_kept_logged = False
 
@@ -569,6 +583,9 @@ class Applier:
         self._settings = desired.settings
         if self._applied is None:
             self._applied = self.read_kernel()
+            if self._first_read:
+                self._first_read = False
+                self.found_at_start = self._applied
         target, result = render(
             desired,
             self._routes.resolve,

@@ -528,13 +528,7 @@ def leftovers() -> str:
         )
     except SdnsupError as exc:
         return f"cannot look for leftovers in the kernel: {exc}"
-    parts = [
-        f"{len(found.nexthops)} nexthops" if found.nexthops else "",
-        f"{found.route_count()} routes" if found.routes else "",
-        f"{len(found.rules)} policy rules" if found.rules else "",
-        f"nftables table inet {found.table.name}" if found.table else "",
-    ]
-    listed = ", ".join(p for p in parts if p)
+    listed = found.summary()
     if not listed:
         return "nothing of sdnsup's is in the kernel"
     return f"left in the kernel by an earlier run: {listed}; 'sdnsup down' removes them"
