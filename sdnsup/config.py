@@ -42,8 +42,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import difflib
-import math
 import ipaddress
+import math
 import os
 import tomllib
 import urllib.parse
