@@ -40,7 +40,10 @@ def test_systemd_notify_ready_watchdog_stopping_in_order(make_lab, tmp_path):
 
     receive_until(lambda: any("READY=1" in m for m in messages), 20)
     ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
-    assert "AP 172.31.1.11" in messages[ready]  # READY once the routes are applied
+    assert "waiting for the AP list" in messages[ready]  # READY once it serves status
+    # then a STATUS line once the routes are applied
+    receive_until(lambda: any("AP 172.31.1.11" in m for m in messages[ready:]), 20)
+    assert any("STATUS=" in m and "AP 172.31.1.11" in m for m in messages[ready:])
     receive_until(lambda: sum("WATCHDOG=1" in m for m in messages) >= 3, 5)
     assert sum("WATCHDOG=1" in m for m in messages) >= 3
     assert stop_sdnsup(lab, proc) == 0
@@ -70,3 +73,32 @@ def test_metrics_are_served_when_asked(make_lab):
     assert 'sdnsup_active_ap_info{ap="ap1"} 1' in text
     assert "sdnsup_failovers_total 0" in text
     assert stop_sdnsup(lab, proc) == 0
+
+
+def test_systemd_ready_does_not_wait_for_a_cc_that_is_down(make_lab, tmp_path):
+    """Boot is not held up by the CC: READY comes once sdnsup serves status, which says
+    what it waits for; the routes follow when the CC answers."""
+    lab: Lab = make_lab(n_aps=1)
+    lab.start_ap_agents({1: 0.005})
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    # No CC started: its address refuses every connection.
+    proc = lab.run_sdnsup(
+        lab.ns_a,
+        "-r", "10.10.10.0/24", "--cc", "http://172.31.1.1:8000", "--state-dir", "none",
+        env={"NOTIFY_SOCKET": str(path)},
+    )  # fmt: skip
+    messages: list[str] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any("READY=1" in m for m in messages):
+        try:
+            messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+    assert any("READY=1" in m for m in messages), messages
+    wait_for(lambda: "CC attempt 1 failed" in lab.logs(proc), 10, "a failed CC attempt")
+    assert "applied:" not in lab.logs(proc)  # the CC is still down: ready all the same
+    assert stop_sdnsup(lab, proc) == 0
+    sock.close()

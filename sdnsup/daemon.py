@@ -355,8 +355,9 @@ async def serve(
             before discovery so that status answers while sdnsup is still looking for APs;
             an unsafe run directory stops the daemon before it touches the kernel.
         notifier: a :class:`sdnsup.notify.Notifier` (systemd ``Type=notify``): READY once
-            the first state is applied, STATUS on changes, WATCHDOG from the event loop,
-            STOPPING before teardown. A no-op outside systemd.
+            the status socket serves (STATUS says what it waits for; without a status
+            socket, once the first state is applied), STATUS on changes, WATCHDOG from the
+            event loop, STOPPING before teardown. A no-op outside systemd.
         metrics_listen: (host, port) for Prometheus metrics (None: off).
         pins: the :class:`sdnsup.pins.PinKeeper`, told of every applied state (None: no
             counting, no re-pinning; tests of the kernel side alone).
@@ -469,6 +470,12 @@ async def serve(
                     )
 
                 await nursery.start(control.serve_control, control_path, get_snapshot)
+                if notifier is not None and not ready:
+                    # Ready once it serves: `sdnsup status` answers and says what it waits
+                    # for. Waiting for the first AP would block boot for as long as the CC is
+                    # down, and units ordered after sdnsup would fail on a timeout instead.
+                    notifier.ready("serving; waiting for the AP list and the first AP decision")
+                    ready = True
             if monitor is not None:
                 await nursery.start(monitor_task, monitor, mailbox)
             if notifier is not None:
