@@ -112,7 +112,11 @@ def _add_plan_arguments(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--priority", type=_int, default=DEFAULT_PRIORITY, help="(%(default)s)")
     plan.add_argument("--nexthop-compat", choices=("auto", "keep"), default="auto",
                       help="as for run (%(default)s)")  # fmt: skip
-    plan.add_argument("--json", action="store_true", help="nftables part as libnftables JSON")
+    plan.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON document: nftables (the libnftables JSON run sends), commands, notes",
+    )
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -159,17 +159,25 @@ def plan(
     Args:
         resolve: finds the interface towards an AP (a real route lookup when possible; a
             lookup that fails leaves a placeholder in the output and a comment why).
-        as_json: the nftables part as the libnftables JSON commands instead of nft syntax.
+        as_json: one JSON document instead of text: ``{"notes": [...], "nftables": [...],
+            "commands": [...]}``, the nftables part as the libnftables JSON commands, the
+            routing as ip and sysctl commands, and what the text shows as comments as notes.
     """
     state, result = render(desired, resolve, strict_rpf)
+    if as_json:
+        commands = ip_commands(state, result.ap_links, nexthop_compat, result.slot_links)
+        doc = {
+            "notes": [*result.problems, *(c[2:] for c in commands if c.startswith("# "))],
+            "nftables": table_commands(state.table) if state.table is not None else [],
+            "commands": [c for c in commands if not c.startswith("#")],
+        }
+        return json.dumps(doc, indent=1) + "\n"
     parts = []
     for problem in result.problems:
         parts.append(f"# note: {problem}")
     parts.append("# nftables: load with  nft -f FILE")
     if state.table is None:
         parts.append("# (nothing: no CIDRs)")
-    elif as_json:
-        parts.append(json.dumps({"nftables": table_commands(state.table)}, indent=1))
     else:
         parts.append(nft_text(state.table).rstrip())
     parts.append("")
