@@ -91,3 +91,24 @@ def test_kill9_restart_converges_and_stop_tears_down(make_lab, tmp_path):
     sdnsup_log = (tmp_path / "sdnsup.log").read_text()
     assert "teardown: removed" in sdnsup_log
     ctl("shutdown")
+
+
+def test_a_bad_configuration_goes_fatal_quickly_instead_of_looping(make_lab, tmp_path):
+    """A typo under the shipped program section: a few quick retries, then FATAL with the
+    error in the log (it used to stay in BACKOFF for about an hour)."""
+    lab: Lab = make_lab(n_aps=1)
+    command = f"{sys.executable} -m sdnsup.cli -r 10.10.10.300/24 --ap 10.77.0.11 --config none"
+    conf = supervisord_conf(tmp_path, command)
+    lab.popen(lab.ns_a, "supervisord", "-c", str(conf), label="a-supervisord")
+
+    def ctl(*args: str) -> str:
+        return lab.exec(lab.ns_a, "supervisorctl", "-c", str(conf), *args, check=False).stdout
+
+    try:
+        wait_for(lambda: "FATAL" in ctl("status", "sdnsup"), 30, "sdnsup to be FATAL")
+        log = (tmp_path / "supervisord.log").read_text()
+        assert log.count("spawned: 'sdnsup'") == 4, log  # the first start and 3 retries
+        assert "'10.10.10.300/24' is not a CIDR" in (tmp_path / "sdnsup.log").read_text()
+        assert owned(lab) == {"rules": [], "routes": [], "nexthops": [], "tables": []}
+    finally:
+        ctl("shutdown")
