@@ -236,7 +236,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from sdnsup.daemon import RUN_DIR, Mailbox, RunConfig, desired_for, first_sdnsup_error, serve
-    from sdnsup.preflight import InstanceLock, check_privileges, netns_id
+    from sdnsup.preflight import (
+        InstanceLock,
+        check_privileges,
+        live_netns,
+        netns_id,
+        sweep_run_dir,
+    )
 
     # SIGHUP reloads once the daemon serves; until then it must not kill the process (its
     # default action), which would leave state in the kernel with no teardown.
@@ -295,6 +301,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sdnsup.sysctl import ProcSysctl
 
     with InstanceLock():
+        stale = sweep_run_dir(RUN_DIR, live_netns())
+        if stale:
+            log.info(
+                "removed %d files of network namespaces that no longer exist from %s: %s",
+                len(stale),
+                RUN_DIR,
+                ", ".join(stale),
+            )
         applier = Applier(
             RtnlRoutes.from_system(),
             LibNftables(),

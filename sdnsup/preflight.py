@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -78,3 +79,42 @@ class InstanceLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# The per-namespace files in the run directory: "<kind>-<netns inode>.<ext>".
+_RUN_FILE = re.compile(r"(?:control|sysctl)-(\d+)\.(?:sock|json)")
+
+
+def live_netns(proc: Path = Path("/proc"), named: Path = Path("/run/netns")) -> set[int]:
+    """Inodes of the network namespaces that exist: those of a process, or bind-mounted
+    (``ip netns add``). A namespace with neither is gone, and its inode free for reuse."""
+    alive: set[int] = set()
+    for where in (*proc.glob("[0-9]*/ns/net"), *named.glob("*")):
+        try:
+            alive.add(os.stat(where).st_ino)
+        except OSError:
+            continue  # the process ended, or not a namespace: nothing to keep alive
+    return alive
+
+
+def sweep_run_dir(run_dir: Path, alive: set[int]) -> list[str]:
+    """Remove the status sockets and sysctl records of namespaces that no longer exist (the
+    sysctls they record died with their namespace); the names removed.
+
+    A namespace with a process in it is alive, so a running sdnsup's files always stay.
+    """
+    removed: list[str] = []
+    try:
+        names = sorted(os.listdir(run_dir))
+    except OSError:
+        return removed
+    for name in names:
+        m = _RUN_FILE.fullmatch(name)
+        if m is None or int(m.group(1)) in alive:
+            continue
+        try:
+            os.unlink(run_dir / name)
+        except OSError:
+            continue
+        removed.append(name)
+    return removed

@@ -147,3 +147,24 @@ def test_status_and_help_import_neither_trio_nor_the_run_configuration(tmp_path)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip().splitlines()[-1] == "[]", out
+
+
+def test_run_files_of_gone_namespaces_are_swept_and_live_ones_kept(tmp_path):
+    from sdnsup.preflight import live_netns, sweep_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("control-11.sock", "sysctl-11.json", "control-22.sock", "sysctl-33.json",
+                 "notes.txt", "sysctl-x.json"):  # fmt: skip
+        (run / name).write_text("")
+    assert sweep_run_dir(run, alive={22}) == ["control-11.sock", "sysctl-11.json", "sysctl-33.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "control-22.sock",
+        "notes.txt",
+        "sysctl-x.json",
+    ]
+    assert sweep_run_dir(tmp_path / "missing", alive=set()) == []
+    # this process's own namespace is always among the live ones
+    import os
+
+    assert os.stat("/proc/self/ns/net").st_ino in live_netns()
