@@ -420,7 +420,7 @@ def test_full_log_disk_does_not_stop_routing_or_failover(make_lab, tmp_path):
     url = lab.start_cc()
     disk = tmp_path / "logdisk"
     disk.mkdir()
-    log_file = disk / "logs" / "sdnsup.log"
+    log_file = disk / "logs" / f"sdnsup-{lab.ns_a}.log"  # one file per network namespace
     options = ("--log-dir", str(log_file.parent), "--config", "none", "--state-dir", "none")
     options += ("--host-id", LAB_HOST_ID)
     argv = python_module("sdnsup.cli", "-r", CIDRS, "--cc", url, *options)

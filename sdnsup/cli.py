@@ -241,6 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_privileges,
         live_netns,
         netns_id,
+        netns_suffix,
         sweep_run_dir,
     )
 
@@ -259,8 +260,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Logging first: the token checks warn (clear text over http, a world-readable file), and
     # a warning printed before logging is set up is in no log and breaks --log-format json.
+    # One file per network namespace: sdnsup.log in the host's, sdnsup-NAME.log in another.
+    logfile = f"sdnsup{netns_suffix()}.log"
     try:
-        setup_logging(level=opts.log_level, log_dir=opts.log_dir, fmt=opts.log_format)
+        setup_logging(
+            level=opts.log_level, log_dir=opts.log_dir, fmt=opts.log_format, filename=logfile
+        )
     except LogSetupError as exc:
         # A folder another user planted in /tmp must not keep the network down: stderr only
         # (supervisord and journald keep it), and say so on every start until it is fixed.

@@ -161,11 +161,14 @@ def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> 
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-25T21:12:19.123+0000 sdnsup INFO message``, UTC; see the module docstring."""
+    """``2026-11-25T21:12:19.123+0000 sdnsup[4242] INFO message``, UTC (the pid in brackets,
+    as syslog writes it: several sdnsup, one per network namespace, may share a log folder);
+    see the module docstring."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage().translate(_ESCAPES)
-        line = f"{_timestamp(record, '+0000')} {record.name} {record.levelname} {message}"
+        who = f"{record.name}[{record.process}]"
+        line = f"{_timestamp(record, '+0000')} {who} {record.levelname} {message}"
         extra = [_exception_text(self, record)]
         if record.stack_info:
             extra.append(self.formatStack(record.stack_info))
@@ -185,6 +188,7 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record, "Z"),
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,
             "msg": record.getMessage(),
         }
         exc = _exception_text(self, record)
@@ -599,6 +603,7 @@ def setup_logging(
     max_bytes: int = 10 << 20,
     backups: int = 5,
     stream: TextIO | None = None,
+    filename: str = LOG_FILE,
 ) -> None:
     """Log to ``stream`` (default: the current ``sys.stderr``) and ``log_dir``/sdnsup.log.
 
@@ -627,7 +632,11 @@ def setup_logging(
         dir_fd = open_log_dir(log_dir)
         try:
             file_handler = DirFdRotatingFileHandler(
-                dir_fd, dir_path=_absolute(log_dir), max_bytes=max_bytes, backups=backups
+                dir_fd,
+                dir_path=_absolute(log_dir),
+                filename=filename,
+                max_bytes=max_bytes,
+                backups=backups,
             )
         except BaseException:
             os.close(dir_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -11,6 +12,9 @@ from pathlib import Path
 from sdnsup.errors import LockError, PrivilegeError
 
 CAP_NET_ADMIN = 12
+# The initial network namespace's inode (PROC_NET_INIT_INO in include/linux/proc_ns.h).
+INIT_NETNS_INO = 0xEFFFFFF9
+NETNS_DIR = Path("/run/netns")
 
 
 def check_privileges(status: Path = Path("/proc/self/status")) -> None:
@@ -118,3 +122,22 @@ def sweep_run_dir(run_dir: Path, alive: set[int]) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+def netns_suffix(self_ns: Path = Path("/proc/self/ns/net"), netns_dir: Path = NETNS_DIR) -> str:
+    """What names this network namespace's files (the saved AP list, the log file): ``""``
+    in the host's namespace (and in a container's own), ``-NAME`` in a named one
+    (``ip netns``), ``-INODE`` in any other."""
+    ino = os.stat(self_ns).st_ino
+    try:
+        init = os.stat("/proc/1/ns/net").st_ino
+    except OSError:  # /proc/1 of another user (hidepid): fall back to the kernel constant
+        init = INIT_NETNS_INO
+    if ino in (init, INIT_NETNS_INO):
+        return ""
+    with contextlib.suppress(OSError):
+        for entry in sorted(netns_dir.iterdir()):
+            with contextlib.suppress(OSError):
+                if entry.stat().st_ino == ino:
+                    return f"-{entry.name}"
+    return f"-{ino}"

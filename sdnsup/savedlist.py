@@ -39,6 +39,7 @@ from pathlib import Path
 
 from sdnsup.discovery import Directory, parse_answer
 from sdnsup.errors import BadAnswerError, SdnsupError
+from sdnsup.preflight import netns_suffix
 
 __all__ = ["DEFAULT_STATE_DIR", "FORMAT_VERSION", "SavedList", "SavedListError", "path_for"]
 
@@ -49,35 +50,15 @@ FORMAT_VERSION = 1
 MAX_FILE_BYTES = 4 << 20
 # init_net's inode since Linux 6.x (PROC_NET_INIT_INO); older kernels number it at boot, and
 # /proc/1/ns/net tells (when it can be read: not under hidepid or in some sandboxes).
-INIT_NETNS_INO = 0xEFFFFFF9
-NETNS_DIR = Path("/run/netns")
 
 
 class SavedListError(SdnsupError):
     """The saved AP list could not be read or written."""
 
 
-def _netns_suffix(self_ns: Path = Path("/proc/self/ns/net"), netns_dir: Path = NETNS_DIR) -> str:
-    """``""`` in the host's namespace (and in a container's own), ``-NAME`` in a named one,
-    ``-INODE`` in any other."""
-    ino = os.stat(self_ns).st_ino
-    try:
-        init = os.stat("/proc/1/ns/net").st_ino
-    except OSError:  # /proc/1 of another user (hidepid): fall back to the kernel constant
-        init = INIT_NETNS_INO
-    if ino in (init, INIT_NETNS_INO):
-        return ""
-    with contextlib.suppress(OSError):
-        for entry in sorted(netns_dir.iterdir()):
-            with contextlib.suppress(OSError):
-                if entry.stat().st_ino == ino:
-                    return f"-{entry.name}"
-    return f"-{ino}"
-
-
 def path_for(state_dir: Path) -> Path:
     """The saved list's file for this process's network namespace."""
-    return state_dir / f"aps{_netns_suffix()}.json"
+    return state_dir / f"aps{netns_suffix()}.json"
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,8 +32,10 @@ needs_root = pytest.mark.skipif(
 )
 
 TEXT_LINE = re.compile(
-    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})\+0000 (\S+) (DEBUG|INFO|WARNING|ERROR) (.*)$"
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})\+0000 (\S+)\[(\d+)\] "
+    r"(DEBUG|INFO|WARNING|ERROR) (.*)$"
 )
+ME = f"[{os.getpid()}]"
 
 
 @pytest.fixture(autouse=True)
@@ -83,12 +85,13 @@ def test_text_format_on_stream_and_file(tmp_path: Path) -> None:
 
     lines = file_lines(tmp_path / "logs" / "sdnsup.log")
     assert lines[0].endswith(
-        f"sdnsup INFO logging to {tmp_path / 'logs' / 'sdnsup.log'} "
+        f"sdnsup{ME} INFO logging to {tmp_path / 'logs' / 'sdnsup.log'} "
         "(rotated at 10.0 MiB, 5 backups)"
     )
     records = [TEXT_LINE.match(line) for line in lines[1:]]
     assert all(records), lines
-    assert [(m[2], m[3], m[4]) for m in records if m] == [
+    assert all(m[3] == str(os.getpid()) for m in records if m)
+    assert [(m[2], m[4], m[5]) for m in records if m] == [
         ("sdnsup", "INFO", "AP chosen: ap2 (5.8 ms)"),
         ("sdnsup.netmon", "WARNING", "healed"),
     ]
@@ -116,7 +119,7 @@ def test_text_format_escapes_messages_and_indents_tracebacks(tmp_path: Path) -> 
     assert records[0].endswith(
         r"CC said: bad answer\n2026-01-01T00:00:00.000+0000 sdnsup INFO AP chosen: evil\x1b[2J"
     )
-    assert records[1].endswith("sdnsup ERROR probe crashed")
+    assert records[1].endswith(f"sdnsup{ME} ERROR probe crashed")
     traceback = lines[2:]
     assert traceback[0] == "  Traceback (most recent call last):"
     assert traceback[-2:] == ["  ValueError: line one", "  line two"]
@@ -137,7 +140,8 @@ def test_json_format(tmp_path: Path) -> None:
     objs = [json.loads(line) for line in lines]
     assert objs[0]["msg"].startswith("logging to ")
     for obj in objs:
-        assert {"ts", "level", "logger", "msg"} <= obj.keys()
+        assert {"ts", "level", "logger", "pid", "msg"} <= obj.keys()
+        assert obj["pid"] == os.getpid()
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", obj["ts"])
         assert datetime.fromisoformat(obj["ts"]).utcoffset() == timedelta(0)
     assert [(o["level"], o["logger"], o["msg"]) for o in objs[1:]] == [
@@ -188,7 +192,7 @@ def test_no_log_dir_writes_only_to_the_stream(
     stream = io.StringIO()
     setup_logging(log_dir=None, stream=stream)
     log.info("only here")
-    assert "sdnsup INFO only here" in stream.getvalue()
+    assert f"sdnsup{ME} INFO only here" in stream.getvalue()
     assert "logging to" not in stream.getvalue()
     assert list(tmp_path.iterdir()) == []
     ours = [h for h in logging.getLogger().handlers if h in logs._installed]
@@ -198,7 +202,7 @@ def test_no_log_dir_writes_only_to_the_stream(
 def test_stream_defaults_to_the_current_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     setup_logging(log_dir=None)
     log.warning("to stderr")
-    assert "sdnsup WARNING to stderr" in capsys.readouterr().err
+    assert f"sdnsup{ME} WARNING to stderr" in capsys.readouterr().err
 
 
 def test_setup_again_replaces_handlers_and_closes_fds(tmp_path: Path) -> None:
