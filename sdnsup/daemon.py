@@ -316,7 +316,8 @@ async def _on_signals(
 
 
 def cidr_change(old: CidrSet, new: CidrSet) -> str:
-    """``+3 -1 IPv4 CIDRs, +0 -0 IPv6 CIDRs`` (or ``CIDRs unchanged``), for a reload line."""
+    """``IPv4 CIDRs 1 -> 2 (+1 -0)`` per family that changed (or ``CIDRs unchanged``), for
+    the reload line."""
     if (old.v4, old.v6) == (new.v4, new.v6):
         return f"CIDRs unchanged ({len(new.v4)} IPv4 + {len(new.v6)} IPv6)"
     parts = []

@@ -144,15 +144,18 @@ class Status:
     track: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     suspicions: int = 0
     path_failures: int = 0
-    # SIGHUP: reloads applied and refused; the last refusal's reason (None once one works)
-    # The kernel's truth, from the applier: whether the last apply routes the CIDRs through
-    # the active AP (every family with CIDRs), its problems, and the last failed apply's error
-    # IP version -> the AP address the last apply routes that family's CIDRs through (None:
-    # not through an AP); None before any apply is known
+    # The kernel's truth, from the applier: IP version -> the AP address the last apply routes
+    # that family's CIDRs through (None: not through an AP; no dict before any apply), the
+    # problems it met, and the last failed apply's error (None once one succeeds)
     kernel_via: dict[int, Any] | None = None
     kernel_problems: tuple[str, ...] = ()
     apply_error: str | None = None
     apply_failures: int = 0
+    # SIGHUP: reloads applied and refused; the last refusal's reason (None once one works)
+    reloads: int = 0
+    reload_failures: int = 0
+    reload_error: str | None = None
+    reloaded_at: float | None = None
 
     @property
     def kernel_routed(self) -> bool:
@@ -163,11 +166,6 @@ class Status:
             return False
         want = {4: ap.addr4, 6: ap.addr6}
         return bool(via) and all(addr is not None and addr == want[v] for v, addr in via.items())
-
-    reloads: int = 0
-    reload_failures: int = 0
-    reload_error: str | None = None
-    reloaded_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
