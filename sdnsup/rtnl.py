@@ -513,6 +513,21 @@ def _rule_message(kind: int, flags: int, seq: int, rule: Rule, proto: int | None
     return _message(kind, flags, seq, body)
 
 
+def _parse_rule(data: bytes, start: int, end: int) -> tuple[int, Rule]:
+    """One RTM_NEWRULE message: its protocol (FRA_PROTOCOL, 0 when absent) and the rule."""
+    family, _d, _s, _t, table, _r1, _r2, _action, _f = _FIB_RULE_HDR.unpack_from(data, start)
+    a = _attrs(data, start + _FIB_RULE_HDR.size, end)
+    rproto = a.get(FRA_PROTOCOL)
+    return rproto[0] if rproto else 0, Rule(
+        family,
+        _u32(a.get(FRA_PRIORITY)),
+        _u32(a.get(FRA_FWMARK)),
+        _u32(a.get(FRA_FWMASK)),
+        _u32(a.get(FRA_TABLE), table),
+        a.get(FRA_IIFNAME, b"").split(b"\0", 1)[0].decode(errors="replace"),
+    )
+
+
 class RtnlRoutes:
     """:class:`~sdnsup.routes.RoutesBackend` over rtnetlink, in the current network namespace.
 
@@ -679,21 +694,8 @@ class RtnlRoutes:
         """
 
         def parse(mtype: int, data: bytes, start: int, end: int) -> Rule | None:
-            family, _d, _s, _t, table, _r1, _r2, _action, _f = _FIB_RULE_HDR.unpack_from(
-                data, start
-            )
-            a = _attrs(data, start + _FIB_RULE_HDR.size, end)
-            rproto = a.get(FRA_PROTOCOL)
-            if mtype != RTM_NEWRULE or (rproto[0] if rproto else 0) != proto:
-                return None
-            return Rule(
-                family,
-                _u32(a.get(FRA_PRIORITY)),
-                _u32(a.get(FRA_FWMARK)),
-                _u32(a.get(FRA_FWMASK)),
-                _u32(a.get(FRA_TABLE), table),
-                a.get(FRA_IIFNAME, b"").split(b"\0", 1)[0].decode(errors="replace"),
-            )
+            rproto, rule = _parse_rule(data, start, end)
+            return rule if mtype == RTM_NEWRULE and rproto == proto else None
 
         out: set[Rule] = set()
         for family in (socket.AF_INET, socket.AF_INET6):
@@ -720,20 +722,13 @@ class RtnlRoutes:
         """
 
         def rule(mtype: int, data: bytes, start: int, end: int) -> str | None:
-            family, _d, _s, _t, table, _r1, _r2, _action, _f = _FIB_RULE_HDR.unpack_from(
-                data, start
-            )
-            a = _attrs(data, start + _FIB_RULE_HDR.size, end)
-            rproto = a.get(FRA_PROTOCOL)
-            table = _u32(a.get(FRA_TABLE), table)
-            priority = _u32(a.get(FRA_PRIORITY))
-            if mtype != RTM_NEWRULE or (rproto[0] if rproto else 0) == proto:
+            rproto, r = _parse_rule(data, start, end)
+            if mtype != RTM_NEWRULE or rproto == proto:
                 return None
-            if priority not in priorities and table not in tables:
+            if r.priority not in priorities and r.table not in tables:
                 return None
-            fam = "IPv4" if family == socket.AF_INET else "IPv6"
-            owner = rproto[0] if rproto else 0
-            return f"{fam} policy rule priority {priority} lookup {table} (proto {owner})"
+            fam = "IPv4" if r.family == socket.AF_INET else "IPv6"
+            return f"{fam} policy rule priority {r.priority} lookup {r.table} (proto {rproto})"
 
         def route(mtype: int, data: bytes, start: int, end: int) -> str | None:
             family, dst_len, _s, _t, table, rproto, _sc, _ty, _f = _RTMSG.unpack_from(data, start)
