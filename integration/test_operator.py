@@ -114,8 +114,25 @@ def test_sighup_reloads_the_cidrs_without_a_gap_and_keeps_them_on_a_bad_file(mak
         assert status["reload"]["count"] == 1 and status["reload"]["failures"] == 1
         assert "'10.10.10.300/24' is not a CIDR" in status["reload"]["error"]
         assert lab.whoami(lab.ns_a, lab.b_addr) == str(ap.overlay_addr)  # still steered
+        # a new CIDR whose route another tool already holds in table 7300: refused too
+        gw = str(lab.router_addr)
+        theirs = ("10.10.30.0/24", "via", gw, "table", "7300", "proto", "static")
+        lab.exec(lab.ns_a, "ip", "route", "add", *theirs)
+        listing.write_text("10.10.20.0/24\n10.10.10.0/24\n10.10.30.0/24\nfd10:10:10::/64\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: json.loads(cli(lab, "status", "--json").stdout)["reload"]["failures"] == 2,
+            10,
+            "the second refused reload",
+        )
+        error = json.loads(cli(lab, "status", "--json").stdout)["reload"]["error"]
+        assert "route 10.10.30.0/24 in table 7300 (proto 4)" in error
+        assert (
+            "10.10.30.0/24 via" in lab.exec(lab.ns_a, "ip", "route", "show", "table", "7300").stdout
+        )
+        lab.exec(lab.ns_a, "ip", "route", "del", "10.10.30.0/24", "table", "7300")
         assert proc.poll() is None
-        time.sleep(1)  # the session keeps talking after both reloads
+        time.sleep(1)  # the session keeps talking after the reloads
     finally:
         stop.set()
         watcher.join(10)

@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -27,6 +27,8 @@ from sdnsup.errors import EX_USAGE, ConfigError, SdnsupError
 if TYPE_CHECKING:
     from sdnsup.config import RunOptions
     from sdnsup.daemon import RunConfig
+    from sdnsup.routes import IPNetwork
+    from sdnsup.state import Settings
 
 log = logging.getLogger("sdnsup")
 
@@ -416,7 +418,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                         notifier=notifier,
                         metrics_listen=opts.metrics,
                         pins=keeper,
-                        reload=functools.partial(reload_config, args, opts, config),
+                        reload=functools.partial(
+                            reload_config, args, opts, config, applier.foreign_objects
+                        ),
                     )
             finally:
                 if cc is not None:
@@ -439,13 +443,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 RELOADED = frozenset({"routes", "allow_default", "strict_cidrs", "max_cidrs", "cidrs"})
 
 
-def reload_config(args: argparse.Namespace, running: RunOptions, config: RunConfig) -> RunConfig:
+def reload_config(
+    args: argparse.Namespace,
+    running: RunOptions,
+    config: RunConfig,
+    foreign: Callable[[Settings, Sequence[IPNetwork]], list[str]] | None = None,
+) -> RunConfig:
     """SIGHUP: the run configuration as its sources say now (the file, CIDR files, the
     environment), in a worker thread. Options that only a restart can apply are named in a
-    warning and keep their running value.
+    warning and keep their running value. ``foreign``: finds other tools' objects where the
+    new CIDRs would be written (:meth:`sdnsup.applier.Applier.foreign_objects`).
 
     Raises:
-        ConfigError: the new configuration is invalid (the caller keeps the running one).
+        ConfigError: the new configuration is invalid, or another tool holds a route the
+            new CIDRs would write (the caller keeps the running configuration).
     """
     from sdnsup.config import resolve
 
@@ -462,6 +473,14 @@ def reload_config(args: argparse.Namespace, running: RunOptions, config: RunConf
             ", ".join(k.replace("_", "-") for k in later),
             "it" if len(later) == 1 else "them",
         )
+    if foreign is not None:
+        added: list[IPNetwork] = [*(new.cidrs.v4 - config.cidrs.v4)]
+        added += new.cidrs.v6 - config.cidrs.v6
+        conflicts = foreign(config.settings, added) if added else []
+        if conflicts:
+            from sdnsup.applier import foreign_error
+
+            raise foreign_error(config.settings, conflicts)
     return dataclasses.replace(config, cidrs=new.cidrs)
 
 
