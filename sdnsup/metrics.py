@@ -61,10 +61,11 @@ MAX_REQUEST_BYTES = 8192
 # dawdles (slowloris) is closed instead of holding a socket and a task.
 READ_TIMEOUT = 5.0
 SEND_TIMEOUT = 5.0
-# Connections served at once. Further ones are not accepted until a slot frees: they wait
-# in the kernel's listen backlog (then SYNs are dropped), costing the daemon no file
-# descriptor. A flood of connections therefore cannot exhaust the descriptors that probes
-# and netlink need. Prometheus needs one per scrape.
+# Connections served at once, plus one accepted and waiting for a slot; the rest wait in the
+# kernel's listen backlog (then SYNs are dropped), costing the daemon no file descriptor. A
+# flood of connections therefore cannot exhaust the descriptors that probes and netlink need,
+# and since a new connection closes the oldest one that has not sent its request yet when
+# all slots are taken, it cannot keep a scrape out either. Prometheus needs one per scrape.
 MAX_CONNECTIONS = 16
 LISTEN_BACKLOG = 16
 # accept() errors that mean "out of resources for now": wait and retry, as trio's
@@ -462,12 +463,18 @@ def _answer(head: bytes, get_text: Callable[[], str]) -> tuple[bytes, str]:
     return response, line
 
 
-async def _serve_one(stream: trio.SocketStream, get_text: Callable[[], str]) -> None:
-    """Serve one request on ``stream``, then close it (HTTP/1.0: one response each)."""
+async def _serve_one(
+    stream: trio.SocketStream,
+    get_text: Callable[[], str],
+    read: Callable[[], object] = lambda: None,
+) -> None:
+    """Serve one request on ``stream``, then close it (HTTP/1.0: one response each);
+    ``read()`` is called once the request is in (the connection is no longer idle)."""
     try:
         with trio.move_on_after(READ_TIMEOUT) as read_scope:
             try:
                 head = await _read_head(stream)
+                read()
             except _BadRequest as exc:
                 log.debug("metrics: %s", exc)
                 response = _response("400 Bad Request", b"bad request\n")
@@ -557,15 +564,23 @@ async def serve_metrics(
     # A semaphore, not a CapacityLimiter: the accept loop takes a slot, the connection's
     # task gives it back.
     slots = trio.Semaphore(MAX_CONNECTIONS)
+    # Connections still waiting for their request, oldest first: when every slot is taken,
+    # a new connection closes the oldest of them, so idle connections (a flood, a slowloris)
+    # cannot keep a scrape out for READ_TIMEOUT.
+    idle: dict[trio.CancelScope, None] = {}
 
     async def handle(stream: trio.SocketStream) -> None:
+        scope = trio.CancelScope()
+        idle[scope] = None
         try:
-            await _serve_one(stream, get_text)
+            with scope:
+                await _serve_one(stream, get_text, lambda: idle.pop(scope, None))
         except Exception:
             # One connection's bug must not end the server, nor (through the nursery) the
             # daemon that steers traffic. trio.Cancelled is no Exception: it passes.
             log.exception("metrics: serving a connection failed")
         finally:
+            idle.pop(scope, None)
             slots.release()
 
     async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
@@ -573,11 +588,9 @@ async def serve_metrics(
         task_status.started(bound_port)
         starved = False
         while True:
-            await slots.acquire()
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                slots.release()
                 if exc.errno not in ACCEPT_RETRY_ERRNOS:
                     raise
                 if not starved:  # once per episode, not ten lines a second
@@ -586,6 +599,12 @@ async def serve_metrics(
                 await trio.sleep(ACCEPT_RETRY_DELAY)
                 continue
             starved = False
+            if not slots.value and idle:
+                oldest = next(iter(idle))
+                del idle[oldest]
+                oldest.cancel()  # its task closes it and gives the slot back
+            # At most MAX_CONNECTIONS in service plus this one waiting for a slot.
+            await slots.acquire()
             nursery.start_soon(handle, stream)
 
 

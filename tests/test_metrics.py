@@ -402,21 +402,25 @@ def test_slow_client_is_closed_after_the_read_timeout():
     assert elapsed == pytest.approx(metrics.READ_TIMEOUT, abs=0.5)
 
 
-def test_connections_beyond_the_limit_wait_in_the_backlog(monkeypatch):
-    monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 1)
+def test_a_flood_of_idle_connections_cannot_keep_a_scrape_out(monkeypatch):
+    """Every slot held by a connection that sends nothing: the next connection closes the
+    oldest of them instead of waiting READ_TIMEOUT in the backlog (it used to)."""
+    monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 4)
 
     async def client(port):
-        hog = await trio.open_tcp_stream("127.0.0.1", port)  # sends nothing: holds the slot
-        scraper = await trio.open_tcp_stream("127.0.0.1", port)  # accepted by the kernel
+        hogs = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(8)]
+        scraper = await trio.open_tcp_stream("127.0.0.1", port)
         await scraper.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        with trio.move_on_after(0.3) as waiting:
-            await scraper.receive_some(100)
-        assert waiting.cancelled_caught  # not served while the hog holds the only slot
-        await hog.aclose()  # frees the slot: the waiting connection is accepted and served
         data = b""
-        while chunk := await scraper.receive_some(65536):
-            data += chunk
+        with trio.fail_after(1):  # well inside READ_TIMEOUT (5 s)
+            while chunk := await scraper.receive_some(65536):
+                data += chunk
         await scraper.aclose()
+        # the oldest hogs were closed to make room: they read EOF
+        with trio.fail_after(1):
+            assert await hogs[0].receive_some(100) == b""
+        for hog in hogs:
+            await hog.aclose()
         return data
 
     assert split(run_server(client))[0] == "HTTP/1.0 200 OK"
