@@ -21,7 +21,9 @@ NOTHING = {"rules": [], "routes": [], "nexthops": [], "tables": []}
 
 
 def cli(lab: Lab, *args: str, check: bool = True):
-    return lab.exec(lab.ns_a, sys.executable, "-m", "sdnsup.cli", *args, check=check)
+    """``sdnsup ARGS`` in A, never reading the host's /etc/sdnsup (plan and check would)."""
+    argv = ("env", "SDNSUP_CONFIG=none", sys.executable, "-m", "sdnsup.cli", *args)
+    return lab.exec(lab.ns_a, *argv, check=check)
 
 
 def test_plan_applied_by_hand_equals_what_run_installs(make_lab, tmp_path):

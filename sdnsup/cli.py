@@ -96,31 +96,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _add_plan_arguments(plan: argparse.ArgumentParser) -> None:
-    from sdnsup.cidrs import MAX_CIDRS
-    from sdnsup.state import DEFAULT_MARK, DEFAULT_MASK, DEFAULT_PRIORITY, DEFAULT_TABLE
-
-    plan.add_argument("-r", "--routes", action="append", required=True, metavar="CIDRS",
-                      help="as for run")  # fmt: skip
-    plan.add_argument("--ap", metavar="APS", help="the AP to show as active (default: none)")
-    plan.add_argument("--allow-default", action="store_true", help="as for run")
-    plan.add_argument("--strict-cidrs", action="store_true", help="as for run")
-    plan.add_argument("--max-cidrs", type=int, default=MAX_CIDRS, help="as for run (%(default)s)")
-    plan.add_argument("--no-ap", choices=("fallback", "blackhole"), default="fallback",
-                      help="as for run (%(default)s)")  # fmt: skip
-    plan.add_argument("--mark", type=_int, default=DEFAULT_MARK, help="(%(default)#x)")
-    plan.add_argument("--mask", type=_int, default=DEFAULT_MASK, help="(%(default)#x)")
-    plan.add_argument("--table", type=_int, default=DEFAULT_TABLE, help="(%(default)s)")
-    plan.add_argument("--priority", type=_int, default=DEFAULT_PRIORITY, help="(%(default)s)")
-    plan.add_argument("--nexthop-compat", choices=("auto", "keep"), default="auto",
-                      help="as for run (%(default)s)")  # fmt: skip
-    plan.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON document: nftables (the libnftables JSON run sends), commands, notes",
-    )
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line; with ``command``, only that subcommand gets its options (run's and
     check's import :mod:`sdnsup.config`, and with it the runtime modules their defaults
@@ -154,7 +129,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "and routes as the equivalent ip commands. Review it before a deployment.",
     )
     if command in (None, "plan"):
-        _add_plan_arguments(plan)
+        from sdnsup.config import add_run_arguments
+
+        add_run_arguments(plan)
+        plan.add_argument(
+            "--json",
+            action="store_true",
+            help="one JSON document: nftables (the libnftables JSON run sends), commands, notes",
+        )
 
     check = sub.add_parser(
         "check",
@@ -485,23 +467,24 @@ def reload_config(
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sdnsup.aps import parse_static_aps
-    from sdnsup.cidrs import parse_cidrs
+    from sdnsup.config import resolve
     from sdnsup.daemon import RunConfig, desired_for
     from sdnsup.plan import plan
     from sdnsup.rtnl import RtnlRoutes
-    from sdnsup.state import Settings, Slot
+    from sdnsup.state import Slot
     from sdnsup.sysctl import ProcSysctl, strict_rp_filter
 
-    cidrs = parse_cidrs(
-        args.routes,
-        allow_default=args.allow_default,
-        strict=args.strict_cidrs,
-        max_cidrs=args.max_cidrs,
+    # The same sources and rules as run (flags, SDNSUP_*, the config file); with no AP source
+    # it shows the state without an AP. APs from a CC are not asked for: none is shown active.
+    opts = resolve(args, need_ap_source=False)
+    cidrs, aps, settings = opts.cidrs, opts.aps, opts.settings
+    config = RunConfig(
+        cidrs=cidrs,
+        aps=aps,
+        settings=settings,
+        no_ap=opts.no_ap,
+        exempt=cc_addresses(opts.cc) if opts.cc else (),
     )
-    aps = parse_static_aps(args.ap) if args.ap else ()
-    settings = Settings(mark=args.mark, mask=args.mask, table=args.table, priority=args.priority)
-    config = RunConfig(cidrs=cidrs, aps=aps, settings=settings, no_ap=args.no_ap)
     # What a fresh start installs: the first AP active, in the first AP slot.
     first = aps[0] if aps else None
     slots = (Slot(1, first.addr4, first.addr6),) if first else ()
@@ -515,7 +498,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             routes.resolve,
             lambda ifname: strict_rp_filter(ProcSysctl(), ifname),
             as_json=args.json,
-            nexthop_compat=args.nexthop_compat,
+            nexthop_compat=opts.nexthop_compat,
         )
     finally:
         routes.close()

@@ -1097,7 +1097,12 @@ def _env_warnings(environ: Mapping[str, str]) -> list[str]:
     return found
 
 
-def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> RunOptions:
+def resolve(
+    args: argparse.Namespace,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    need_ap_source: bool = True,
+) -> RunOptions:
     """Merge the command line (``args`` from :func:`add_run_arguments`), the environment and
     the config file over the defaults, validate everything, and return it typed.
 
@@ -1105,6 +1110,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
     line in the file is reported now, not on the day the overriding flag is dropped. An empty
     environment variable counts as unset (``SDNSUP_CC=`` in a unit file means "no CC here").
     Per-option problems are all reported at once; checks across options follow.
+    ``need_ap_source=False`` (``plan``) accepts neither ``--cc`` nor ``--ap``.
 
     Raises:
         ConfigError: naming the source (``--flag``, ``environment SDNSUP_X`` or
@@ -1154,7 +1160,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
             f"--cc (from {_where(given['cc'])}) and --ap (from {_where(given['ap'])}) "
             "exclude each other: use a control center or a static AP list, not both"
         )
-    elif "cc" not in given and "ap" not in given:
+    elif "cc" not in given and "ap" not in given and need_ap_source:
         file_hint = config_path or DEFAULT_CONFIG_PATH
         problems.append(
             "no AP source: give --cc URL or --ap ADDR on the command line, "

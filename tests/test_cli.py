@@ -82,7 +82,7 @@ def test_plan_needs_no_root_and_prints_loadable_nft_and_ip_commands(capsys, monk
         raise AssertionError("plan must not need privileges")
 
     monkeypatch.setattr("sdnsup.preflight.check_privileges", touched)
-    code = cli.main(["plan", "-r", "10.10.10.0/24,fd10::/64"])
+    code = cli.main(["plan", "--config", "none", "-r", "10.10.10.0/24,fd10::/64"])
     out = capsys.readouterr().out
     assert code == 0
     assert "table inet sdnsup {" in out and "type route hook output" in out
@@ -92,13 +92,13 @@ def test_plan_needs_no_root_and_prints_loadable_nft_and_ip_commands(capsys, monk
 
 
 def test_plan_rejects_bad_cidrs_like_run(capsys):
-    assert cli.main(["plan", "-r", "10.10.10.1/24"]) == 64
+    assert cli.main(["plan", "--config", "none", "-r", "10.10.10.1/24"]) == 64
     assert "host bits" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["run", "--no-such-flag"], ["status", "--bogus"], ["plan", "-r", "10.0.0.0/8", "--mark", "x"]],
+    [["run", "--no-such-flag"], ["status", "--bogus"], ["plan", "--no-such-flag"]],
 )
 def test_usage_errors_exit_64_as_documented(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -168,3 +168,18 @@ def test_run_files_of_gone_namespaces_are_swept_and_live_ones_kept(tmp_path):
     import os
 
     assert os.stat("/proc/self/ns/net").st_ino in live_netns()
+
+
+def test_plan_reads_the_config_file_like_run(tmp_path, capsys, monkeypatch):
+    """plan shows what run would install with the same sources: the file's CIDRs and mark,
+    the environment's table (the AP's route is whatever this host has: not asserted)."""
+    path = tmp_path / "sdnsup.toml"
+    path.write_text(
+        'routes = ["10.20.0.0/16"]\nap = ["10.77.0.11"]\nmark = 0x4000\nmask = 0x4182\n'
+    )
+    monkeypatch.setenv("SDNSUP_TABLE", "7400")
+    assert cli.main(["plan", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "elements = { 10.20.0.0/16 }" in out
+    assert "ip route replace 10.20.0.0/16 nhid 1566375940 table 7400 proto 245" in out
+    assert "0x00004000" in out or "0x4000" in out  # the file's mark in the nft ruleset
