@@ -709,13 +709,15 @@ class Supervisor:
             st.kernel_via = {version: addr for version, addr in addrs if addr is not None}
             return
         st.kernel_problems = tuple(result.problems)
+        # The families the AP serves: an IPv4-only AP among dual-stack ones carries the IPv4
+        # CIDRs (the IPv6 ones take the no-AP path) and is connected.
         st.kernel_via = {
             version: want if version in result.ap_links else None
             for version, cidrs, want in (
                 (4, desired.cidrs4, desired.ap4),
                 (6, desired.cidrs6, desired.ap6),
             )
-            if cidrs
+            if cidrs and want is not None
         }
         rejected = result.rejected
         why = (

@@ -800,3 +800,37 @@ def test_an_ap_the_kernel_rejects_as_next_hop_is_left_and_not_chosen_again():
         assert sup.active == AP2 and world.posted.count(AP1) == 1
 
     run(world, sup, scenario)
+
+
+def test_connected_means_the_kernel_routes_through_the_active_ap_in_its_families():
+    from types import SimpleNamespace
+
+    from sdnsup.applier import ApplyResult
+
+    world = World({AP1: 0.005})
+    sup = world.make([AP1])
+
+    def applied(links):
+        result = ApplyResult()
+        result.ap_links.update({v: object() for v in links})
+        desired = SimpleNamespace(
+            cidrs4=frozenset({"10.10.10.0/24"}),
+            cidrs6=frozenset({"fd10::/64"}),
+            ap4=AP1.addr4,
+            ap6=None,  # an IPv4-only AP: the IPv6 CIDRs take the no-AP path
+        )
+        sup.applied(desired, result)
+
+    async def scenario():
+        await trio.sleep(1)
+        applied({4})
+        assert sup.status.kernel_routed  # it carries every family it has an address for
+        applied(set())  # unreachable: the kernel falls back
+        assert not sup.status.kernel_routed
+        applied({4})
+        sup.apply_failed("nexthop 0x5d5d0004: Nexthop has invalid gateway")
+        assert not sup.status.kernel_routed  # a failed apply: the kernel may differ
+        applied({4})
+        assert sup.status.kernel_routed and sup.status.apply_error is None
+
+    run(world, sup, scenario)
