@@ -2,10 +2,10 @@
 
 It reads the same sources as ``run`` (flags, ``SDNSUP_*``, the config file) through the same
 :func:`sdnsup.config.resolve`, reads the CIDR files and the CC token file, and, with
-CAP_NET_ADMIN, looks in the kernel for other tools' objects in the space ``run`` would use:
-policy rules at its priorities or looking up its tables, routes in its tables, nexthops with
-its ids. sdnsup never overwrites or deletes those (see :func:`sdnsup.applier.foreign_space`),
-so ``run`` would refuse to start; ``check`` says so first.
+CAP_NET_ADMIN, looks in the kernel for other tools' objects where ``run`` would write:
+policy rules at its priorities or looking up its tables, the routes it would write, nexthops
+with its ids (:meth:`sdnsup.applier.Applier.foreign_objects`). sdnsup never overwrites or
+deletes those, so ``run`` would refuse to start; ``check`` says so first.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from sdnsup.config import RunOptions
 from sdnsup.errors import PrivilegeError
+from sdnsup.state import PRIORITY_SPAN
 
 __all__ = ["check"]
 
@@ -49,7 +50,7 @@ def check(
         lines.append("APs: " + ", ".join(ap.id for ap in opts.aps))
     space = (
         f"mark {s.mark:#x}/{s.mask:#x}, tables {s.table}-{s.probe_table}, "
-        f"priorities {s.priority - 2}-{s.priority}"
+        f"priorities {s.priority - PRIORITY_SPAN}-{s.priority}"
     )
     if kernel_conflicts is None:
         lines.append(f"kernel: {space}: not checked (needs CAP_NET_ADMIN: run as root)")

@@ -39,8 +39,10 @@ MAX_REPORTED_PROBLEMS = 20
 MAX_CIDRS = 1_000_000
 # 1M IPv6 CIDRs with a comment each fit in well under this.
 MAX_FILE_BYTES = 128 * 1024 * 1024
-# An entry longer than the longest CIDR spelling (IPv6 with a zone, ~60) is not one.
-_QUOTABLE = re.compile(r"[0-9A-Fa-f.:/%]{1,64}")
+# What an error may quote from a file: CIDR characters only, no longer than the longest CIDR
+# spelling (IPv6 with a zone, ~60), and with a '.', ':' or '/' in it. A hex secret (a token
+# file named by mistake) has none of those, so it is described, never shown.
+_QUOTABLE = re.compile(r"(?=.*[./:])[0-9A-Fa-f.:/%]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,7 @@ class CidrSet:
         return len(self.v4) + len(self.v6)
 
 
-def _quote(text: str) -> str:
+def shown_entry(text: str) -> str:
     """A file's entry as an error may show it: only what could be (a typo of) a CIDR."""
     if _QUOTABLE.fullmatch(text):
         return repr(text)
@@ -179,7 +181,7 @@ def parse_cidrs(
                 f"{where}: more than {max_cidrs} CIDRs given (the limit, --max-cidrs); raise "
                 "it if the list is really that long"
             )
-        shown = repr(text) if typed else _quote(text)
+        shown = repr(text) if typed else shown_entry(text)
         if "%" in text:
             # ipaddress accepts an IPv6 zone index (fd00::%eth0/64) and keeps it in the
             # network; routes and set elements have none, so it never equals a read-back.

@@ -138,6 +138,12 @@ def test_errors_never_print_what_cannot_be_a_cidr(tmp_path):
     assert "SECRET" not in text and "root:" not in text
     assert f"{link}:1: an entry of 52 characters (not shown" in text
     assert f"{link}:2: '10.0.0.256/24' is not a CIDR" in text  # a typo is still quoted
+    # a token file named by mistake: hex only, so never shown either
+    token = tmp_path / "cc.token"
+    token.write_text("3f9c2b7e4d1a8f6e0b5c3d2a1f9e8d7c\n")
+    with pytest.raises(ConfigError) as info:
+        parse_cidrs([f"@{token}"])
+    assert "3f9c2b7e" not in str(info.value) and "an entry of 32 characters" in str(info.value)
     # what the operator typed is theirs to see
     with pytest.raises(ConfigError, match="'banana' is not a CIDR"):
         parse_cidrs(["banana"])

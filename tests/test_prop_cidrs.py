@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from sdnsup import nfnl
 from sdnsup.applier import render
-from sdnsup.cidrs import MAX_REPORTED_PROBLEMS, parse_cidrs
+from sdnsup.cidrs import MAX_REPORTED_PROBLEMS, parse_cidrs, shown_entry
 from sdnsup.errors import ConfigError
 from sdnsup.nft import (
     NftTable,
@@ -289,9 +289,9 @@ def matches(line: str, p: Problem, accepted: dict[Net, str]) -> bool:
     rest = line[len(p.where) + 2 :]
     if p.kind == "malformed":
         # Escaped, it may hold anything; from a file, only what could be a CIDR is shown.
-        if p.where == "-r" or re.fullmatch(r"[0-9A-Fa-f.:/%]{1,64}", p.text):
+        if p.where == "-r":
             return rest.startswith(repr(p.text))
-        return rest.startswith(f"an entry of {len(p.text)} characters (not shown")
+        return rest.startswith(shown_entry(p.text))
     if p.kind == "host bits":
         return rest.startswith(p.text) and f"host bits set (did you mean {p.net}?)" in rest
     if p.kind == "default":
