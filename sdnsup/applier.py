@@ -19,6 +19,7 @@ import gc
 import ipaddress
 import logging
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -78,6 +79,12 @@ def group_routes(routes: Iterable[Route]) -> dict[RouteGroup, frozenset[IPNetwor
     for r in routes:
         groups.setdefault((r.table, r.nhid), set()).add(r.dst)
     return {k: frozenset(v) for k, v in groups.items()}
+
+
+# Routes are added in batches of this many, and a stop asked for meanwhile takes effect
+# between two (a batch is well under 0.1 s of writing), so a stop during a first apply of
+# 100k routes waits for one batch, not for all of them.
+ROUTE_BATCH = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +493,9 @@ class Applier:
         # crash): adopted by the first apply, which keeps what fits and removes the rest.
         self.found_at_start: KernelState | None = None
         self._first_read = True
+        # Set from another thread to stop an apply between its batches (a stop must not wait
+        # for 100k routes to be written only to remove them again); cleared by teardown.
+        self._abort = threading.Event()
         self._settings = Settings()
         self._compat_kept_logged = False
 
@@ -511,6 +521,19 @@ class Applier:
     def resync(self) -> None:
         """Forget what was applied: the next :meth:`apply` reads the kernel first."""
         self._applied = None
+
+    def abort(self) -> None:
+        """Ask an apply running in another thread to stop at its next batch (thread-safe).
+
+        It then raises :class:`KernelError`, with what it wrote recorded as applied, so
+        :meth:`teardown` (which clears the request) removes exactly that.
+        """
+        self._abort.set()
+
+    @property
+    def aborting(self) -> bool:
+        """Whether a stop asked applies to end (until :meth:`teardown`)."""
+        return self._abort.is_set()
 
     def foreign_objects(self, settings: Settings, cidrs: Iterable[IPNetwork] = ()) -> list[str]:
         """Other tools' objects where sdnsup would write with ``settings`` and ``cidrs``:
@@ -634,6 +657,7 @@ class Applier:
         no nexthop of sdnsup's) are deleted one by one; normally there are none.
         """
         start = time.perf_counter()
+        self._abort.clear()
         self._applied = KernelState(
             nexthops=frozenset(self._routes.nexthops(self._proto)),
             rules=frozenset(self._routes.rules(self._proto)),
@@ -694,55 +718,66 @@ class Applier:
                 result.writes["rule"] += len(done_rules)
 
         write_nexthops("create nexthop", plan.create_nexthops)
-        if plan.add_routes:
-            bad = failed("add route", self._routes.add_routes(plan.add_routes, proto))
-            added = [r for r in plan.add_routes if r not in bad]
+        for at in range(0, len(plan.add_routes), ROUTE_BATCH):
+            if self._abort.is_set():
+                break
+            batch = plan.add_routes[at : at + ROUTE_BATCH]
+            bad = failed("add route", self._routes.add_routes(batch, proto))
+            added += [r for r in batch if r not in bad]
+        if added:
             result.writes["route"] += len(added)
-        if plan.replace_table is not None:
-            new_table = plan.replace_table
-            if guarded("nftables", lambda: self._nft.replace(new_table)):
-                table = new_table
-                result.writes["nft table"] += 1
-                result.writes["nft element"] += sum(len(v) for v in new_table.elements.values())
-        if plan.replace_pins is not None and table is not None:
-            new_pins = replace(table, pins=plan.replace_pins.pins)
-            if guarded("nftables", lambda: self._nft.replace_pins(new_pins)):
-                table = new_pins
-                result.writes["nft pins"] += 1
+        aborted = self._abort.is_set()
+        if aborted and not errors:
+            errors.append(f"stopped by request after {len(added)} routes")
+        # An abort skips the rest: what was written is recorded below, for teardown.
         elements_changed = False
-        if plan.set_changes and table is not None:
-            changes, current = plan.set_changes, table
-            if guarded("nftables", lambda: self._nft.update_elements(current, changes)):
-                elements_changed = True
-                for add, delete in changes.values():
-                    result.writes["nft element"] += len(add) + len(delete)
-        add_rules(plan.add_rules)
-        write_nexthops("replace nexthop", plan.replace_nexthops)
-        add_rules(plan.add_rules_late)
-        if plan.delete_rules:
-            bad = failed("delete rule", self._routes.delete_rules(plan.delete_rules, proto=proto))
-            done_rules = [r for r in plan.delete_rules if r not in bad]
-            rules -= set(done_rules)
-            result.writes["rule"] += len(done_rules)
-        if plan.delete_table is not None:
-            gone_table = plan.delete_table
-            if guarded("nftables", lambda: bool(self._nft.delete(gone_table))):
-                table = None
-                result.writes["nft table"] += 1
-        if plan.delete_routes:
-            bad = failed(
-                "delete route", self._routes.delete_routes(plan.delete_routes, proto=proto)
-            )
-            deleted = [r for r in plan.delete_routes if r not in bad]
-            result.writes["route"] += len(deleted)
         gone_nh: set[int] = set()
-        if plan.delete_nexthops:
-            bad = failed("delete nexthop", self._routes.delete_nexthops(plan.delete_nexthops))
-            bad_ids = {getattr(b, "id", b) for b in bad}
-            gone_nh = {i for i in plan.delete_nexthops if i not in bad_ids}
-            for i in gone_nh:
-                nexthops.pop(i, None)
-            result.writes["nexthop"] += len(gone_nh)
+        if not aborted:
+            if plan.replace_table is not None:
+                new_table = plan.replace_table
+                if guarded("nftables", lambda: self._nft.replace(new_table)):
+                    table = new_table
+                    result.writes["nft table"] += 1
+                    result.writes["nft element"] += sum(len(v) for v in new_table.elements.values())
+            if plan.replace_pins is not None and table is not None:
+                new_pins = replace(table, pins=plan.replace_pins.pins)
+                if guarded("nftables", lambda: self._nft.replace_pins(new_pins)):
+                    table = new_pins
+                    result.writes["nft pins"] += 1
+            if plan.set_changes and table is not None:
+                changes, current = plan.set_changes, table
+                if guarded("nftables", lambda: self._nft.update_elements(current, changes)):
+                    elements_changed = True
+                    for add, delete in changes.values():
+                        result.writes["nft element"] += len(add) + len(delete)
+            add_rules(plan.add_rules)
+            write_nexthops("replace nexthop", plan.replace_nexthops)
+            add_rules(plan.add_rules_late)
+            if plan.delete_rules:
+                bad = failed(
+                    "delete rule", self._routes.delete_rules(plan.delete_rules, proto=proto)
+                )
+                done_rules = [r for r in plan.delete_rules if r not in bad]
+                rules -= set(done_rules)
+                result.writes["rule"] += len(done_rules)
+            if plan.delete_table is not None:
+                gone_table = plan.delete_table
+                if guarded("nftables", lambda: bool(self._nft.delete(gone_table))):
+                    table = None
+                    result.writes["nft table"] += 1
+            if plan.delete_routes:
+                bad = failed(
+                    "delete route", self._routes.delete_routes(plan.delete_routes, proto=proto)
+                )
+                deleted = [r for r in plan.delete_routes if r not in bad]
+                result.writes["route"] += len(deleted)
+            if plan.delete_nexthops:
+                bad = failed("delete nexthop", self._routes.delete_nexthops(plan.delete_nexthops))
+                bad_ids = {getattr(b, "id", b) for b in bad}
+                gone_nh = {i for i in plan.delete_nexthops if i not in bad_ids}
+                for i in gone_nh:
+                    nexthops.pop(i, None)
+                result.writes["nexthop"] += len(gone_nh)
 
         if not errors:
             # Everything planned happened: the kernel now holds the target, and keeping the

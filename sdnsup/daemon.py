@@ -182,6 +182,9 @@ async def applier_task(
         try:
             result = await trio.to_thread.run_sync(applier.apply, state)
         except KernelError as exc:
+            if applier.aborting:
+                # The stop that asked for it cancels this task here: not a failure to log.
+                await trio.lowlevel.checkpoint()
             log.error("apply failed, retrying in %.1f s: %s", delay, exc)
             if on_failed is not None:
                 on_failed(str(exc))
@@ -298,7 +301,9 @@ async def monitor_task(
 
 
 async def _on_signals(
-    scope: trio.CancelScope, reload: Callable[[], Awaitable[None]] | None
+    scope: trio.CancelScope,
+    reload: Callable[[], Awaitable[None]] | None,
+    on_stop: Callable[[], None] = lambda: None,
 ) -> None:
     """SIGTERM/SIGINT tear down; SIGHUP reloads (one at a time: a second HUP during a
     reload waits for it, and reloads again, so the newest file always wins)."""
@@ -311,6 +316,7 @@ async def _on_signals(
                     await reload()
                 continue
             log.info("received %s, tearing down", signal.Signals(signum).name)
+            on_stop()  # an apply in its worker thread stops at its next batch
             scope.cancel()
             return
 
@@ -437,7 +443,10 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                _on_signals, nursery.cancel_scope, reload_now if reload is not None else None
+                _on_signals,
+                nursery.cancel_scope,
+                reload_now if reload is not None else None,
+                applier.abort,
             )
             nursery.start_soon(
                 supervised,

@@ -476,3 +476,30 @@ def test_other_tools_objects_in_sdnsups_space_are_found_and_named():
     applier2, *_ = make()
     applier2.apply(state())
     assert applier2.foreign_objects(s, [ipaddress.ip_network("10.10.10.0/24")]) == []
+
+
+def test_a_stop_during_a_large_first_apply_ends_it_between_route_batches():
+    """SIGTERM while 100k routes are being written: the apply stops at the next batch,
+    records what it wrote, and teardown removes exactly that (it used to write them all)."""
+    from sdnsup.applier import ROUTE_BATCH
+
+    applier, routes, nft, _ = make()
+    big = ",".join(str(ipaddress.IPv4Network((0x0B000000 + i * 512, 24))) for i in range(35_000))
+    real_add = routes.add_routes
+
+    def add_routes(batch, proto):
+        failures = real_add(batch, proto)
+        applier.abort()  # the signal arrives while the first batch is written
+        return failures
+
+    routes.add_routes = add_routes
+    with pytest.raises(KernelError, match=f"stopped by request after {ROUTE_BATCH} routes"):
+        applier.apply(state(big))
+    assert len(routes.routes(RTPROT_SDNSUP)) == ROUTE_BATCH  # one batch, not 35,000
+    assert nft.read("sdnsup") is None and routes.rules(RTPROT_SDNSUP) == set()
+    routes.add_routes = real_add
+    applier.teardown()
+    assert routes.dump() == ""
+    assert not applier.aborting  # teardown cleared the request: applies work again
+    applier.apply(state())
+    assert routes.rules(RTPROT_SDNSUP)
