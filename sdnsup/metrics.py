@@ -317,8 +317,8 @@ def render(
 
     if status.cc_url is not None:
         cc_up = family("sdnsup_cc_up", "gauge", "1 if the last CC request succeeded, else 0.")
-        # Initial discovery retries are not recorded in the status: until a first good
-        # answer, the CC counts as down.
+        # Until a first good answer (a first boot still retrying, or a start from the saved
+        # list before its first refresh), the CC counts as down.
         cc_up.add(1 if status.cc_last_refresh is not None and not status.cc_error else 0)
     refresh = family(
         "sdnsup_cc_last_refresh_timestamp_seconds",

@@ -37,13 +37,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from sdnsup import keepalive, paths
 from sdnsup.aps import AccessPoint, ProbeSpec, Target
-from sdnsup.choice import choose, window
+from sdnsup.choice import ShouldSwitch, choose, window
 from sdnsup.choice import eligible as choice_eligible
 from sdnsup.errors import DiscoveryError, SdnsupError
 from sdnsup.paths import Failure, PassiveDetector, ProbeTarget, describe_failures
@@ -90,22 +90,8 @@ class Phase(enum.Enum):
     NO_AP = "no AP"
 
 
-class ProbeResultLike(Protocol):
-    """What the supervisor needs of a probe result (see :class:`sdnsup.probe.ProbeResult`)."""
-
-    @property
-    def ap(self) -> AccessPoint: ...
-    @property
-    def rtt(self) -> float | None: ...
-    @property
-    def sent(self) -> int: ...
-    @property
-    def received(self) -> int: ...
-
-
 ProbeAll = Callable[..., Awaitable[Sequence[Any]]]
 ProbeOnce = Callable[..., Awaitable[float]]
-ShouldSwitch = Callable[[Any, Any], bool]
 
 
 @dataclass
