@@ -732,9 +732,15 @@ class RtnlRoutes:
 
         def route(mtype: int, data: bytes, start: int, end: int) -> str | None:
             family, dst_len, _s, _t, table, rproto, _sc, _ty, _f = _RTMSG.unpack_from(data, start)
+            if mtype != RTM_NEWROUTE or rproto == proto:
+                return None
+            if table != RT_TABLE_COMPAT and table not in tables:
+                # The header holds tables below 256 itself: the main table's routes (all of
+                # a full routing table on a router) are skipped without parsing attributes.
+                return None
             a = _attrs(data, start + _RTMSG.size, end)
             table = _u32(a.get(RTA_TABLE), table)
-            if mtype != RTM_NEWROUTE or rproto == proto or table not in tables:
+            if table not in tables:
                 return None
             raw = a.get(RTA_DST) or bytes(4 if family == socket.AF_INET else 16)
             dst = ipaddress.ip_network((raw, dst_len))
