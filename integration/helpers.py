@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sdnsup.lab import Lab
@@ -23,9 +23,11 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, step: float 
     return lab_wait_for(what, timeout, predicate, step)
 
 
-def start_sdnsup(lab: Lab, *args: str, ns: str | None = None) -> subprocess.Popen[bytes]:
+def start_sdnsup(
+    lab: Lab, *args: str, ns: str | None = None, wrapper: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
     """Start sdnsup in A (or ``ns``) and wait until its first apply is logged."""
-    proc = lab.run_sdnsup(ns or lab.ns_a, *args)
+    proc = lab.run_sdnsup(ns or lab.ns_a, *args, wrapper=wrapper)
 
     def applied() -> bool:
         if proc.poll() is not None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from integration.helpers import start_sdnsup, stop_sdnsup, wait_for
+from integration.helpers import owned, start_sdnsup, stop_sdnsup, wait_for
 from sdnsup.lab import Lab
 
 pytestmark = pytest.mark.netns
@@ -102,3 +105,54 @@ def test_systemd_ready_does_not_wait_for_a_cc_that_is_down(make_lab, tmp_path):
     assert "applied:" not in lab.logs(proc)  # the CC is still down: ready all the same
     assert stop_sdnsup(lab, proc) == 0
     sock.close()
+
+
+UNIT = Path(__file__).resolve().parents[1] / "scripts" / "systemd" / "sdnsup.service"
+
+
+def unit_setting(key: str) -> str:
+    """The value of ``key=`` in the shipped unit (the last one, as systemd reads it)."""
+    values = [
+        line.split("=", 1)[1].strip()
+        for line in UNIT.read_text().splitlines()
+        if line.startswith(f"{key}=")
+    ]
+    assert values, f"{key}= is not in {UNIT}"
+    return values[-1]
+
+
+def test_the_systemd_unit_is_one_systemd_accepts(tmp_path):
+    """systemd's own checker reads the shipped unit: every directive known to this systemd,
+    every value valid (the only edit: ExecStart names the sdnsup of this checkout)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is missing (Debian package systemd)")
+    exe = Path(sys.executable).with_name("sdnsup")
+    unit = tmp_path / "sdnsup.service"
+    unit.write_text(
+        UNIT.read_text().replace("ExecStart=/usr/local/bin/sdnsup", f"ExecStart={exe}", 1)
+    )
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    assert (out.returncode, out.stderr, out.stdout) == (0, "", ""), out
+
+
+def test_the_daemon_needs_no_capability_beyond_the_units(make_lab):
+    """Under the unit's CapabilityBoundingSet and NoNewPrivileges, sdnsup asks the CC, probes,
+    steers traffic through the AP, and removes everything at stop, as with full root."""
+    caps = unit_setting("CapabilityBoundingSet").split()
+    assert unit_setting("NoNewPrivileges") == "yes"
+    keep = ",".join(f"+{c.removeprefix('CAP_').lower()}" for c in caps)
+    lab: Lab = make_lab(n_aps=1)
+    lab.start_ap_agents({1: 0.005})
+    url = lab.start_cc()
+    lab.set_cc()
+    lab.serve_whoami(lab.ns_b)
+    wrapper = ("setpriv", f"--bounding-set=-all,{keep}", "--inh-caps=-all", "--no-new-privs")
+    proc = start_sdnsup(lab, "-r", "10.10.10.0/24", "--cc", url, wrapper=wrapper)
+    status = f"/proc/{proc.pid}/status"
+    bounding = next(x for x in Path(status).read_text().splitlines() if x.startswith("CapBnd:"))
+    assert int(bounding.split()[1], 16) == (1 << 12) | (1 << 13), bounding  # NET_ADMIN, NET_RAW
+    assert lab.whoami(lab.ns_a, lab.b_addr) == str(lab.ap(1).overlay_addr)
+    assert stop_sdnsup(lab, proc) == 0
+    assert "Traceback" not in lab.logs(proc)
+    assert owned(lab) == {"rules": [], "routes": [], "nexthops": [], "tables": []}

@@ -3,7 +3,7 @@
 # Installs the Debian packages sdnsup and its tests use (only those missing), and a .venv with
 # sdnsup and its test dependencies. Runs as root without sudo (CI has no sudo binary).
 
-APT_PACKAGES=(nftables libnftables1 iproute2 conntrack supervisor procps iputils-ping util-linux
+APT_PACKAGES=(nftables libnftables1 iproute2 conntrack supervisor procps iputils-ping util-linux systemd
               python3 python3-venv)
 
 bootstrap_apt() {

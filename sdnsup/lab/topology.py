@@ -602,16 +602,22 @@ class Lab:
         return self.tmpdir / "sdnsup-state"
 
     def run_sdnsup(
-        self, ns: str, *args: str, env: Mapping[str, str] | None = None
+        self,
+        ns: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         """Start ``python -m sdnsup.cli ARGS`` in ``ns``, output to a log file (:meth:`logs`).
+
+        ``wrapper`` runs it under another command (``setpriv`` with fewer capabilities).
 
         sdnsup's own file log and its saved AP list go to the lab's temp dir (not the host's
         /tmp/sdnsup and /var/lib/sdnsup, which several labs would share), no host config
         file is read, and the host id is :data:`LAB_HOST_ID` (not this machine's), unless
         ``env`` says otherwise.
         """
-        argv = python_module("sdnsup.cli", *(str(a) for a in args))
+        argv = [*wrapper, *python_module("sdnsup.cli", *(str(a) for a in args))]
         assert self.tmpdir is not None
         base = {
             "SDNSUP_LOG_DIR": str(self.tmpdir / "sdnsup-logs"),
