@@ -173,7 +173,7 @@ def test_other_tools_objects_where_sdnsup_writes_stop_it_and_are_left_alone(make
         )
 
     before = snapshot()
-    args = ("-r", CIDRS, "--ap", f"{ap.addr}+{ap.addr6}", "--config", "none")
+    args = ("-r", CIDRS, "--ap", f"{ap.addr}+{ap.addr6}", "--probe", "icmp", "--config", "none")
     checked = cli(lab, "check", *args, check=False)
     assert checked.returncode == 64, checked
     started = cli(lab, "run", *args, check=False)
@@ -189,6 +189,22 @@ def test_other_tools_objects_where_sdnsup_writes_stop_it_and_are_left_alone(make
     lab.exec(lab.ns_a, "ip", "nexthop", "del", "id", str(0x5D5D0004))
     assert "sdnsup check: OK" in cli(lab, "check", *args).stdout
     proc = start_sdnsup(lab, *args)
+
+    # While it runs, another tool replaces one of its routes: the heal leaves theirs alone
+    # and says so in the log and in status, then takes the key back once it is gone.
+    lab.exec(lab.ns_a, *theirs[1][:2], "replace", *theirs[1][3:])
+    wait_for(
+        lambda: "another tool's route 10.10.10.0/24 in table 7300 (proto 4)" in lab.logs(proc),
+        10,
+        "the heal to name the foreign route",
+    )
+    table = lab.exec(lab.ns_a, "ip", "route", "show", "table", "7300", "10.10.10.0/24").stdout
+    assert f"via {gw}" in table and "proto static" in table, table
+    shown = cli(lab, "status", "--json", check=False)
+    assert shown.returncode == 1, shown  # not connected: a CIDR is not routed through the AP
+    assert "another tool's route" in json.loads(shown.stdout)["kernel"]["apply_error"]
+    lab.exec(lab.ns_a, "ip", "route", "del", "10.10.10.0/24", "table", "7300")
+    wait_for(lambda: cli(lab, "status", check=False).returncode == 0, 15, "connected again")
     assert stop_sdnsup(lab, proc) == 0
 
 

@@ -95,3 +95,31 @@ def test_an_ap_at_this_hosts_own_address_is_rejected_and_status_tells_the_truth(
     assert json.loads(status(lab, "--json").stdout)["active_ap"]["id"] == str(ap.addr)
     assert "apply failed" not in lab.logs(proc)
     assert stop_sdnsup(lab, proc) == 0
+
+
+def test_an_ap_off_every_connected_network_is_left_for_one_that_carries_the_cidrs(make_lab):
+    """An AP the host reaches only through a gateway answers its pings, but cannot be the
+    next hop: sdnsup leaves it for an AP on a connected network instead of reporting
+    "not routed" for as long as it runs."""
+    lab: Lab = make_lab(n_aps=2)
+    lab.serve_whoami(lab.ns_b)
+    ap1, ap2 = lab.ap(1), lab.ap(2)
+    far = "10.88.0.1"  # an address of AP1's, one hop away from A
+    lab.exec(ap1.ns, "ip", "addr", "add", f"{far}/32", "dev", "lo")
+    lab.exec(lab.ns_a, "ip", "route", "add", f"{far}/32", "via", str(ap1.addr))
+    off, on = parse_static_aps(f"{far},{ap2.addr}")
+    host = next(
+        f"h{i}" for i in range(100) if rendezvous_key(f"h{i}", off) > rendezvous_key(f"h{i}", on)
+    )
+    proc = start_sdnsup(
+        lab,
+        *("-r", "10.10.10.0/24", "--ap", f"{off.id},{on.id}", "--probe", "icmp"),
+        *("--host-id", host),
+    )
+    wait_for(lambda: "cannot carry the CIDRs" in lab.logs(proc), 10, "leaving the far AP")
+    assert f"via {ap1.addr}" in lab.logs(proc)  # the evidence: the gateway the host uses
+    wait_for(lambda: status(lab).returncode == 0, 10, "status to say connected")
+    snap = json.loads(status(lab, "--json").stdout)
+    assert snap["active_ap"]["id"] == str(ap2.addr) and snap["kernel"]["routed"] is True
+    assert lab.whoami(lab.ns_a, lab.b_addr) == str(ap2.overlay_addr)
+    assert stop_sdnsup(lab, proc) == 0

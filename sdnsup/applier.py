@@ -32,6 +32,7 @@ from sdnsup.nft import Element, NftBackend, NftTable, render_table
 from sdnsup.routes import (
     RTPROT_SDNSUP,
     Failure,
+    Foreign,
     IPAddress,
     IPNetwork,
     Link,
@@ -170,6 +171,9 @@ class ApplyResult:
     ap_links: dict[int, Link] = field(default_factory=dict)
     # AP addresses that can never be a next hop (this host's own), with the reason
     rejected: dict[IPAddress, str] = field(default_factory=dict)
+    # AP addresses that cannot be a next hop now (no route to them, or not on a directly
+    # connected network), with the reason: unlike ``rejected``, this may change
+    unusable: dict[IPAddress, str] = field(default_factory=dict)
     # (IP version, slot number) -> the link of that slot's AP
     slot_links: dict[tuple[int, int], Link] = field(default_factory=dict)
 
@@ -217,7 +221,9 @@ def render(
         if ap not in links:
             link = resolve(ap)
             if link is None:
-                result.problems.append(f"{what} {ap} is unreachable: no route to it")
+                reason = "unreachable: no route to it"
+                result.problems.append(f"{what} {ap} is {reason}")
+                result.unusable[ap] = reason
             elif link.local:
                 # The kernel refuses a nexthop via its own address ("invalid gateway"): an
                 # apply would fail forever while traffic stayed on the previous AP.
@@ -226,11 +232,12 @@ def render(
                 result.rejected[ap] = reason
                 link = None
             elif link.gateway is not None:
-                result.problems.append(
-                    f"{what} {ap} is not on a directly connected network (the main table "
-                    f"reaches it via {link.gateway} on {link.ifname}); sdnsup uses the AP as "
-                    "next hop"
+                reason = (
+                    f"not on a directly connected network (the main table reaches it via "
+                    f"{link.gateway} on {link.ifname}); sdnsup uses the AP as next hop"
                 )
+                result.problems.append(f"{what} {ap} is {reason}")
+                result.unusable[ap] = reason
                 link = None
             links[ap] = link
         return links[ap]
@@ -546,7 +553,7 @@ class Applier:
         (:func:`foreign_error`).
         """
         versions_slots = ((v, n) for v in (4, 6) for n in (*range(settings.slots + 1), PROBE_SLOT))
-        return self._routes.foreign_objects(
+        found = self._routes.foreign_objects(
             self._proto,
             tables=range(settings.table, settings.probe_table + 1),
             priorities=range(settings.priority - PRIORITY_SPAN, settings.priority + 1),
@@ -560,6 +567,7 @@ class Applier:
                 ),
             },
         )
+        return [str(f) for f in found]
 
     def recover_slots(self, settings: Settings) -> tuple[Slot, ...]:
         """The AP slots an earlier sdnsup left in the kernel (after ``kill -9``, a restart).
@@ -604,8 +612,10 @@ class Applier:
     def _apply(self, desired: DesiredState) -> ApplyResult:
         start = time.perf_counter()
         self._settings = desired.settings
+        healing = False
         if self._applied is None:
             self._applied = self.read_kernel()
+            healing = not self._first_read
             if self._first_read:
                 self._first_read = False
                 self.found_at_start = self._applied
@@ -615,7 +625,14 @@ class Applier:
             lambda ifname: strict_rp_filter(self._sysctl, ifname),
         )
         plan = diff(self._applied, target)
-        if plan:
+        held: list[str] = []
+        if plan and healing:
+            plan, held = self._leave_foreign(plan)
+        if held:
+            errors = held + (self._execute(plan, target, result) if plan else [])
+            # Read the kernel again next time: a retry must check again, not write over them.
+            self._applied = None
+        elif plan:
             errors = self._execute(plan, target, result)
         else:
             # Equal in content; keeping the target's objects (not those read back from the
@@ -629,6 +646,44 @@ class Applier:
         if errors:
             raise KernelError("; ".join(errors))
         return result
+
+    def _leave_foreign(self, plan: Plan) -> tuple[Plan, list[str]]:
+        """``plan`` without the writes that would take another tool's object, and why.
+
+        A heal re-adds what vanished from sdnsup's objects; a route or nexthop vanishes also
+        when another tool replaces it by key (``ip route replace`` in sdnsup's table, ``ip
+        nexthop replace id``), and writing it again would replace theirs in turn. Start-up
+        refuses such objects (:meth:`foreign_objects`); this keeps the rule while running.
+        """
+        keys = {(r.table, r.dst) for r in plan.add_routes}
+        ids = {nh.id for nh in plan.create_nexthops}
+        if not keys and not ids:
+            return plan, []
+        s = self._settings
+        found = [
+            f
+            for f in self._routes.foreign_objects(
+                self._proto,
+                tables=range(s.table, s.probe_table + 1),
+                priorities=(),
+                nhids=ids,
+                routes=keys,
+            )
+            if f.route is not None or f.nhid is not None
+        ]
+        if not found:
+            return plan, []
+        routes = {f.route for f in found}
+        taken = {f.nhid for f in found}
+        plan = replace(
+            plan,
+            create_nexthops=tuple(nh for nh in plan.create_nexthops if nh.id not in taken),
+            # a route on a taken id would lead to the other tool's next hop
+            add_routes=tuple(
+                r for r in plan.add_routes if (r.table, r.dst) not in routes and r.nhid not in taken
+            ),
+        )
+        return plan, [_held_by_another(f) for f in found]
 
     def _wanted_sysctls(self, target: KernelState) -> dict[str, int]:
         wanted = {valid_mark_key(ifname): 1 for ifname in target.valid_mark}
@@ -832,6 +887,14 @@ def _patch_routes(
     for r in deleted:
         out.get((r.table, r.nhid), set()).discard(r.dst)
     return {k: frozenset(v) for k, v in out.items() if v}
+
+
+def _held_by_another(obj: Foreign) -> str:
+    return (
+        f"another tool's {obj} took the place of sdnsup's; left as it is (sdnsup never "
+        "overwrites what it did not create): remove it, or restart sdnsup with another "
+        "--table/--priority"
+    )
 
 
 def foreign_error(settings: Settings, conflicts: Sequence[str]) -> ConfigError:

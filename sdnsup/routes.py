@@ -84,6 +84,22 @@ class Link:
 
 
 @dataclass(frozen=True, slots=True)
+class Foreign:
+    """Another tool's object at a key sdnsup writes, described for the operator.
+
+    ``route`` (its table and destination) or ``nhid`` says which write it would take; a
+    policy rule has neither (rules never replace one another, they only compete).
+    """
+
+    description: str
+    route: tuple[int, IPNetwork] | None = None
+    nhid: int | None = None
+
+    def __str__(self) -> str:
+        return self.description
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
     """One object a batch could not write, with the kernel's errno."""
 
@@ -124,10 +140,10 @@ class RoutesBackend(Protocol):
         priorities: Collection[int],
         nhids: Collection[int],
         routes: Collection[tuple[int, IPNetwork]],
-    ) -> list[str]:
+    ) -> list[Foreign]:
         """Objects *not* tagged ``proto`` where sdnsup writes: rules at ``priorities`` or
         looking up ``tables``, routes with a ``(table, destination)`` of ``routes``,
-        nexthops with ``nhids``; each described for an error message."""
+        nexthops with ``nhids``."""
         ...
 
     def resolve(self, addr: IPAddress) -> Link | None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from sdnsup.errors import RoutesError
-from sdnsup.routes import Failure, IPAddress, IPNetwork, Link, Nexthop, Route, Rule
+from sdnsup.routes import Failure, Foreign, IPAddress, IPNetwork, Link, Nexthop, Route, Rule
 
 T = TypeVar("T")
 W = TypeVar("W", Route, Nexthop, Rule)  # what a batch of RtnlRoutes writes
@@ -711,7 +711,7 @@ class RtnlRoutes:
         priorities: Collection[int],
         nhids: Collection[int],
         routes: Collection[tuple[int, IPNetwork]],
-    ) -> list[str]:
+    ) -> list[Foreign]:
         """Objects another tool (a protocol other than ``proto``) holds where sdnsup would
         write: policy rules at ``priorities`` or looking up ``tables``, routes with one of
         the ``(table, destination)`` keys of ``routes``, and nexthops with one of ``nhids``;
@@ -721,16 +721,18 @@ class RtnlRoutes:
             RoutesError: a dump failed.
         """
 
-        def rule(mtype: int, data: bytes, start: int, end: int) -> str | None:
+        def rule(mtype: int, data: bytes, start: int, end: int) -> Foreign | None:
             rproto, r = _parse_rule(data, start, end)
             if mtype != RTM_NEWRULE or rproto == proto:
                 return None
             if r.priority not in priorities and r.table not in tables:
                 return None
             fam = "IPv4" if r.family == socket.AF_INET else "IPv6"
-            return f"{fam} policy rule priority {r.priority} lookup {r.table} (proto {rproto})"
+            return Foreign(
+                f"{fam} policy rule priority {r.priority} lookup {r.table} (proto {rproto})"
+            )
 
-        def route(mtype: int, data: bytes, start: int, end: int) -> str | None:
+        def route(mtype: int, data: bytes, start: int, end: int) -> Foreign | None:
             family, dst_len, _s, _t, table, rproto, _sc, _ty, _f = _RTMSG.unpack_from(data, start)
             if mtype != RTM_NEWROUTE or rproto == proto:
                 return None
@@ -746,17 +748,17 @@ class RtnlRoutes:
             dst = ipaddress.ip_network((raw, dst_len))
             if (table, dst) not in routes:
                 return None  # another destination in the same table: it stays, untouched
-            return f"route {dst} in table {table} (proto {rproto})"
+            return Foreign(f"route {dst} in table {table} (proto {rproto})", route=(table, dst))
 
-        def nexthop(mtype: int, data: bytes, start: int, end: int) -> str | None:
+        def nexthop(mtype: int, data: bytes, start: int, end: int) -> Foreign | None:
             _family, _scope, nproto, _r, _flags = _NHMSG.unpack_from(data, start)
             a = _attrs(data, start + _NHMSG.size, end)
             nhid = _u32(a.get(NHA_ID))
             if mtype != RTM_NEWNEXTHOP or nproto == proto or nhid not in nhids:
                 return None
-            return f"nexthop id {nhid} ({nhid:#x}, proto {nproto})"
+            return Foreign(f"nexthop id {nhid} ({nhid:#x}, proto {nproto})", nhid=nhid)
 
-        found: list[str] = []
+        found: list[Foreign] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             body = _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
             found += self._dump("policy rules", RTM_GETRULE, body, rule)

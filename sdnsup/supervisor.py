@@ -712,6 +712,18 @@ class Supervisor:
         if ap is not None and why is not None:
             # Permanent: held down until the directory changes it (a new list forgets it).
             self._fail_over(ap, f"AP {ap} rejected: {why}", REJECTED_HOLD_DOWN)
+            return
+        # An AP off every connected network answers its probes (they take the main table)
+        # while the CIDRs it should carry take the no-AP path: as useless as a dead one. It
+        # may come back (a route or an address added), so it is held down like a failed path,
+        # longer each time it fails again soon (an AP listed wrongly does not churn).
+        if ap is None:
+            return
+        used = (desired.ap4 if desired.cidrs4 else None, desired.ap6 if desired.cidrs6 else None)
+        mine = [a for a in used if a is not None and a in (ap.addr4, ap.addr6)]
+        why = next((result.unusable[a] for a in mine if a in result.unusable), None)
+        if why is not None:
+            self._fail_over(ap, f"AP {ap} cannot carry the CIDRs: {why}", self._path_hold_down(ap))
 
     def apply_failed(self, error: str) -> None:
         """An apply failed (the applier retries): the kernel may not be what was intended."""

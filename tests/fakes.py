@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from sdnsup.nft import Element, NftTable
-from sdnsup.routes import Failure, IPAddress, Link, Nexthop, Route, Rule
+from sdnsup.routes import Failure, Foreign, IPAddress, Link, Nexthop, Route, Rule
 
 
 class FakeRoutes:
@@ -48,19 +48,19 @@ class FakeRoutes:
         priorities: Collection[int],
         nhids: Collection[int],
         routes: Collection[tuple[int, object]],
-    ) -> list[str]:
+    ) -> list[Foreign]:
         found = [
-            f"rule priority {r.priority} lookup {r.table} (proto {p})"
+            Foreign(f"rule priority {r.priority} lookup {r.table} (proto {p})")
             for r, p in self.ru.items()
             if p != proto and (r.priority in priorities or r.table in tables)
         ]
         found += [
-            f"route {r.dst} in table {r.table} (proto {p})"
+            Foreign(f"route {r.dst} in table {r.table} (proto {p})", route=(r.table, r.dst))
             for r, p in self.rt.values()
             if p != proto and (r.table, r.dst) in routes
         ]
         found += [
-            f"nexthop id {n.id:#x} (proto {p})"
+            Foreign(f"nexthop id {n.id:#x} (proto {p})", nhid=n.id)
             for n, p in self.nh.values()
             if p != proto and n.id in nhids
         ]

@@ -166,9 +166,12 @@ def test_unreachable_or_routed_ap_is_reported_and_treated_as_no_ap():
     applier, routes, _, _ = make(links={"10.77.0.11": link(2, "eth0", gateway="172.31.1.1")})
     result = applier.apply(state())
     assert "not on a directly connected network" in result.problems[0]
+    assert "via 172.31.1.1 on eth0" in result.unusable[A("10.77.0.11")]
     assert routes.rules(RTPROT_SDNSUP) == set()
     result = applier.apply(state(ap4=A("10.99.0.1")))
     assert "unreachable" in result.problems[0]
+    assert result.unusable == {A("10.99.0.1"): "unreachable: no route to it"}
+    assert result.rejected == {}  # either may change: the supervisor must not give up on it
 
 
 def test_an_ap_at_this_hosts_own_address_is_rejected_not_written():
@@ -503,3 +506,35 @@ def test_a_stop_during_a_large_first_apply_ends_it_between_route_batches():
     assert not applier.aborting  # teardown cleared the request: applies work again
     applier.apply(state())
     assert routes.rules(RTPROT_SDNSUP)
+
+
+def test_a_heal_never_writes_over_what_another_tool_put_in_place_of_sdnsups():
+    """Another tool replaces one of sdnsup's CIDR routes (``ip route replace ... table
+    7300``) and its nexthop id (``ip nexthop replace id``). The heal that follows re-adds
+    everything else of sdnsup's, leaves theirs in place, and fails naming each."""
+    applier, routes, _, _ = make()
+    applier.apply(state())
+    static = 4
+    taken = Route(N("10.10.10.0/24"), 7300, 0)
+    routes.rt[(taken.dst, 7300)] = (taken, static)
+    del routes.rt[(N("10.10.20.0/24"), 7300)]  # and one of sdnsup's routes was deleted
+    applier.resync()
+    with pytest.raises(KernelError) as err:
+        applier.apply(state())
+    assert "another tool's route 10.10.10.0/24 in table 7300 (proto 4)" in str(err.value)
+    assert routes.rt[(taken.dst, 7300)] == (taken, static)  # theirs, untouched
+    assert (N("10.10.20.0/24"), 7300) in routes.rt  # ours, healed
+    with pytest.raises(KernelError):  # a retry checks again: still theirs
+        applier.apply(state())
+    assert routes.rt[(taken.dst, 7300)] == (taken, static)
+    del routes.rt[(taken.dst, 7300)]  # they removed it: the next apply takes the key back
+    applier.apply(state())
+    assert routes.rt[(taken.dst, 7300)][1] == RTPROT_SDNSUP
+
+    theirs = Nexthop(NHID_V4, socket.AF_INET, A("192.0.2.1"), 9)
+    routes.nh[NHID_V4] = (theirs, static)
+    applier.resync()
+    with pytest.raises(KernelError) as err:
+        applier.apply(state())
+    assert f"another tool's nexthop id {NHID_V4:#x} (proto 4)" in str(err.value)
+    assert routes.nh[NHID_V4] == (theirs, static)

@@ -809,6 +809,55 @@ def test_an_ap_the_kernel_rejects_as_next_hop_is_left_and_not_chosen_again():
     run(world, sup, scenario)
 
 
+def test_an_ap_off_every_connected_network_is_left_and_retried_less_often_each_time():
+    """The CC lists an AP the host reaches only through a gateway: it answers probes, yet
+    the CIDRs take the no-AP path. The host leaves it for one that carries them, comes back
+    after a hold-down that doubles while the AP stays unusable, and stays once it is not."""
+    from types import SimpleNamespace
+
+    from sdnsup.applier import ApplyResult
+
+    off_link = {"on": True}
+    why = "not on a directly connected network (the main table reaches it via 172.31.1.1)"
+
+    class Kernel(World):
+        def post(self, state):
+            self.posted.append(state.active)
+            self.posted_at.append(trio.current_time())
+            self.last = state
+            result = ApplyResult()
+            if state.active == AP1 and off_link["on"]:
+                result.unusable[AP1.addr4] = why
+            elif state.active is not None:
+                result.ap_links[4] = object()
+            desired = SimpleNamespace(
+                cidrs4=frozenset({"10.10.10.0/24"}),
+                cidrs6=frozenset(),
+                ap4=state.active.addr4 if state.active else None,
+                ap6=None,
+            )
+            if self.sup is not None:
+                self.sup.applied(desired, result)
+
+    world = Kernel({AP1: 0.005, AP2: 0.020})
+    sup = world.make([AP1, AP2], reprobe_interval=5.0)
+
+    async def scenario():
+        await trio.sleep(1)
+        assert sup.active == AP2 and "AP ap1 (10.77.0.11) cannot carry the CIDRs" in (
+            sup.status.last_failover or ""
+        )
+        assert sup.status.kernel_routed
+        await trio.sleep(120)
+        # hold-downs of 10, 20, 40, 80 s: five tries in two minutes, not one every 10 s
+        assert 2 <= world.posted.count(AP1) <= 5
+        off_link["on"] = False  # a route to the AP's network appeared
+        await trio.sleep(400)
+        assert sup.active == AP1 and sup.status.kernel_routed
+
+    run(world, sup, scenario)
+
+
 def test_connected_means_the_kernel_routes_through_the_active_ap_in_its_families():
     from types import SimpleNamespace
 
