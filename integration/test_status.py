@@ -9,7 +9,7 @@ import time
 import pytest
 
 from integration.helpers import start_sdnsup, stop_sdnsup, wait_for
-from sdnsup.aps import parse_static_aps
+from sdnsup.aps import AccessPoint, parse_static_aps
 from sdnsup.choice import rendezvous_key
 from sdnsup.lab import Lab
 
@@ -18,6 +18,15 @@ pytestmark = pytest.mark.netns
 
 def status(lab: Lab, *args: str):
     return lab.exec(lab.ns_a, sys.executable, "-m", "sdnsup.cli", "status", *args, check=False)
+
+
+def host_preferring(first: AccessPoint, second: AccessPoint) -> str:
+    """A host id whose weighted choice puts ``first`` before ``second`` (near-equal APs)."""
+    return next(
+        f"h{i}"
+        for i in range(100)
+        if rendezvous_key(f"h{i}", first) > rendezvous_key(f"h{i}", second)
+    )
 
 
 def test_status_reflects_a_failover_within_a_second(make_lab):
@@ -76,10 +85,7 @@ def test_an_ap_at_this_hosts_own_address_is_rejected_and_status_tells_the_truth(
     lab.serve_whoami(lab.ns_b)
     ap = lab.ap(1)
     own, other = parse_static_aps(f"{lab.a_addr},{ap.addr}")
-    # a host id whose weighted choice puts the own address first among the near-equal two
-    host = next(
-        f"h{i}" for i in range(100) if rendezvous_key(f"h{i}", own) > rendezvous_key(f"h{i}", other)
-    )
+    host = host_preferring(own, other)
     proc = start_sdnsup(
         lab,
         *("-r", "10.10.10.0/24", "--ap", f"{own.id},{other.id}", "--probe", "icmp"),
@@ -108,9 +114,7 @@ def test_an_ap_off_every_connected_network_is_left_for_one_that_carries_the_cidr
     lab.exec(ap1.ns, "ip", "addr", "add", f"{far}/32", "dev", "lo")
     lab.exec(lab.ns_a, "ip", "route", "add", f"{far}/32", "via", str(ap1.addr))
     off, on = parse_static_aps(f"{far},{ap2.addr}")
-    host = next(
-        f"h{i}" for i in range(100) if rendezvous_key(f"h{i}", off) > rendezvous_key(f"h{i}", on)
-    )
+    host = host_preferring(off, on)
     proc = start_sdnsup(
         lab,
         *("-r", "10.10.10.0/24", "--ap", f"{off.id},{on.id}", "--probe", "icmp"),
