@@ -171,8 +171,9 @@ class ApplyResult:
     ap_links: dict[int, Link] = field(default_factory=dict)
     # AP addresses that can never be a next hop (this host's own), with the reason
     rejected: dict[IPAddress, str] = field(default_factory=dict)
-    # AP addresses that cannot be a next hop now (no route to them, or not on a directly
-    # connected network), with the reason: unlike ``rejected``, this may change
+    # AP addresses that cannot be a next hop now (not on a directly connected network:
+    # the main table reaches them through a gateway), with the reason; unlike ``rejected``,
+    # this may change
     unusable: dict[IPAddress, str] = field(default_factory=dict)
     # (IP version, slot number) -> the link of that slot's AP
     slot_links: dict[tuple[int, int], Link] = field(default_factory=dict)
@@ -221,9 +222,9 @@ def render(
         if ap not in links:
             link = resolve(ap)
             if link is None:
-                reason = "unreachable: no route to it"
-                result.problems.append(f"{what} {ap} is {reason}")
-                result.unusable[ap] = reason
+                # Not "unusable": this is what a link that is down looks like for a moment,
+                # and the AP's keepalive tells a dead path from a flap.
+                result.problems.append(f"{what} {ap} is unreachable: no route to it")
             elif link.local:
                 # The kernel refuses a nexthop via its own address ("invalid gateway"): an
                 # apply would fail forever while traffic stayed on the previous AP.

@@ -273,6 +273,9 @@ class Supervisor:
         self._confirming = False
         self._compared: AccessPoint | None = None  # the other AP of the last comparison
         self._path_strikes: dict[str, tuple[int, float]] = {}  # AP id -> (count, last)
+        # AP addresses some apply found on a connected network: off it later means a link
+        # that went down (a flap; the keepalive decides), not an AP listed wrongly
+        self._seen_on_link: set[IPAddress] = set()
         found = self.slots.recover(recovered, aps or (), default_probe or ProbeSpec(), time.time())
         if found:
             log.info(
@@ -716,12 +719,25 @@ class Supervisor:
         # An AP off every connected network answers its probes (they take the main table)
         # while the CIDRs it should carry take the no-AP path: as useless as a dead one. It
         # may come back (a route or an address added), so it is held down like a failed path,
-        # longer each time it fails again soon (an AP listed wrongly does not churn).
+        # longer each time it fails again soon (an AP listed wrongly does not churn). One that
+        # was on a connected network before is behind a link that went down: a flap is
+        # over in a moment, and the keepalive tells it from a dead path.
+        for version in result.ap_links:
+            addr = desired.ap4 if version == 4 else desired.ap6
+            if addr is not None:
+                self._seen_on_link.add(addr)
         if ap is None:
             return
         used = (desired.ap4 if desired.cidrs4 else None, desired.ap6 if desired.cidrs6 else None)
         mine = [a for a in used if a is not None and a in (ap.addr4, ap.addr6)]
-        why = next((result.unusable[a] for a in mine if a in result.unusable), None)
+        why = next(
+            (
+                result.unusable[a]
+                for a in mine
+                if a in result.unusable and a not in self._seen_on_link
+            ),
+            None,
+        )
         if why is not None:
             self._fail_over(ap, f"AP {ap} cannot carry the CIDRs: {why}", self._path_hold_down(ap))
 

@@ -812,7 +812,8 @@ def test_an_ap_the_kernel_rejects_as_next_hop_is_left_and_not_chosen_again():
 def test_an_ap_off_every_connected_network_is_left_and_retried_less_often_each_time():
     """The CC lists an AP the host reaches only through a gateway: it answers probes, yet
     the CIDRs take the no-AP path. The host leaves it for one that carries them, comes back
-    after a hold-down that doubles while the AP stays unusable, and stays once it is not."""
+    after a hold-down that doubles while the AP stays unusable, and stays once it is not.
+    Once seen on a connected network, going off it is a link flap, not a reason to leave."""
     from types import SimpleNamespace
 
     from sdnsup.applier import ApplyResult
@@ -854,6 +855,11 @@ def test_an_ap_off_every_connected_network_is_left_and_retried_less_often_each_t
         off_link["on"] = False  # a route to the AP's network appeared
         await trio.sleep(400)
         assert sup.active == AP1 and sup.status.kernel_routed
+        failovers = sup.status.failovers
+        off_link["on"] = True  # its link goes down (the default route is on another one)
+        world.post(world.last)  # the heal that follows
+        assert sup.active == AP1 and sup.status.failovers == failovers  # a flap: keepalive's call
+        assert not sup.status.kernel_routed
 
     run(world, sup, scenario)
 
