@@ -147,10 +147,11 @@ def test_sighup_reloads_the_cidrs_without_a_gap_and_keeps_them_on_a_bad_file(mak
 
 
 def test_other_tools_objects_where_sdnsup_writes_stop_it_and_are_left_alone(make_lab):
-    """A foreign route in table 7300, a rule at priority 7299 and a nexthop with sdnsup's
-    id: run refuses with each named and changes nothing (before: the nexthop was rewritten
-    to the AP and deleted at teardown, the route overwritten then deleted); check says the
-    same first; once they are gone, both pass."""
+    """A foreign route in table 7300 and a rule at priority 7299: run refuses with each
+    named and changes nothing (before: the route was overwritten then deleted); check says
+    the same first; once they are gone, both pass. A nexthop at sdnsup's default id is no
+    conflict: sdnsup takes other ids (before: it was rewritten to the AP and deleted at
+    teardown, with every route using it)."""
     lab = make_lab(n_aps=1)
     ap = lab.ap(1)
     gw = str(lab.router_addr)
@@ -180,15 +181,17 @@ def test_other_tools_objects_where_sdnsup_writes_stop_it_and_are_left_alone(make
     assert started.returncode == 64, started
     for out in (checked.stderr, started.stderr):
         assert "sdnsup never overwrites or deletes what it did not create" in out
-        assert f"nexthop id {0x5D5D0004} ({0x5D5D0004:#x}, proto 0)" in out
+        assert f"nexthop id {0x5D5D0004}" not in out  # sdnsup takes other ids
         assert "route 10.10.10.0/24 in table 7300 (proto 4)" in out
         assert "IPv4 policy rule priority 7299 lookup 100 (proto 0)" in out
     assert snapshot() == before and owned(lab) == NOTHING
     lab.exec(lab.ns_a, "ip", "rule", "del", "priority", "7299")
     lab.exec(lab.ns_a, "ip", "route", "del", "10.10.10.0/24", "table", "7300")
-    lab.exec(lab.ns_a, "ip", "nexthop", "del", "id", str(0x5D5D0004))
     assert "sdnsup check: OK" in cli(lab, "check", *args).stdout
     proc = start_sdnsup(lab, *args)
+    assert "nexthop ids 0x5d5e0004/0x5d5e0006 and their slots' are used" in lab.logs(proc)
+    nexthops = lab.exec(lab.ns_a, "ip", "nexthop", "show").stdout
+    assert f"id {0x5D5D0004} via {gw}" in nexthops and f"id {0x5D5E0004} via" in nexthops
 
     # While it runs, another tool replaces one of its routes: the heal leaves theirs alone
     # and says so in the log and in status, then takes the key back once it is gone.
@@ -206,6 +209,7 @@ def test_other_tools_objects_where_sdnsup_writes_stop_it_and_are_left_alone(make
     lab.exec(lab.ns_a, "ip", "route", "del", "10.10.10.0/24", "table", "7300")
     wait_for(lambda: cli(lab, "status", check=False).returncode == 0, 15, "connected again")
     assert stop_sdnsup(lab, proc) == 0
+    assert f"id {0x5D5D0004} via {gw}" in lab.exec(lab.ns_a, "ip", "nexthop", "show").stdout
 
 
 def test_a_log_folder_planted_by_another_user_does_not_stop_sdnsup(make_lab, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 import time
@@ -126,4 +127,21 @@ def test_an_ap_off_every_connected_network_is_left_for_one_that_carries_the_cidr
     snap = json.loads(status(lab, "--json").stdout)
     assert snap["active_ap"]["id"] == str(ap2.addr) and snap["kernel"]["routed"] is True
     assert lab.whoami(lab.ns_a, lab.b_addr) == str(ap2.overlay_addr)
+    assert stop_sdnsup(lab, proc) == 0
+
+
+def test_an_ap_inside_the_steered_cidrs_keeps_carrying_them(make_lab):
+    """The CIDRs cover the AP's own network: the AP's address is exempt from steering, so its
+    keepalive and the next hop itself take the normal route; it is kept, not rejected."""
+    lab: Lab = make_lab(n_aps=1)
+    lab.serve_whoami(lab.ns_b)
+    ap = lab.ap(1)
+    lan = ipaddress.ip_network(f"{ap.addr}/24", strict=False)
+    proc = start_sdnsup(lab, "-r", f"{lan},10.10.10.0/24", "--ap", str(ap.addr), "--probe", "icmp")
+    wait_for(lambda: status(lab).returncode == 0, 10, "status to say connected")
+    assert lab.whoami(lab.ns_a, lab.b_addr) == str(ap.overlay_addr)
+    time.sleep(3)  # a few keepalives later: still alive, still routed
+    snap = json.loads(status(lab, "--json").stdout)
+    assert snap["state"] == "connected" and snap["failovers"]["count"] == 0
+    assert "failover" not in lab.logs(proc)
     assert stop_sdnsup(lab, proc) == 0

@@ -42,14 +42,13 @@ from sdnsup.routes import (
     Rule,
 )
 from sdnsup.state import (
-    NHID_V4,
-    NHID_V6,
+    NHID_BASES,
     PRIORITY_SPAN,
     PROBE_SLOT,
     DesiredState,
     Settings,
     Slot,
-    slot_nhid,
+    nhid_base,
     slot_of_nhid,
 )
 from sdnsup.sysctl import (
@@ -244,8 +243,8 @@ def render(
         return links[ap]
 
     for version, cidrs, ap, nhid in (
-        (4, desired.cidrs4, desired.ap4, NHID_V4),
-        (6, desired.cidrs6, desired.ap6, NHID_V6),
+        (4, desired.cidrs4, desired.ap4, s.nhid(4)),
+        (6, desired.cidrs6, desired.ap6, s.nhid(6)),
     ):
         if not cidrs:
             continue
@@ -327,7 +326,7 @@ def _render_slots(
             if link is None:
                 continue  # its connections follow the active AP (the CIDR routes' rule)
             family = _family(version)
-            nhid = slot_nhid(version, slot.number)
+            nhid = s.nhid(version, slot.number)
             nexthops.add(Nexthop(nhid, family, addr, link.ifindex))
             routes[(s.slot_table(slot.number), nhid)] = _DEFAULT_ROUTE[version]
             pins.append((addr, slot.number))
@@ -369,7 +368,7 @@ def _render_probes(
         if link is None:
             continue
         family = _family(version)
-        nhid = slot_nhid(version, PROBE_SLOT)
+        nhid = s.nhid(version, PROBE_SLOT)
         nexthops.add(Nexthop(nhid, family, via, link.ifindex))
         routes[(s.probe_table, nhid)] = targets
         rules.add(Rule(family, s.priority - 1, s.probe_mark, s.mask, s.probe_table))
@@ -553,12 +552,11 @@ class Applier:
         writing over one of these would take it: callers refuse to start instead
         (:func:`foreign_error`).
         """
-        versions_slots = ((v, n) for v in (4, 6) for n in (*range(settings.slots + 1), PROBE_SLOT))
         found = self._routes.foreign_objects(
             self._proto,
             tables=range(settings.table, settings.probe_table + 1),
             priorities=range(settings.priority - PRIORITY_SPAN, settings.priority + 1),
-            nhids={slot_nhid(v, n) for v, n in versions_slots},
+            nhids=settings.nhids(),
             routes={
                 *((settings.table, net) for net in cidrs),
                 *(
@@ -569,6 +567,32 @@ class Applier:
             },
         )
         return [str(f) for f in found]
+
+    def with_free_nexthop_ids(self, settings: Settings) -> Settings:
+        """``settings`` with the base of the nexthop ids this run takes (see NHID_BASES):
+        the one an earlier sdnsup's nexthops carry (a restart finds its own again), else the
+        first whose ids no other tool holds; else the default, and :meth:`foreign_objects`
+        names the holders."""
+        own = sorted(
+            {nhid_base(nh.id) for nh in self._routes.nexthops(self._proto) if slot_of_nhid(nh.id)}
+        )
+        if own:
+            return replace(settings, nhid_base=own[0])
+        held = self._routes.foreign_nexthops(self._proto)
+        for base in NHID_BASES:
+            candidate = replace(settings, nhid_base=base)
+            if not candidate.nhids() & held:
+                if base != settings.nhid_base:
+                    taken = sorted(settings.nhids() & held)
+                    log.info(
+                        "nexthop ids %#x/%#x and their slots' are used: another tool holds "
+                        "%s of the default ones",
+                        candidate.nhid(4),
+                        candidate.nhid(6),
+                        ", ".join(f"{i:#x}" for i in taken),
+                    )
+                return candidate
+        return settings
 
     def recover_slots(self, settings: Settings) -> tuple[Slot, ...]:
         """The AP slots an earlier sdnsup left in the kernel (after ``kill -9``, a restart).
@@ -581,6 +605,8 @@ class Applier:
         for nh in self._routes.nexthops(self._proto):
             key = slot_of_nhid(nh.id)
             if key is None or key[1] == 0 or nh.gateway is None:
+                continue
+            if nhid_base(nh.id) != settings.nhid_base:
                 continue
             version, number = key
             if 1 <= number <= settings.slots and nh.gateway.version == version:
@@ -692,7 +718,7 @@ class Applier:
             if NEXTHOP_COMPAT_MODE in self._sysctls.changed:
                 wanted[NEXTHOP_COMPAT_MODE] = 0  # ours already: no need to ask again
             elif self._sysctl.read(NEXTHOP_COMPAT_MODE) == 1:
-                others = self._routes.foreign_nexthops(self._proto)
+                others = len(self._routes.foreign_nexthops(self._proto))
                 if not others:
                     wanted[NEXTHOP_COMPAT_MODE] = 0
                 elif not self._compat_kept_logged:
@@ -902,8 +928,7 @@ def foreign_error(settings: Settings, conflicts: Sequence[str]) -> ConfigError:
     """The error that refuses to start over other tools' objects, naming each."""
     space = (
         f"tables {settings.table}-{settings.probe_table}, priorities "
-        f"{settings.priority - PRIORITY_SPAN}-{settings.priority}, nexthop ids "
-        f"{NHID_V4:#x}/{NHID_V6:#x} and their slots'"
+        f"{settings.priority - PRIORITY_SPAN}-{settings.priority}"
     )
     shown = list(conflicts[:20]) + (
         [f"... and {len(conflicts) - 20} more"] if len(conflicts) > 20 else []

@@ -308,6 +308,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         mailbox = Mailbox()
         # The previous run's AP slots (after kill -9 or a restart): their connections keep
         # their AP. Read before anything is decided, so the first state applied keeps them.
+        settings = applier.with_free_nexthop_ids(settings)
+        config = dataclasses.replace(config, settings=settings)
         conflicts = applier.foreign_objects(settings, [*cidrs.v4, *cidrs.v6])
         if conflicts:
             raise foreign_error(settings, conflicts)
@@ -573,7 +575,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         with RtnlRoutes.from_system() as routes:
             applier = Applier(routes, LibNftables(), ProcSysctl())
-            return applier.foreign_objects(opts.settings, [*opts.cidrs.v4, *opts.cidrs.v6])
+            settings = applier.with_free_nexthop_ids(opts.settings)
+            return applier.foreign_objects(settings, [*opts.cidrs.v4, *opts.cidrs.v6])
 
     lines = check(
         opts,

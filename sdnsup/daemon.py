@@ -393,8 +393,10 @@ async def serve(
     on_failed = supervisor.apply_failed if hasattr(supervisor, "apply_failed") else None
     ready = False
 
+    status_sent = ""  # the last STATUS= sent, without its cost
+
     def on_applied(desired: DesiredState, result: ApplyResult) -> None:
-        nonlocal ready
+        nonlocal ready, status_sent
         if pins is not None:
             pins.applied(desired.slots)
         if supervisor is not None and hasattr(supervisor, "applied"):
@@ -407,13 +409,17 @@ async def serve(
             # No AP interface known (AP unreachable): watch every interface, so that the
             # link that brings it back triggers a re-check.
             monitor.watch = Watch.for_settings(desired.settings, links or None)
-        if notifier is not None and (not ready or result.total_writes):
+        if notifier is not None:
             text = describe(desired, result)
-            if ready:
-                notifier.status(text)
-            else:
+            # What is steered where, without the cost: an apply that writes nothing after a
+            # restart that adopted everything still replaces "waiting for ..." in systemctl.
+            what = text.rsplit(" [", 1)[0]
+            if not ready:
                 notifier.ready(text)
                 ready = True
+            elif result.total_writes or what != status_sent:
+                notifier.status(text)
+            status_sent = what
 
     reload_lock = trio.Lock()
 

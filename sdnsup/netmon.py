@@ -107,9 +107,7 @@ from sdnsup.state import (
     NHID_V4,
     NHID_V6,
     PRIORITY_SPAN,
-    PROBE_SLOT,
     Settings,
-    slot_nhid,
 )
 
 log = logging.getLogger("sdnsup.netmon")
@@ -277,9 +275,7 @@ class Watch:
         return cls(
             table=settings.table,
             priority=settings.priority,
-            nexthop_ids=frozenset(
-                slot_nhid(v, n) for v in (4, 6) for n in [*range(settings.slots + 1), PROBE_SLOT]
-            ),
+            nexthop_ids=settings.nhids(),
             nft_table=settings.nft_table,
             ifindexes=None if ifindexes is None else frozenset(ifindexes),
             slots=settings.slots,

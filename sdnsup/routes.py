@@ -124,8 +124,8 @@ class RoutesBackend(Protocol):
         """Every nexthop object tagged ``proto``."""
         ...
 
-    def foreign_nexthops(self, proto: int) -> int:
-        """How many nexthop objects (groups included) are *not* tagged ``proto``."""
+    def foreign_nexthops(self, proto: int) -> set[int]:
+        """The ids of the nexthop objects (groups included) *not* tagged ``proto``."""
         ...
 
     def rules(self, proto: int) -> set[Rule]:

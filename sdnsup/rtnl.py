@@ -672,19 +672,22 @@ class RtnlRoutes:
         body = _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
         return set(self._dump("nexthops", RTM_GETNEXTHOP, body, parse))
 
-    def foreign_nexthops(self, proto: int) -> int:
-        """How many nexthop objects (groups and FDB nexthops included) other software owns.
+    def foreign_nexthops(self, proto: int) -> set[int]:
+        """The ids of the nexthop objects (groups and FDB nexthops included) other software
+        owns.
 
         Raises:
             RoutesError: the dump failed.
         """
 
-        def parse(mtype: int, data: bytes, start: int, end: int) -> bool | None:
+        def parse(mtype: int, data: bytes, start: int, end: int) -> int | None:
             nproto = _NHMSG.unpack_from(data, start)[2]
-            return True if mtype == RTM_NEWNEXTHOP and nproto != proto else None
+            if mtype != RTM_NEWNEXTHOP or nproto == proto:
+                return None
+            return _u32(_attrs(data, start + _NHMSG.size, end).get(NHA_ID))
 
         body = _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        return len(self._dump("nexthops", RTM_GETNEXTHOP, body, parse))
+        return set(self._dump("nexthops", RTM_GETNEXTHOP, body, parse))
 
     def rules(self, proto: int) -> set[Rule]:
         """Every policy rule tagged ``proto`` (FRA_PROTOCOL), both families.

@@ -41,11 +41,16 @@ DEFAULT_TABLE = 7300
 DEFAULT_PRIORITY = 7300
 NFT_TABLE = "sdnsup"
 # Kernel nexthop object ids are global to the network namespace; FRR allocates from the low
-# range, so sdnsup takes fixed ids high up: one per family for the active AP (the CIDR routes
-# use it), and one per family and AP slot (slot n: the same id with n in its second byte),
-# which is also how a restarted sdnsup learns which AP each slot stands for.
-NHID_V4 = 0x5D5D0004
-NHID_V6 = 0x5D5D0006
+# range, so sdnsup takes ids high up: one per family for the active AP (the CIDR routes use
+# it), and one per family and AP slot (slot n: the same id with n in its second byte), which
+# is also how a restarted sdnsup learns which AP each slot stands for. The ids are BASE | 4
+# (IPv4) and BASE | 6 (IPv6); BASE is 0x5D5D0000 unless another tool holds one of its ids:
+# a start then takes the first of NHID_BASES whose ids are all free (and a restart the one its
+# predecessor's nexthops carry).
+NHID_BASE = 0x5D5D0000
+NHID_BASES = tuple(NHID_BASE + (k << 16) for k in range(16))
+NHID_V4 = NHID_BASE | 4
+NHID_V6 = NHID_BASE | 6
 # The nexthop ids of path probes (sdnsup.paths) through another AP than the active one: the
 # slot byte 0xff, beyond any slot.
 PROBE_SLOT = 0xFF
@@ -87,17 +92,21 @@ def extract(mark: int, mask: int) -> int:
     return out
 
 
-def slot_nhid(version: int, slot: int) -> int:
+def slot_nhid(version: int, slot: int, base: int = NHID_BASE) -> int:
     """Nexthop id of AP slot ``slot`` (0: the active AP's, the one the CIDR routes use)."""
-    return (NHID_V4 if version == 4 else NHID_V6) | slot << 8
+    return base | slot << 8 | (4 if version == 4 else 6)
 
 
 def slot_of_nhid(nhid: int) -> tuple[int, int] | None:
-    """``(version, slot)`` of one of sdnsup's nexthop ids, None for any other id."""
-    base = nhid & ~0xFF00
-    if base not in (NHID_V4, NHID_V6):
+    """``(version, slot)`` of an id sdnsup's nexthops take (any of NHID_BASES), else None."""
+    if nhid & ~0xFFFF not in NHID_BASES or nhid & 0xFF not in (4, 6):
         return None
-    return (4 if base == NHID_V4 else 6), (nhid >> 8) & 0xFF
+    return (4 if nhid & 0xFF == 4 else 6), (nhid >> 8) & 0xFF
+
+
+def nhid_base(nhid: int) -> int:
+    """The base (one of NHID_BASES) of one of sdnsup's nexthop ids."""
+    return nhid & ~0xFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,8 @@ class Settings:
     table: int = DEFAULT_TABLE
     priority: int = DEFAULT_PRIORITY
     nft_table: str = NFT_TABLE
+    # the base of sdnsup's nexthop ids (see NHID_BASES): chosen at start, never an option
+    nhid_base: int = NHID_BASE
 
     def __post_init__(self) -> None:
         if not 0 < self.mask <= 0xFFFFFFFF:
@@ -172,6 +183,15 @@ class Settings:
 
     def slot_table(self, slot: int) -> int:
         return self.table + slot
+
+    def nhid(self, version: int, slot: int = 0) -> int:
+        """The id of slot ``slot``'s nexthop (0: the active AP's) for IP ``version``."""
+        return slot_nhid(version, slot, self.nhid_base)
+
+    def nhids(self) -> frozenset[int]:
+        """Every nexthop id sdnsup may write with these settings."""
+        slots = (*range(self.slots + 1), PROBE_SLOT)
+        return frozenset(self.nhid(v, n) for v in (4, 6) for n in slots)
 
     @property
     def probe_mark(self) -> int:

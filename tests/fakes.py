@@ -34,8 +34,8 @@ class FakeRoutes:
     def nexthops(self, proto: int) -> set[Nexthop]:
         return {n for n, p in self.nh.values() if p == proto}
 
-    def foreign_nexthops(self, proto: int) -> int:
-        return sum(1 for _, p in self.nh.values() if p != proto)
+    def foreign_nexthops(self, proto: int) -> set[int]:
+        return {n.id for n, p in self.nh.values() if p != proto}
 
     def rules(self, proto: int) -> set[Rule]:
         return {r for r, p in self.ru.items() if p == proto}

@@ -538,3 +538,35 @@ def test_a_heal_never_writes_over_what_another_tool_put_in_place_of_sdnsups():
         applier.apply(state())
     assert f"another tool's nexthop id {NHID_V4:#x} (proto 4)" in str(err.value)
     assert routes.nh[NHID_V4] == (theirs, static)
+
+
+def test_nexthop_ids_another_tool_holds_are_left_to_it_and_found_again_after_a_restart():
+    """Another tool has a nexthop at sdnsup's default id: sdnsup takes the next base whose
+    ids are all free instead of refusing, never touches theirs, and a restarted process
+    finds its own ids again from the kernel."""
+    from dataclasses import replace
+
+    from sdnsup.state import NHID_BASE
+
+    applier, routes, _, _ = make()
+    theirs = Nexthop(NHID_V4, socket.AF_INET, A("192.0.2.1"), 9)
+    routes.nh[NHID_V4] = (theirs, 4)
+    settings = applier.with_free_nexthop_ids(Settings())
+    assert settings.nhid_base == NHID_BASE + 0x10000 and settings.nhid(4) == 0x5D5E0004
+    assert applier.foreign_objects(settings, [N("10.10.10.0/24")]) == []
+    desired = state(slots=(Slot(1, AP1),), settings=settings)
+    applier.apply(desired)
+    ours = {nh.id for nh in routes.nexthops(RTPROT_SDNSUP)}
+    assert ours == {0x5D5E0004, 0x5D5E0104}
+    assert routes.nh[NHID_V4] == (theirs, 4)
+
+    restarted = Applier(routes, FakeNft(), FakeSysctl({}))
+    del routes.nh[NHID_V4]  # theirs is gone meanwhile: the restart still takes its own base
+    again = restarted.with_free_nexthop_ids(Settings())
+    assert again == settings
+    assert restarted.recover_slots(again) == (Slot(1, AP1),)
+    assert restarted.recover_slots(replace(again, nhid_base=NHID_BASE)) == ()
+    restarted.apply(replace(desired, settings=again))
+    assert {nh.id for nh in routes.nexthops(RTPROT_SDNSUP)} == ours  # adopted, not rewritten
+    restarted.teardown()
+    assert routes.nexthops(RTPROT_SDNSUP) == set()

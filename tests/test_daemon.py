@@ -195,3 +195,55 @@ def test_verification_is_stretched_so_that_large_rereads_stay_cheap():
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     # a cheap re-read keeps the configured pace; a 3 s one (100k CIDRs) waits 600 s
     assert asked == [120.0, 120.0 + 3.0 / VERIFY_CPU_SHARE]
+
+
+class RecordingNotifier:
+    """Records what a systemd Type=notify unit would receive."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.watchdog_interval = None
+
+    def ready(self, status: str) -> None:
+        self.sent.append(f"READY=1 STATUS={status}")
+
+    def status(self, text: str) -> None:
+        self.sent.append(f"STATUS={text}")
+
+    def stopping(self) -> None:
+        self.sent.append("STOPPING=1")
+
+    def watchdog(self) -> None:
+        pass
+
+
+def test_a_restart_that_adopts_everything_still_tells_systemd_what_is_steered(tmp_path):
+    """After kill -9 and a restart the first apply writes nothing (the kernel already holds
+    it all): systemctl's status line must still move on from "waiting for ...", as it did not."""
+    routes = FakeRoutes({"10.77.0.11": link(2, "eth0"), "fd77::11": link(2, "eth0")})
+    nft = FakeNft()
+    killed = Applier(routes, nft, FakeSysctl())
+    killed.apply(desired_for(CONFIG, CONFIG.aps[0]))  # what the killed process left
+    restarted = Applier(routes, nft, FakeSysctl())
+    notifier = RecordingNotifier()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    serve,
+                    CONFIG,
+                    restarted,
+                    notifier=notifier,
+                    control_path=tmp_path / "status.sock",
+                )
+            )
+            with trio.fail_after(5):
+                while not any(m.startswith("STATUS=") for m in notifier.sent):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trio.run(main)
+    assert notifier.sent[0].startswith("READY=1 STATUS=serving; waiting")
+    assert notifier.sent[1].startswith("STATUS=1 IPv4 CIDRs -> AP 10.77.0.11 on eth0")
+    assert "[no changes" in notifier.sent[1]
