@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import benchlib
+from bench_converge_scale import main_scale
 from bench_failover import (
     CC_PORT,
     DELAYS,
@@ -68,6 +69,8 @@ from bench_failover import (
 from sdnsup.lab import Lab
 from sdnsup.lab.apagent import UDP_PORT
 from sdnsup.routes import RTPROT_SDNSUP
+
+SCALE_SIZES = (2, 10_000, 100_000)
 
 CONVERGE_TIMEOUT = 15.0  # launch -> first packet through AP1, at most
 RUN_BUDGET = 30.0  # the helper processes of a run end on their own after this
@@ -252,6 +255,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--runs", type=benchlib.positive_int, default=10, help="repeated runs (default 10)"
     )
+    parser.add_argument(
+        "--cidrs",
+        type=lambda text: [benchlib.positive_int(n) for n in text.split(",")],
+        default=list(SCALE_SIZES),
+        help="CIDR counts of the daemon-path table, beside the applier alone "
+        "(default 2,10000,100000; bench_converge_scale.py)",
+    )
+    parser.add_argument(
+        "--scale-runs",
+        type=benchlib.positive_int,
+        default=3,
+        help="repeated runs per CIDR count (default 3)",
+    )
+    parser.add_argument(
+        "--only-scale", action="store_true", help="only the daemon-path table at --cidrs"
+    )
     args = parser.parse_args(argv)
     if (code := benchlib.no_lab_exit()) is not None:
         return code
@@ -267,12 +286,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Lab.create(n_aps=len(DELAYS)) as lab:
             return converge_run(lab, lab_with_cc(lab))
 
-    res.runs = repeat(args.runs, once, res.errors)
-    figures = report(res, args.runs)
-    for err in res.errors:
+    figures: dict[str, Any] = {}
+    if not args.only_scale:
+        res.runs = repeat(args.runs, once, res.errors)
+        figures = report(res, args.runs)
+    scale_errors: list[str] = []
+    figures["daemon_path"] = main_scale(args.cidrs, args.scale_runs, scale_errors)
+    for err in res.errors + scale_errors:
         print(f"FAILED {err}")
     benchlib.write_json("converge", figures)
-    return 1 if len(res.runs) < args.runs else 0
+    short = len(res.runs) < args.runs and not args.only_scale
+    scale_short = any(
+        (f["apply_alone"] is None or f["apply_alone"].n < args.scale_runs)
+        for f in figures["daemon_path"].values()
+    )
+    return 1 if short or scale_short else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ and afterwards stops sdnsup (which must leave nothing behind; checked) and bring
 back. Two settings are measured, ``--runs`` times each (default 20):
 
 - default: sdnsup's defaults (keepalive every 0.2 s, 0.2 s deadline, 3 misses);
-- aggressive: the most aggressive keepalive sdnsup accepts (``keepalive.MIN_INTERVAL``,
+- aggressive: the most aggressive keepalive sdnsup accepts (``defaults.MIN_INTERVAL``,
   ``MIN_TIMEOUT``, ``MIN_MISSES``; the config validators refuse anything shorter).
 
 Traffic: a UDP echo server in B answers every datagram with the source address it saw; a
@@ -69,7 +69,7 @@ from typing import Any, TypeVar
 
 import benchlib
 
-from sdnsup import keepalive
+from sdnsup import defaults
 from sdnsup.lab import Lab, WaitTimeout
 from sdnsup.lab import wait_for as lab_wait_for
 from sdnsup.lab.commands import LabError
@@ -426,11 +426,11 @@ class Setting:
 
 SETTINGS = {
     "default": Setting(
-        "default", keepalive.KEEPALIVE_INTERVAL, keepalive.KEEPALIVE_TIMEOUT,
-        keepalive.KEEPALIVE_MISSES, explicit=False,
+        "default", defaults.KEEPALIVE_INTERVAL, defaults.KEEPALIVE_TIMEOUT,
+        defaults.KEEPALIVE_MISSES, explicit=False,
     ),
     "aggressive": Setting(
-        "aggressive", keepalive.MIN_INTERVAL, keepalive.MIN_TIMEOUT, keepalive.MIN_MISSES
+        "aggressive", defaults.MIN_INTERVAL, defaults.MIN_TIMEOUT, defaults.MIN_MISSES
     ),
 }  # fmt: skip
 

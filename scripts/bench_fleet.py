@@ -58,12 +58,17 @@ import benchlib
 
 from sdnsup.aps import AccessPoint
 from sdnsup.choice import choose, eligible
-from sdnsup.keepalive import DRAIN_INTERVAL, KEEPALIVE_INTERVAL, KEEPALIVE_MISSES, KEEPALIVE_TIMEOUT
+from sdnsup.defaults import (
+    DRAIN_INTERVAL,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_MISSES,
+    KEEPALIVE_TIMEOUT,
+    REPROBE_INTERVAL,
+)
 from sdnsup.probe import PROBE_COUNT, Hysteresis, ProbeResult, rank, should_switch
 from sdnsup.refresh import Outcome, RefreshSchedule
 from sdnsup.supervisor import (
     NO_AP_REPROBE_INTERVAL,
-    REPROBE_INTERVAL,
     REPROBE_SPREAD,
     jittered,
 )

@@ -39,8 +39,8 @@ from typing import Any
 from bench_datapath import wait_idle, write_cidr_file
 from benchlib import Stat, no_lab_exit, print_table, stat, write_json
 
-from sdnsup import keepalive, supervisor
-from sdnsup.daemon import VERIFY_INTERVAL
+from sdnsup import defaults
+from sdnsup.defaults import VERIFY_INTERVAL
 from sdnsup.lab import Lab, LabError, WaitTimeout, wait_for
 
 DELAYS = {1: 0.005, 2: 0.040, 3: 0.080}  # AP index -> probe answer delay (as bench failover)
@@ -293,7 +293,7 @@ def report(phases: list[Footprint], seconds: float) -> dict[str, Any]:
         [
             "wake-ups per second, whole window",
             *each(lambda f: f"{f['wakeups_per_s']:.1f}/s"),
-            f"keepalive: {1 / keepalive.KEEPALIVE_INTERVAL:.0f} probes/s",
+            f"keepalive: {1 / defaults.KEEPALIVE_INTERVAL:.0f} probes/s",
         ],
         [
             f"wake-ups per second per {WINDOW:.0f} s window",
@@ -320,8 +320,8 @@ def report(phases: list[Footprint], seconds: float) -> dict[str, Any]:
     ]
     print_table(
         f"footprint: idle sdnsup over {seconds:g} s (defaults: keepalive every "
-        f"{keepalive.KEEPALIVE_INTERVAL:g} s, probe round every "
-        f"{supervisor.REPROBE_INTERVAL:g} s, CC refresh every 60 s, re-read every "
+        f"{defaults.KEEPALIVE_INTERVAL:g} s, probe round every "
+        f"{defaults.REPROBE_INTERVAL:g} s, CC refresh every 60 s, re-read every "
         f"{VERIFY_INTERVAL:g} s; 3 APs)",
         ["figure", *(p.label for p in phases), "target"],
         rows,

@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
+from sdnsup.defaults import NexthopCompat
 from sdnsup.errors import ConfigError, KernelError, NftError, RoutesError
 from sdnsup.nft import Element, NftBackend, NftTable, render_table
 from sdnsup.routes import (
@@ -60,10 +60,6 @@ from sdnsup.sysctl import (
 )
 
 log = logging.getLogger(__name__)
-
-# "auto": turn net.ipv4.nexthop_compat_mode off while steering when no other software in the
-# namespace has nexthop objects (see sdnsup.sysctl); "keep": never touch it.
-NexthopCompat = Literal["auto", "keep"]
 
 
 # Routes are kept grouped by (table, nhid) as frozensets of destinations, never as 100k

@@ -26,7 +26,7 @@ from sdnsup.errors import EX_USAGE, ConfigError, SdnsupError
 
 if TYPE_CHECKING:
     from sdnsup.config import RunOptions
-    from sdnsup.daemon import RunConfig
+    from sdnsup.desired import RunConfig
     from sdnsup.routes import IPNetwork
     from sdnsup.state import Settings
 
@@ -219,7 +219,8 @@ def cc_addresses(url: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addres
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from sdnsup.daemon import RUN_DIR, Mailbox, RunConfig, desired_for, first_sdnsup_error, serve
+    from sdnsup.daemon import RUN_DIR, Mailbox, first_sdnsup_error, serve
+    from sdnsup.desired import RunConfig, desired_for
     from sdnsup.preflight import (
         InstanceLock,
         check_privileges,
@@ -470,7 +471,7 @@ def reload_config(
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sdnsup.config import resolve
-    from sdnsup.daemon import RunConfig, desired_for
+    from sdnsup.desired import RunConfig, desired_for
     from sdnsup.plan import plan
     from sdnsup.rtnl import RtnlRoutes
     from sdnsup.state import Slot

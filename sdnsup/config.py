@@ -53,8 +53,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from sdnsup import keepalive, paths
-from sdnsup.applier import NexthopCompat
+from sdnsup import defaults
 from sdnsup.aps import (
     PROBE_KINDS,
     AccessPoint,
@@ -64,10 +63,8 @@ from sdnsup.aps import (
     parse_targets,
 )
 from sdnsup.cidrs import MAX_CIDRS, MAX_FILE_BYTES, CidrSet, parse_cidrs
-from sdnsup.daemon import VERIFY_INTERVAL
 from sdnsup.errors import ConfigError
 from sdnsup.logs import DEFAULT_LOG_DIR  # /tmp/sdnsup: the seed's convention
-from sdnsup.savedlist import DEFAULT_STATE_DIR
 from sdnsup.state import (
     DEFAULT_MARK,
     DEFAULT_MASK,
@@ -76,7 +73,6 @@ from sdnsup.state import (
     NoApPolicy,
     Settings,
 )
-from sdnsup.supervisor import REPROBE_INTERVAL
 
 # Module globals, looked up at call time, so tests can point them at a temporary directory.
 DEFAULT_CONFIG_PATH = Path("/etc/sdnsup/sdnsup.toml")
@@ -90,7 +86,7 @@ LogFormat = Literal["text", "json"]
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 NO_AP_POLICIES: tuple[NoApPolicy, ...] = ("fallback", "blackhole")
-NEXTHOP_COMPAT_POLICIES: tuple[NexthopCompat, ...] = ("auto", "keep")
+NEXTHOP_COMPAT_POLICIES: tuple[defaults.NexthopCompat, ...] = ("auto", "keep")
 # Values that switch off an optional feature set by a lower-precedence source.
 _OFF_WORDS = ("none", "off")
 _TRUE_WORDS = ("true", "yes", "1")
@@ -238,9 +234,9 @@ def _keepalive_seconds(minimum: float) -> Callable[[float], float]:
 
 
 def _keepalive_misses(value: int) -> int:
-    if value < keepalive.MIN_MISSES:
+    if value < defaults.MIN_MISSES:
         raise _Invalid(
-            f"must be {keepalive.MIN_MISSES} or more, got {value} (with fewer, a single lost "
+            f"must be {defaults.MIN_MISSES} or more, got {value} (with fewer, a single lost "
             "probe is a failover)"
         )
     return value
@@ -560,14 +556,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "state-dir",
         STRING,
-        default=DEFAULT_STATE_DIR,
+        default=defaults.DEFAULT_STATE_DIR,
         check=_log_dir,
         metavar="DIR",
         anchor=_anchor_path,
         group=_G_WHERE,
         help=f"directory for the saved AP list, the CC's last good answer (default "
-        f"{DEFAULT_STATE_DIR}, root-only; one file per network namespace): a restart steers "
-        "at once from it and asks the CC later, spread over a ttl, so a fleet that restarts "
+        f"{defaults.DEFAULT_STATE_DIR}, root-only; one file per network namespace): a restart "
+        "steers at once from it and asks the CC later, spread over a ttl, so a fleet that restarts "
         "together does not flood the CC; 'none' keeps no list and asks the CC first at every "
         "start",
     ),
@@ -585,65 +581,65 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "keepalive-interval",
         FLOAT,
-        default=keepalive.KEEPALIVE_INTERVAL,
-        check=_keepalive_seconds(keepalive.MIN_INTERVAL),
+        default=defaults.KEEPALIVE_INTERVAL,
+        check=_keepalive_seconds(defaults.MIN_INTERVAL),
         metavar="S",
         group=_G_KEEP,
         help=f"seconds between keepalive probes of the active AP (default "
-        f"{keepalive.KEEPALIVE_INTERVAL:g}: with the default timeout and misses a dead AP is "
+        f"{defaults.KEEPALIVE_INTERVAL:g}: with the default timeout and misses a dead AP is "
         "detected 0.6-0.8 s after it fails, inside a 1 s dark window; at least "
-        f"{keepalive.MIN_INTERVAL:g}: faster probing gains little and loads the AP). The most "
+        f"{defaults.MIN_INTERVAL:g}: faster probing gains little and loads the AP). The most "
         "aggressive "
-        f"settings, {keepalive.MIN_INTERVAL:g}/{keepalive.MIN_TIMEOUT:g}/"
-        f"{keepalive.MIN_MISSES}, detect a dead AP "
-        f"{keepalive.MIN_MISSES * keepalive.MIN_TIMEOUT:g}-"
-        f"{keepalive.MIN_MISSES * keepalive.MIN_TIMEOUT + keepalive.MIN_INTERVAL:g} s after it "
+        f"settings, {defaults.MIN_INTERVAL:g}/{defaults.MIN_TIMEOUT:g}/"
+        f"{defaults.MIN_MISSES}, detect a dead AP "
+        f"{defaults.MIN_MISSES * defaults.MIN_TIMEOUT:g}-"
+        f"{defaults.MIN_MISSES * defaults.MIN_TIMEOUT + defaults.MIN_INTERVAL:g} s after it "
         "fails",
     ),
     Option(
         "keepalive-timeout",
         FLOAT,
-        default=keepalive.KEEPALIVE_TIMEOUT,
-        check=_keepalive_seconds(keepalive.MIN_TIMEOUT),
+        default=defaults.KEEPALIVE_TIMEOUT,
+        check=_keepalive_seconds(defaults.MIN_TIMEOUT),
         metavar="S",
         group=_G_KEEP,
         help=f"deadline of one keepalive probe in seconds (default "
-        f"{keepalive.KEEPALIVE_TIMEOUT:g}: an AP on a directly connected network answers in "
-        f"milliseconds, so a later answer is as bad as none; at least {keepalive.MIN_TIMEOUT:g}:"
+        f"{defaults.KEEPALIVE_TIMEOUT:g}: an AP on a directly connected network answers in "
+        f"milliseconds, so a later answer is as bad as none; at least {defaults.MIN_TIMEOUT:g}:"
         " a busy host can take tens of ms to read an answer, and must not fail over for it)",
     ),
     Option(
         "keepalive-misses",
         INTEGER,
-        default=keepalive.KEEPALIVE_MISSES,
+        default=defaults.KEEPALIVE_MISSES,
         check=_keepalive_misses,
         metavar="K",
         group=_G_KEEP,
         help=f"missed keepalive probes in a row that make the AP dead (default "
-        f"{keepalive.KEEPALIVE_MISSES}: one lost datagram or a busy AP never causes a "
-        f"failover; also BFD's usual detect multiplier; at least {keepalive.MIN_MISSES}, so "
+        f"{defaults.KEEPALIVE_MISSES}: one lost datagram or a busy AP never causes a "
+        f"failover; also BFD's usual detect multiplier; at least {defaults.MIN_MISSES}, so "
         "that one lost probe never does)",
     ),
     Option(
         "reprobe-interval",
         FLOAT,
-        default=REPROBE_INTERVAL,
+        default=defaults.REPROBE_INTERVAL,
         check=_positive_seconds,
         metavar="S",
         group=_G_KEEP,
         help=f"seconds between probe rounds of all APs, +-20%% jitter (default "
-        f"{REPROBE_INTERVAL:g}: finds a faster AP within a minute without loading the APs; a "
-        "switch needs an AP >10 ms and >33%% faster, so RTT jitter never flaps)",
+        f"{defaults.REPROBE_INTERVAL:g}: finds a faster AP within a minute without loading the "
+        "APs; a switch needs an AP >10 ms and >33%% faster, so RTT jitter never flaps)",
     ),
     Option(
         "drain-interval",
         FLOAT,
-        default=keepalive.DRAIN_INTERVAL,
-        check=_keepalive_seconds(keepalive.MIN_INTERVAL),
+        default=defaults.DRAIN_INTERVAL,
+        check=_keepalive_seconds(defaults.MIN_INTERVAL),
         metavar="S",
         group=_G_KEEP,
         help="seconds between keepalive probes of an AP that still carries pinned connections "
-        f"but takes no new ones (default {keepalive.DRAIN_INTERVAL:g}, each probe with the "
+        f"but takes no new ones (default {defaults.DRAIN_INTERVAL:g}, each probe with the "
         "same deadline and misses as the active AP's: a dead draining AP is found 2-3 s "
         "after it fails, far sooner than the minutes its connections' retransmissions would "
         "take, at a fifth of the active AP's probe rate)",
@@ -669,21 +665,21 @@ OPTIONS: tuple[Option, ...] = (
         "AP at once, to find an AP that answers its probes but forwards nothing: ADDR (ICMP "
         "echo), icmp@ADDR, tcp:PORT@ADDR or udp:PORT@ADDR, comma-separated; repeatable "
         f"(default none; the CC may name some too). A round every --track-interval; when "
-        f"{paths.TRACK_MISSES} rounds in a row get no answer through the active AP but one "
+        f"{defaults.TRACK_MISSES} rounds in a row get no answer through the active AP but one "
         "through the other, the active AP is treated as dead. No answer through any AP "
         "changes nothing: the targets are down, not the APs",
     ),
     Option(
         "track-interval",
         FLOAT,
-        default=paths.TRACK_INTERVAL,
-        check=_keepalive_seconds(keepalive.MIN_INTERVAL),
+        default=defaults.TRACK_INTERVAL,
+        check=_keepalive_seconds(defaults.MIN_INTERVAL),
         metavar="S",
         group=_G_KEEP,
         help=f"seconds between rounds of tracked-target probes, also each probe's deadline "
-        f"(default {paths.TRACK_INTERVAL:g}: a dead path is found "
-        f"{paths.TRACK_MISSES * paths.TRACK_INTERVAL:g}-"
-        f"{(paths.TRACK_MISSES + 1) * paths.TRACK_INTERVAL:g} s after it fails; raise it for "
+        f"(default {defaults.TRACK_INTERVAL:g}: a dead path is found "
+        f"{defaults.TRACK_MISSES * defaults.TRACK_INTERVAL:g}-"
+        f"{(defaults.TRACK_MISSES + 1) * defaults.TRACK_INTERVAL:g} s after it fails; raise it for "
         "targets more than ~100 ms away)",
     ),
     Option(
@@ -700,23 +696,23 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "suspect-destinations",
         INTEGER,
-        default=paths.SUSPECT_DESTINATIONS,
+        default=defaults.SUSPECT_DESTINATIONS,
         check=_at_least(2),
         metavar="N",
         group=_G_KEEP,
         help=f"distinct destinations whose connection attempts through the active AP went "
-        f"unanswered before it is suspect (default {paths.SUSPECT_DESTINATIONS}: one is a "
+        f"unanswered before it is suspect (default {defaults.SUSPECT_DESTINATIONS}: one is a "
         "dead server, two may be one dead subnet; at least 2)",
     ),
     Option(
         "suspect-window",
         FLOAT,
-        default=paths.SUSPECT_WINDOW,
+        default=defaults.SUSPECT_WINDOW,
         check=_positive_seconds,
         metavar="S",
         group=_G_KEEP,
         help=f"seconds within which those failures must fall (default "
-        f"{paths.SUSPECT_WINDOW:g}: failures that belong to one incident)",
+        f"{defaults.SUSPECT_WINDOW:g}: failures that belong to one incident)",
     ),
     Option(
         "host-id",
@@ -800,13 +796,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "verify-interval",
         FLOAT,
-        default=VERIFY_INTERVAL,
+        default=defaults.VERIFY_INTERVAL,
         check=_positive_seconds,
         metavar="S",
         group=_G_KERNEL,
-        help=f"seconds between full re-reads of the kernel state (default {VERIFY_INTERVAL:g}: "
-        "netlink events trigger heals at once; this slow pass only catches what no event "
-        "reported, and re-reading 100k CIDRs takes seconds; stretched so that it never uses "
+        help="seconds between full re-reads of the kernel state (default "
+        f"{defaults.VERIFY_INTERVAL:g}: netlink events trigger heals at once; this slow pass "
+        "only catches what no event reported, and re-reading 100k CIDRs takes seconds; "
+        "stretched so that it never uses "
         "more than 0.5%% of a CPU)",
     ),
     Option(
@@ -952,7 +949,7 @@ class RunOptions:
     mask: int
     table: int
     priority: int
-    nexthop_compat: NexthopCompat
+    nexthop_compat: defaults.NexthopCompat
     verify_interval: float
     log_level: LogLevel
     log_dir: Path | None  # None: no file log

@@ -19,19 +19,18 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from sdnsup.applier import Applier, ApplyResult
-from sdnsup.aps import AccessPoint
 from sdnsup.cidrs import CidrSet
+from sdnsup.desired import RunConfig, desired_for
 from sdnsup.errors import ConfigError, KernelError, SdnsupError
 from sdnsup.pins import PinKeeper
-from sdnsup.state import DesiredState, NoApPolicy, Settings, Slot
+from sdnsup.state import DesiredState
 from sdnsup.supervisor import Status
 
 log = logging.getLogger("sdnsup")
@@ -45,9 +44,6 @@ TEARDOWN_TIMEOUT = 2.0
 # A failed apply is retried from a fresh read of the kernel, backing off up to this.
 APPLY_RETRY_FIRST = 0.5
 APPLY_RETRY_MAX = 30.0
-# Netlink events cover what the kernel reports; this slow pass catches anything it does not
-# (and events lost to a full socket buffer). Reading 100k CIDRs back costs ~3 s, hence slow.
-VERIFY_INTERVAL = 120.0
 # ... and never more than half a percent of one CPU: the pause between two verifications is
 # at least 200 times what the last full re-read took (at 100k CIDRs, 1-3 s: every 5-10 min).
 VERIFY_CPU_SHARE = 0.005
@@ -58,51 +54,6 @@ RESTART_MAX = 30.0
 CRASH_LIMIT = 5
 CRASH_WINDOW = 300.0
 RUN_DIR = Path("/run/sdnsup")
-
-
-@dataclass(frozen=True, slots=True)
-class RunConfig:
-    """Everything ``sdnsup run`` was asked to do."""
-
-    cidrs: CidrSet
-    aps: tuple[AccessPoint, ...] = ()  # static APs; empty when the CC is asked
-    settings: Settings = field(default_factory=Settings)
-    no_ap: NoApPolicy = "fallback"
-    # CC addresses: never steered, so control traffic cannot loop into the overlay
-    exempt: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
-    verify_interval: float = VERIFY_INTERVAL
-
-
-def desired_for(
-    config: RunConfig,
-    ap: AccessPoint | None,
-    known: Sequence[AccessPoint] = (),
-    slots: tuple[Slot, ...] = (),
-    probes: tuple[AccessPoint | None, frozenset[IPAddress]] = (None, frozenset()),
-) -> DesiredState:
-    """The state that steers new connections to the configured CIDRs through ``ap`` (None:
-    no AP), and those pinned to ``slots`` through their slot's AP; ``probes``: the AP path
-    probes are routed through and their targets (:mod:`sdnsup.paths`).
-
-    Every known AP and the CC are exempt from steering.
-    """
-    known = tuple(known) or config.aps
-    addrs = [a for ap_ in known for a in (ap_.addr4, ap_.addr6) if a is not None]
-    addrs += config.exempt
-    return DesiredState(
-        cidrs4=config.cidrs.v4,
-        cidrs6=config.cidrs.v6,
-        ap4=ap.addr4 if ap else None,
-        ap6=ap.addr6 if ap else None,
-        exempt4=frozenset(ipaddress.IPv4Network(a) for a in addrs if a.version == 4),
-        exempt6=frozenset(ipaddress.IPv6Network(a) for a in addrs if a.version == 6),
-        no_ap=config.no_ap,
-        settings=config.settings,
-        slots=slots,
-        probe_via4=probes[0].addr4 if probes[0] else None,
-        probe_via6=probes[0].addr6 if probes[0] else None,
-        probe_targets=probes[1],
-    )
 
 
 def describe(desired: DesiredState, result: ApplyResult) -> str:

@@ -13,10 +13,10 @@ deployments commonly use as their detect multiplier.
 
 In general, with an interval I, a deadline T >= I and K misses, the verdict comes K x T after
 the first missed probe started (missed probes run back to back), so K x T to K x T + I after
-the AP failed. The most aggressive settings sdnsup accepts are :data:`MIN_INTERVAL`,
-:data:`MIN_TIMEOUT` and :data:`MIN_MISSES` (0.05 s, 0.05 s, 2): a verdict 100-150 ms after
-the failure. Below them a probe's verdict says more about the host's scheduler than about
-the AP (see the constants).
+the AP failed. The most aggressive settings sdnsup accepts are ``MIN_INTERVAL``,
+``MIN_TIMEOUT`` and ``MIN_MISSES`` of :mod:`sdnsup.defaults` (0.05 s, 0.05 s, 2): a verdict
+100-150 ms after the failure. Below them a probe's verdict says more about the host's
+scheduler than about the AP (see the reasons there).
 """
 
 from __future__ import annotations
@@ -28,32 +28,11 @@ from dataclasses import dataclass
 import trio
 
 from sdnsup.aps import AccessPoint
+from sdnsup.defaults import KEEPALIVE_INTERVAL, KEEPALIVE_MISSES, KEEPALIVE_TIMEOUT
 from sdnsup.errors import SdnsupError
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_INTERVAL = 0.2
-KEEPALIVE_TIMEOUT = 0.2
-KEEPALIVE_MISSES = 3
-# An AP that only carries pinned connections (draining) is probed every second, with the
-# active AP's deadline and misses: its death is found 2-3.2 s after it fails (3 misses), while
-# its connections would take minutes of TCP retransmissions to notice, and it costs the AP a
-# fifth of the active AP's probes.
-DRAIN_INTERVAL = 1.0
-
-# The most aggressive settings supported (the config validators enforce them).
-# A probe's answer waits for Python to be scheduled: CFS hands out slices within a period of
-# 6 ms x (1 + log2(CPUs)) (12-24 ms on 2-8 CPUs), stretched when more tasks are runnable, and
-# a GC pause or a slow log write adds milliseconds more. A deadline of 50 ms is two such
-# periods above an AP a few milliseconds away; a shorter one would declare a busy *host* a
-# dead AP (a false failover).
-MIN_TIMEOUT = 0.05
-# Missed probes run back to back, so below the deadline a shorter interval only trims the
-# wait for the first missed probe, while the probe rate is load on the AP: at 20 probes/s
-# per host, an AP serving 5,000 hosts answers 100,000 probes/s.
-MIN_INTERVAL = 0.05
-# With a single miss, one lost datagram (a full queue, an ARP refresh) is a failover.
-MIN_MISSES = 2
 
 ProbeOnce = Callable[..., Awaitable[float]]
 

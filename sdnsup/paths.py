@@ -48,6 +48,7 @@ import trio
 
 from sdnsup.aps import Target
 from sdnsup.conntrack import Entry
+from sdnsup.defaults import SUSPECT_DESTINATIONS, SUSPECT_WINDOW
 from sdnsup.errors import SdnsupError
 from sdnsup.probe import probe_address
 
@@ -59,13 +60,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # 1 s (its initial RTO, RFC 6298), and a path that works answers within one RTT, milliseconds
 # to a hundred or two across an overlay.
 UNANSWERED_AFTER = 1.0
-# Distinct destinations whose attempts failed: one is a dead server, two may be one dead
-# subnet behind one router; three unrelated destinations failing through the AP that still
-# answers its probes is the AP. A wrong suspicion costs one confirmation (a few probes).
-SUSPECT_DESTINATIONS = 3
-# ...within this long: failures that belong to one incident, not a slow trickle of dead
-# servers over an afternoon.
-SUSPECT_WINDOW = 10.0
 # Destinations that failed through every AP (down, not the path) are ignored this long, so
 # that they do not raise the same suspicion at every poll.
 EXCUSE = 60.0
@@ -77,11 +71,6 @@ POLL = 0.5
 CONFIRM_TIMEOUT = 0.5
 # Destinations probed to confirm a suspicion (the most recent failures).
 CONFIRM_TARGETS = 3
-# Tracked targets: a round every 0.3 s, each probe with that deadline, and 2 failed rounds in
-# a row (nothing answered through the active AP while something did through the other):
-# a dead path is found 0.6-0.9 s after it fails, and a single lost probe is never a verdict.
-TRACK_INTERVAL = 0.3
-TRACK_MISSES = 2
 
 
 # --- passive evidence --------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from sdnsup.applier import KernelState, NexthopCompat, render
+from sdnsup.applier import KernelState, render
+from sdnsup.defaults import NexthopCompat
 from sdnsup.nft import PINS_CHAIN, NftTable, element_json, table_commands
 from sdnsup.routes import RTPROT_SDNSUP, IPAddress, Link
 from sdnsup.state import DesiredState, slot_of_nhid

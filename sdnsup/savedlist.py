@@ -37,13 +37,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdnsup.defaults import DEFAULT_STATE_DIR
 from sdnsup.discovery import Directory, parse_answer
 from sdnsup.errors import BadAnswerError, SdnsupError
 from sdnsup.preflight import netns_suffix
 
 __all__ = ["DEFAULT_STATE_DIR", "FORMAT_VERSION", "SavedList", "SavedListError", "path_for"]
 
-DEFAULT_STATE_DIR = Path("/var/lib/sdnsup")
 FORMAT_VERSION = 1
 # The saved answer was at most MAX_ANSWER_BYTES as received; its JSON re-encoding plus the
 # envelope stays well inside this.

@@ -41,7 +41,7 @@ from typing import Any
 
 import trio
 
-from sdnsup import keepalive, paths
+from sdnsup import defaults, keepalive, paths
 from sdnsup.aps import AccessPoint, ProbeSpec, Target
 from sdnsup.choice import ShouldSwitch, choose, window
 from sdnsup.choice import eligible as choice_eligible
@@ -60,10 +60,9 @@ Probes = tuple[AccessPoint | None, frozenset[IPAddress]]
 
 log = logging.getLogger("sdnsup")
 
-# A full probe round every 30 s (±20% so a fleet does not probe in step) finds a faster AP
-# within a minute; while no AP is usable, every 2 s.
-REPROBE_INTERVAL = 30.0
+# While no AP is usable, a probe round every 2 s (defaults.REPROBE_INTERVAL otherwise).
 NO_AP_REPROBE_INTERVAL = 2.0
+
 JITTER = 0.2
 # Ranking probes: 3 per AP (loss is meaningful), each with a 1 s deadline: an AP slower
 # than that is useless for interactive traffic.
@@ -219,21 +218,21 @@ class Supervisor:
         cc: Any = None,
         discover: Callable[[Any, Callable[[int, DiscoveryError, float], None]], Awaitable[Any]]
         | None = None,
-        keepalive_interval: float = keepalive.KEEPALIVE_INTERVAL,
-        keepalive_timeout: float = keepalive.KEEPALIVE_TIMEOUT,
-        keepalive_misses: int = keepalive.KEEPALIVE_MISSES,
-        reprobe_interval: float = REPROBE_INTERVAL,
+        keepalive_interval: float = defaults.KEEPALIVE_INTERVAL,
+        keepalive_timeout: float = defaults.KEEPALIVE_TIMEOUT,
+        keepalive_misses: int = defaults.KEEPALIVE_MISSES,
+        reprobe_interval: float = defaults.REPROBE_INTERVAL,
         slot_capacity: int = 7,
         recovered: Sequence[Slot] = (),
         default_probe: ProbeSpec | None = None,
         retire: Callable[[int], None] = lambda _number: None,
-        drain_interval: float = keepalive.DRAIN_INTERVAL,
+        drain_interval: float = defaults.DRAIN_INTERVAL,
         passive: PassiveDetector | None = None,
         track: Sequence[Target] = (),
         probe_mark: int = 0,
         bypass_mark: int = 0,
         probe_target: ProbeTarget = paths.probe_target,
-        track_interval: float = paths.TRACK_INTERVAL,
+        track_interval: float = defaults.TRACK_INTERVAL,
         saved: SavedList | None = None,
         save: Callable[[Any, float], Awaitable[None]] | None = None,
         host_id: str = "",
@@ -890,12 +889,12 @@ class Supervisor:
                 misses = 0
             elif result.broken:
                 misses += 1
-                if misses >= paths.TRACK_MISSES:
+                if misses >= defaults.TRACK_MISSES:
                     misses = 0
                     self._path_broken(
                         ap,
                         result,
-                        f"tracked targets answer only another way, {paths.TRACK_MISSES} "
+                        f"tracked targets answer only another way, {defaults.TRACK_MISSES} "
                         f"rounds in a row: {result.evidence()}",
                     )
             else:

@@ -183,3 +183,34 @@ def test_plan_reads_the_config_file_like_run(tmp_path, capsys, monkeypatch):
     assert "elements = { 10.20.0.0/16 }" in out
     assert "ip route replace 10.20.0.0/16 nhid 1566375940 table 7400 proto 245" in out
     assert "0x00004000" in out or "0x4000" in out  # the file's mark in the nft ruleset
+
+
+def test_plan_and_check_import_neither_trio_nor_httpx_nor_the_daemon(tmp_path):
+    """``plan`` and ``check`` read the run options (the option table and its defaults), not
+    the engine: the defaults live in a module that imports nothing heavy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sdnsup import cli\n"
+        "args = ['--config', 'none', '-r', '10.10.10.0/24', '--ap', '10.77.0.11']\n"
+        "for argv in (['plan', *args], ['check', *args]):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('trio', 'httpx', 'tenacity', 'sdnsup.supervisor', 'sdnsup.daemon')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    from pathlib import Path
+
+    import sdnsup
+
+    # the sdnsup under test, whichever checkout this is
+    root = str(Path(sdnsup.__file__).resolve().parents[1])
+    env = {"PATH": "/usr/bin:/bin", "SDNSUP_CONFIG": "none", "PYTHONPATH": root}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out

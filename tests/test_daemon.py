@@ -9,7 +9,8 @@ import trio.testing
 from sdnsup.applier import Applier
 from sdnsup.aps import parse_static_aps
 from sdnsup.cidrs import parse_cidrs
-from sdnsup.daemon import Mailbox, RunConfig, applier_task, desired_for, serve
+from sdnsup.daemon import Mailbox, applier_task, serve
+from sdnsup.desired import RunConfig, desired_for
 from sdnsup.errors import RoutesError
 from sdnsup.routes import RTPROT_SDNSUP
 from tests.fakes import FakeNft, FakeRoutes, FakeSysctl, link

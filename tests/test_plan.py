@@ -5,7 +5,7 @@ import json
 
 from sdnsup.aps import parse_static_aps
 from sdnsup.cidrs import parse_cidrs
-from sdnsup.daemon import RunConfig, desired_for
+from sdnsup.desired import RunConfig, desired_for
 from sdnsup.plan import plan
 from sdnsup.state import Slot
 from tests.fakes import link
