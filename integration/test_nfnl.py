@@ -501,3 +501,25 @@ def test_pairing_dumped_elements() -> None:
         ipaddress.IPv4Network(c)
         for c in ("10.0.0.0/24", "10.0.1.0/24", "10.1.0.0/29", "10.1.0.8/31", "255.255.255.0/24")
     }
+
+
+@netns
+def test_the_generation_moves_by_one_per_committed_transaction_whoever_commits(ns: Netns) -> None:
+    """What tells sdnsup, after writing its CIDRs without listening to nftables events,
+    whether another process changed nftables meanwhile."""
+    code = (
+        "import json, subprocess\n"
+        "from sdnsup.nft import LibNftables\n"
+        "nft = LibNftables()\n"
+        "g0, c0 = nft.generation(), nft.commits\n"
+        "subprocess.run(['nft', 'add table inet sdnt_other'], check=True)\n"
+        "g1 = nft.generation()\n"
+        "subprocess.run(['nft', 'list ruleset'], check=True, capture_output=True)\n"
+        "g2 = nft.generation()\n"
+        "assert nft.delete('sdnt_other')\n"
+        "print(json.dumps([g0, c0, g1, g2, nft.generation(), nft.commits]))\n"
+    )
+    g0, c0, g1, g2, g3, c3 = json.loads(ns.run(sys.executable, "-c", code))
+    assert c0 == 0 and g1 == g0 + 1  # another process's commit
+    assert g2 == g1  # a listing commits nothing
+    assert (g3, c3) == (g2 + 1, 1)  # our own commit: counted on both sides

@@ -276,9 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     delays = ", ".join(f"AP{i} {d * 1000:.0f} ms" for i, d in DELAYS.items())
+    runs = args.scale_runs if args.only_scale else args.runs
     print(
         f"sdnsup with its defaults, launched in A with traffic flowing; lab: CC in R, 3 APs"
-        f" answering probes after {delays}; a fresh lab per run, {args.runs} runs"
+        f" answering probes after {delays}; a fresh lab per run, {runs} runs"
     )
     res = Results()
 

@@ -3,7 +3,7 @@ phase, beside the applier alone measured in the same lab and run.
 
 Each run builds a fresh lab (:class:`sdnsup.lab.Lab`, as ``bench converge``: the CC in R
 listing three APs whose agents answer after 5, 40 and 80 ms), writes a CIDR file of N entries
-(B's subnet and N-1 distinct /28s in 11.0.0.0/8) and, in A, before the daemon:
+(B's two subnets and N-2 /28s in 11.0.0.0/8, none adjacent) and, in A, before the daemon:
 
 - *parse alone*: :func:`sdnsup.cidrs.parse_cidrs` on that file;
 - *applier alone*: the same :class:`~sdnsup.applier.Applier` the daemon uses, from scratch,
@@ -106,13 +106,14 @@ PHASES = (
 
 
 def cidr_file(lab: Lab, n: int) -> str:
-    """B's subnet (so that traffic to B is steered) and n-1 /28s elsewhere."""
+    """B's subnet (so that traffic to B is steered) and n-2 /28s elsewhere, each with a gap
+    after it: adjacent ones would be merged by the daemon's CIDR union into a few prefixes."""
     assert lab.tmpdir is not None
     path = lab.tmpdir / f"cidrs-{n}.txt"
     base = int(ipaddress.IPv4Address("11.0.0.0"))
     lines = [
         *CIDRS.split(","),
-        *(str(ipaddress.IPv4Network((base + i * 16, 28))) for i in range(n - 2)),
+        *(str(ipaddress.IPv4Network((base + i * 32, 28))) for i in range(n - 2)),
     ]
     path.write_text("\n".join(lines[:n]) + "\n")
     return str(path)

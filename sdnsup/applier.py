@@ -564,6 +564,24 @@ class Applier:
         )
         return [str(f) for f in found]
 
+    def nft_mark(self) -> tuple[int, int]:
+        """nftables' generation and this process's commits now (see :meth:`nft_changed_since`).
+
+        Raises:
+            NftError: the generation cannot be read.
+        """
+        return self._nft.generation(), self._nft.commits
+
+    def nft_changed_since(self, mark: tuple[int, int]) -> bool:
+        """Whether another process committed an nftables transaction since ``mark``: the
+        generation moved by more than this process's own commits.
+
+        Raises:
+            NftError: the generation cannot be read.
+        """
+        generation, commits = self.nft_mark()
+        return generation - mark[0] != commits - mark[1]
+
     def with_free_nexthop_ids(self, settings: Settings) -> Settings:
         """``settings`` with the base of the nexthop ids this run takes (see NHID_BASES):
         the one an earlier sdnsup's nexthops carry (a restart finds its own again), else the

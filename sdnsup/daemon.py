@@ -20,6 +20,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,13 @@ async def applier_task(
     on_applied: Callable[[DesiredState, ApplyResult], None] | None = None,
     on_healed: Callable[[str], None] | None = None,
     on_failed: Callable[[str], None] | None = None,
+    unwatched: Callable[[], AbstractContextManager[None]] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Apply the newest desired state whenever there is news; heal on request.
+
+    ``unwatched``: the monitor's :meth:`~sdnsup.netmon.Monitor.unwatched_nftables`, entered
+    while new CIDRs are written (see below).
 
     A heal re-reads the kernel (someone else changed it) before applying. A failed apply is
     retried with backoff from a fresh read. The applier's netlink calls block, so they run
@@ -121,6 +126,7 @@ async def applier_task(
         mailbox.heal("applier task restarted")
     first = True
     delay = APPLY_RETRY_FIRST
+    bulk_done: DesiredState | None = None  # the last state whose CIDRs were written unwatched
     while True:
         desired, heals = await mailbox.take()
         if desired is not None:
@@ -130,8 +136,25 @@ async def applier_task(
         if heals:
             applier.resync()
         state = current
+        # New CIDRs (the first apply, a reload) write many set elements. Every listener of
+        # nftables events makes the kernel build a notification per element: about 1 s more
+        # for 100k, even if the listener's filter drops them all. The monitor leaves that
+        # group meanwhile; the generation tells whether anyone else committed in between.
+        bulk = unwatched is not None and (
+            bulk_done is None
+            or state.cidrs4 is not bulk_done.cidrs4
+            or state.cidrs6 is not bulk_done.cidrs6
+        )
         try:
-            result = await trio.to_thread.run_sync(applier.apply, state)
+            if bulk and unwatched is not None:
+                mark = await trio.to_thread.run_sync(applier.nft_mark)
+                with unwatched():
+                    result = await trio.to_thread.run_sync(applier.apply, state)
+                if await trio.to_thread.run_sync(applier.nft_changed_since, mark):
+                    mailbox.heal("nftables changed by another process while sdnsup wrote its CIDRs")
+                bulk_done = state
+            else:
+                result = await trio.to_thread.run_sync(applier.apply, state)
         except KernelError as exc:
             if applier.aborting:
                 # The stop that asked for it cancels this task here: not a failure to log.
@@ -414,6 +437,7 @@ async def serve(
                     on_applied=on_applied,
                     on_healed=on_healed,
                     on_failed=on_failed,
+                    unwatched=getattr(monitor, "unwatched_nftables", None),
                 ),
             )
             nursery.start_soon(

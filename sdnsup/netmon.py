@@ -62,7 +62,7 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -131,6 +131,9 @@ PROC_NETLINK = "/proc/thread-self/net/netlink"
 # Foreign ports remembered so that a storm from one ``ip`` process costs one /proc read, not
 # one per event; forgotten when this many accumulate (every ip/nft run has a new one).
 _FOREIGN_MAX = 1024
+# Ports compared by the nfnetlink echo filter: a process holds a dozen netlink sockets; the
+# BPF jump offsets are 8 bits, and the rest are muted in Python anyway.
+_MUTED_PORTS_MAX = 64
 
 # The kernel doubles the value and charges each notification's skb truesize against it.
 # sdnsup's own load of 100k CIDRs sends ~13 MiB of set-element notifications in one burst
@@ -146,6 +149,7 @@ _READ_BATCH = 64
 
 # --- include/uapi/linux/rtnetlink.h, netlink.h, if.h, if_addr.h, if_link.h --------------
 NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
 RTNLGRP_LINK = 1
 RTNLGRP_IPV4_IFADDR = 5
 RTNLGRP_IPV4_ROUTE = 7
@@ -214,6 +218,7 @@ BPF_LD_B_ABS = 0x00 | 0x10 | 0x20
 BPF_JEQ_K = 0x05 | 0x10
 BPF_JSET_K = 0x05 | 0x40
 BPF_RET_K = 0x06
+BPF_LD_W_ABS = 0x00 | 0x00 | 0x20
 _ACCEPT = 0xFFFFFFFF  # "keep the whole packet"
 _SOCK_FILTER = struct.Struct("=HBBI")  # code, jt, jf, k
 
@@ -644,6 +649,31 @@ def rtnl_filter(proto: int) -> list[tuple[int, int, int, int]]:
     ]
 
 
+def nfnl_filter(ports: Collection[int]) -> list[tuple[int, int, int, int]]:
+    """Classic BPF for the nfnetlink socket: drop the echoes of our own nftables writes.
+
+    A first apply of 100k CIDRs makes the kernel multicast every set element it added, about
+    13 MiB; read and parsed in the event loop, they held the GIL against the apply's own
+    worker thread and tripled its time. nftables sends a transaction's notifications in skbs
+    of their own, each message carrying the port id (``nlmsg_pid``, host-endian at offset 12)
+    of the socket that made the change, so the first message's port says whose the whole
+    datagram is. ``ports``: this process's netlink sockets (:func:`own_netlink_ports`); the
+    monitor mutes the echoes that still come (a socket opened since) by port in Python.
+    """
+    program: list[tuple[int, int, int, int]] = [(BPF_LD_W_ABS, 0, 0, 12)]
+    wanted = sorted({p for p in ports if p})[:_MUTED_PORTS_MAX]
+    for i, port in enumerate(wanted):
+        # A match jumps over the remaining comparisons and the accept, to the drop.
+        program.append((BPF_JEQ_K, len(wanted) - i, 0, _wire32(port)))
+    program += [(BPF_RET_K, 0, 0, _ACCEPT), (BPF_RET_K, 0, 0, 0)]
+    return program
+
+
+def _wire32(value: int) -> int:
+    """A host-endian u32 field as a BPF word load sees it (always big endian)."""
+    return int.from_bytes(struct.pack("=I", value), "big")
+
+
 def _attach_filter(sock: socket.socket, program: Sequence[tuple[int, int, int, int]]) -> None:
     """SO_ATTACH_FILTER: struct sock_fprog { unsigned short len; struct sock_filter *filter; }.
 
@@ -719,6 +749,20 @@ class EventSource(Protocol):
         """Release the source; idempotent."""
         ...
 
+    def mute(self, ports: frozenset[int]) -> None:
+        """Drop, before they are read where possible, the events these sockets caused (our
+        own writes); a hint: the monitor still mutes by port whatever arrives."""
+        ...
+
+    def pause(self) -> None:
+        """Stop receiving events that :meth:`resume` can do without (a source that cannot
+        tell keeps receiving everything)."""
+        ...
+
+    def resume(self) -> None:
+        """Receive again what :meth:`pause` stopped."""
+        ...
+
 
 class NetlinkSource:
     """A non-blocking netlink socket subscribed to its groups, and its parser.
@@ -734,11 +778,39 @@ class NetlinkSource:
         parse: Callable[[bytes, int], list[Event]],
         name: str,
         error: type[KernelError],
+        muter: Callable[[frozenset[int]], list[tuple[int, int, int, int]]] | None = None,
     ) -> None:
         self.sock = sock
         self.parse = parse
         self.name = name
         self.error = error
+        self._muter = muter
+        self._muted: frozenset[int] | None = None
+        self.pausable: tuple[int, ...] = ()  # groups pause() leaves, resume() joins again
+
+    def pause(self) -> None:
+        for group in self.pausable:
+            with contextlib.suppress(OSError):  # not a member: nothing to leave
+                self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
+
+    def resume(self) -> None:
+        for group in self.pausable:
+            try:
+                self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            except OSError as exc:
+                raise self.error(f"cannot subscribe to {self.name} events again: {exc}") from exc
+
+    def mute(self, ports: frozenset[int]) -> None:
+        """Replace the socket's filter with ``muter(ports)`` (a source without one keeps
+        its filter). Best effort: a filter the kernel refuses leaves the echoes to Python."""
+        if self._muter is None or ports == self._muted:
+            return
+        try:
+            _attach_filter(self.sock, self._muter(ports))
+        except OSError as exc:
+            log.warning("cannot filter our own %s echoes in the kernel: %s", self.name, exc)
+            return
+        self._muted = ports
 
     @classmethod
     def open(
@@ -749,6 +821,7 @@ class NetlinkSource:
         name: str,
         error: type[KernelError],
         program: Sequence[tuple[int, int, int, int]] = (),
+        muter: Callable[[frozenset[int]], list[tuple[int, int, int, int]]] | None = None,
     ) -> NetlinkSource:
         """Open a netlink socket of ``protocol`` in the caller's namespace and subscribe it.
 
@@ -781,7 +854,7 @@ class NetlinkSource:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, parse, name, error)
+        return cls(sock, parse, name, error, muter)
 
     async def pump(self, offer: Offer) -> None:
         """Read datagrams until cancelled; parse them and offer every event.
@@ -831,8 +904,10 @@ def open_kernel_sources(watch: Watch) -> list[EventSource]:
     )  # fmt: skip
     try:
         nfnl = NetlinkSource.open(
-            NETLINK_NETFILTER, (NFNLGRP_NFTABLES,), parse_nfnl, "nftables", NftError
-        )
+            NETLINK_NETFILTER, (NFNLGRP_NFTABLES,), parse_nfnl, "nftables", NftError,
+            muter=nfnl_filter,
+        )  # fmt: skip
+        nfnl.pausable = (NFNLGRP_NFTABLES,)
     except BaseException:
         rtnl.close()
         raise
@@ -883,6 +958,7 @@ class Monitor:
         self._own_ports = own_ports
         self._ours: frozenset[int] = frozenset()
         self._foreign: set[int] = set()
+        self._open: Sequence[EventSource] = ()  # the sources run() opened
         self._wake: trio.MemorySendChannel[None] | None = None
         self._cause: str | None = None
         self._rank = 0
@@ -892,12 +968,29 @@ class Monitor:
         self.muted = 0
         self.triggers = 0
 
+    @contextlib.contextmanager
+    def unwatched_nftables(self) -> Iterator[None]:
+        """Leave the nftables event group for the duration (sdnsup writing many set elements:
+        each listener costs the kernel a notification per element). Whoever uses this must
+        find out by itself whether another process changed nftables meanwhile (the ruleset
+        generation: :meth:`sdnsup.applier.Applier.nft_changed_since`)."""
+        paused = list(self._open)
+        for source in paused:
+            source.pause()
+        try:
+            yield
+        finally:
+            for source in paused:
+                source.resume()
+
     def _read_ports(self) -> bool:
         try:
             self._ours = self._own_ports()
         except OSError as exc:
             log.warning("cannot list our netlink sockets, echoes are not muted: %s", exc)
             return False
+        for source in self._open:
+            source.mute(self._ours)
         return True
 
     def _is_ours(self, port: int) -> bool:
@@ -986,6 +1079,7 @@ class Monitor:
                 closed. Whatever ``trigger`` raises propagates too.
         """
         sources = self._sources(self.watch)
+        self._open = sources
         try:
             self._foreign.clear()
             self._read_ports()
@@ -1007,5 +1101,6 @@ class Monitor:
                 raise
         finally:
             self._wake = None
+            self._open = ()
             for source in sources:
                 source.close()

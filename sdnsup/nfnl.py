@@ -77,6 +77,9 @@ NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
+NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
 NFPROTO_INET = 1
 
 NLM_F_REQUEST = 0x1
@@ -525,6 +528,38 @@ class SetElements:
             if keys is not None:
                 return _to_cidrs(version, _pair(keys, version))
         raise NftError(f"cannot read {where}: it kept changing while being dumped; retry")
+
+    def generation(self) -> int:
+        """The ruleset's generation id: every committed nftables transaction, anyone's, adds
+        one (NFT_MSG_GETGEN).
+
+        Raises:
+            NftError: the request failed.
+        """
+        seq = self._next_seq()
+        request = _NLMSGHDR.pack(
+            20, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, 0
+        )
+        try:
+            self._drain()
+            self._sock.send(request + _nfgenmsg(socket.AF_UNSPEC))
+            n = self._sock.recv_into(self._buf)
+        except OSError as exc:
+            raise NftError(f"cannot read the nftables generation: {exc.strerror or exc}") from exc
+        pos = 0
+        while pos + _NLMSGHDR.size <= n:
+            length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(self._buf, pos)
+            if length < _NLMSGHDR.size:
+                break
+            if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+                for atype, a, b in _typed_attrs(self._buf, pos + 20, pos + length):
+                    if atype == NFTA_GEN_ID and b - a >= 4:
+                        return int.from_bytes(self._buf[a : a + 4], "big")
+            if mtype == NLMSG_ERROR:
+                (err,) = _I32.unpack_from(self._buf, pos + 16)
+                raise NftError(f"cannot read the nftables generation: {os.strerror(-err)}")
+            pos += (length + 3) & ~3
+        raise NftError("cannot read the nftables generation: no answer carried it")
 
     # -- transactions -------------------------------------------------------------------------
 

@@ -146,6 +146,14 @@ class FakeNft:
         self.tables: dict[str, NftTable] = {}
         self.transactions = 0
         self.element_writes = 0
+        self.others = 0  # transactions other processes committed (tests raise it)
+
+    @property
+    def commits(self) -> int:
+        return self.transactions
+
+    def generation(self) -> int:
+        return self.transactions + self.others
 
     def read(self, name: str, *, elements: bool = True) -> NftTable | None:
         table = self.tables.get(name)

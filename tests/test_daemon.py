@@ -248,3 +248,67 @@ def test_a_restart_that_adopts_everything_still_tells_systemd_what_is_steered(tm
     assert notifier.sent[0].startswith("READY=1 STATUS=serving; waiting")
     assert notifier.sent[1].startswith("STATUS=1 IPv4 CIDRs -> AP 10.77.0.11 on eth0")
     assert "[no changes" in notifier.sent[1]
+
+
+def test_new_cidrs_are_written_unwatched_and_a_change_by_another_process_meanwhile_heals():
+    """Writing new CIDRs (first apply, reload) leaves the nftables event group: each listener
+    costs the kernel one notification per element. An AP switch stays watched. If another
+    process committed to nftables meanwhile (the generation moved more than our commits), a
+    heal re-reads the kernel."""
+    import contextlib
+
+    routes = FakeRoutes({"10.77.0.11": link(2, "eth0"), "10.77.0.12": link(2, "eth0")})
+    nft = FakeNft()
+    applier = Applier(routes, nft, FakeSysctl())
+    unwatched_applies: list[str] = []
+    real_apply = applier.apply
+
+    def apply(desired):
+        if watching["off"]:
+            unwatched_applies.append(str(desired.ap4))
+            if desired.ap4 == ipaddress.ip_address("10.77.0.12"):
+                nft.others += 1  # someone commits while sdnsup is not listening
+        return real_apply(desired)
+
+    applier.apply = apply  # type: ignore[method-assign]
+    watching = {"off": False}
+
+    @contextlib.contextmanager
+    def unwatched():
+        watching["off"] = True
+        try:
+            yield
+        finally:
+            watching["off"] = False
+
+    wider = RunConfig(cidrs=parse_cidrs(["10.10.10.0/24,10.10.20.0/24"]), aps=CONFIG.aps)
+    heals: list[str] = []
+
+    async def main():
+        mailbox = Mailbox()
+        real_heal = mailbox.heal
+        mailbox.heal = lambda cause: (heals.append(cause), real_heal(cause))  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(applier_task, applier, mailbox, unwatched=unwatched)
+            )
+
+            async def post(state):
+                mailbox.post(state)
+                for _ in range(200):
+                    await trio.sleep(0.01)
+                    if mailbox.latest is state and routes.nexthops(RTPROT_SDNSUP):
+                        break
+
+            await post(desired_for(CONFIG, CONFIG.aps[0]))  # first apply: new CIDRs
+            await trio.sleep(0.2)
+            await post(desired_for(CONFIG, CONFIG.aps[1]))  # an AP switch: watched
+            await trio.sleep(0.2)
+            assert heals == []
+            await post(desired_for(wider, CONFIG.aps[1]))  # a reload, and a foreign commit
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert unwatched_applies == ["10.77.0.11", "10.77.0.12"]
+    assert heals == ["nftables changed by another process while sdnsup wrote its CIDRs"]

@@ -526,11 +526,15 @@ def test_watch_covers_the_ap_slots_tables_rules_and_nexthops():
 
 
 def run_bpf(program, packet):
-    """A classic-BPF interpreter for the few instructions rtnl_filter uses."""
+    """A classic-BPF interpreter for the few instructions rtnl_filter and nfnl_filter use."""
     acc, pc = 0, 0
     while True:
         code, jt, jf, k = program[pc]
-        if code == netmon.BPF_LD_H_ABS:
+        if code == netmon.BPF_LD_W_ABS:
+            if k + 4 > len(packet):
+                return 0
+            acc = int.from_bytes(packet[k : k + 4], "big")
+        elif code == netmon.BPF_LD_H_ABS:
             if k + 2 > len(packet):
                 return 0  # the kernel drops a packet on an out-of-bounds load
             acc = int.from_bytes(packet[k : k + 2], "big")
@@ -549,14 +553,32 @@ def run_bpf(program, packet):
         pc += 1
 
 
-def test_filter_is_a_valid_forward_only_program():
-    program = rtnl_filter(245)
+@pytest.mark.parametrize(
+    "program", [rtnl_filter(245), netmon.nfnl_filter(()), netmon.nfnl_filter(range(1, 100))]
+)
+def test_filter_is_a_valid_forward_only_program(program):
     assert program[-1][0] == netmon.BPF_RET_K
     for i, (code, jt, jf, _k) in enumerate(program):
         if code in (netmon.BPF_JEQ_K, netmon.BPF_JSET_K):
             assert i + 1 + jt < len(program) and i + 1 + jf < len(program)
+            assert 0 <= jt < 256 and 0 <= jf < 256
         else:
             assert jt == jf == 0
+
+
+def test_nftables_echoes_of_our_own_sockets_are_dropped_in_the_kernel_and_others_kept():
+    """A 100k-CIDR apply's set-element echoes (13 MiB) must not reach the event loop, while
+    every other process's nftables changes do."""
+    import struct
+
+    packets = [raw(name) for name in [*_HEX, *_ZLIB] if name.startswith("NFT")]
+    assert packets
+    for packet in packets:
+        port = struct.unpack_from("=I", packet, 12)[0]
+        assert port, "a captured nftables change carries its writer's port"
+        assert run_bpf(netmon.nfnl_filter({7, port, 99}), packet) == 0  # ours: dropped
+        assert run_bpf(netmon.nfnl_filter({7, port + 1}), packet)  # another's: kept
+        assert run_bpf(netmon.nfnl_filter(()), packet)  # no port known yet: kept
 
 
 def test_filter_keeps_everything_relevant_and_drops_echoes_and_foreign_routes():
@@ -599,6 +621,15 @@ class FakeSource:
 
     def close(self):
         self.closed = True
+
+    def mute(self, ports):
+        self.muted_ports = ports
+
+    def pause(self):
+        self.paused = True
+
+    def resume(self):
+        self.paused = False
 
 
 class FakePorts:
