@@ -186,3 +186,40 @@ def test_stop_within_two_seconds(make_lab):
     assert stop_sdnsup(lab, proc) == 0
     assert time.monotonic() - t0 < 2.0
     wait_for(lambda: owned(lab)["tables"] == [], 1, "table removal")
+
+
+@pytest.mark.parametrize("when", ["while parsing", "once the CIDRs are read"])
+def test_a_stop_during_start_up_at_100k_cidrs_exits_0_at_once_and_leaves_nothing(make_lab, when):
+    """SIGTERM while 100k CIDRs are being parsed (most of a second), or just after: exit 0
+    within a second, nothing in the kernel (it used to kill the process: exit -15)."""
+    import ipaddress
+    import os
+    import signal
+    import time
+
+    lab = make_lab(n_aps=1)
+    assert lab.tmpdir is not None
+    path = lab.tmpdir / "100k.txt"
+    base = int(ipaddress.IPv4Address("11.0.0.0"))
+    path.write_text(
+        "".join(f"{ipaddress.IPv4Network((base + i * 32, 28))}\n" for i in range(100_000))
+    )
+    proc = lab.run_sdnsup(lab.ns_a, "-r", f"@{path}", "--ap", ap_arg(lab), "--probe", "icmp")
+    if when == "while parsing":
+        # The CIDRs are parsed before logging starts: wait for CPU time past the imports.
+        def cpu() -> float:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        wait_for(lambda: cpu() >= 0.4, 10, "sdnsup to be parsing", step=0.01)
+        assert "CIDRs: " not in lab.logs(proc)  # still parsing
+    else:
+        wait_for(lambda: "CIDRs: " in lab.logs(proc), 10, "the CIDRs line", step=0.01)
+    assert "applied:" not in lab.logs(proc)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0, lab.logs(proc)
+    assert time.monotonic() - sent < 1.0 + 0.5  # a second, plus a loaded CI machine's slack
+    assert "Traceback" not in lab.logs(proc)
+    assert owned(lab) == {"rules": [], "routes": [], "nexthops": [], "tables": []}

@@ -216,7 +216,42 @@ def cc_addresses(url: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addres
     return tuple(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
 
 
+class _StopRequested(BaseException):
+    """SIGTERM or SIGINT before the daemon serves: nothing of sdnsup's is in the kernel."""
+
+
+class _EarlyStop:
+    """SIGTERM/SIGINT from the start of ``run`` until the daemon's own handling takes over.
+
+    Parsing 100k CIDRs takes most of a second: a stop then must end the process cleanly
+    (exit 0), not kill it (SIGTERM's default) or print a traceback. While ``raising``, the
+    signal interrupts whatever runs; once trio runs it is only recorded, and the daemon's
+    signal task acts on it as soon as it starts (:func:`sdnsup.daemon.serve`).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.raising = True
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        if self.raising:
+            raise _StopRequested(signum)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    early = _EarlyStop()
+    signal.signal(signal.SIGTERM, early)
+    signal.signal(signal.SIGINT, early)
+    try:
+        return _run(args, early)
+    except _StopRequested as stop:
+        name = signal.Signals(stop.args[0]).name
+        log.warning("received %s before anything was applied: stopped", name)
+        return 0
+
+
+def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
     import trio
 
     from sdnsup.daemon import RUN_DIR, Mailbox, first_sdnsup_error, serve
@@ -403,6 +438,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         notifier=notifier,
                         metrics_listen=opts.metrics,
                         pins=keeper,
+                        stop_pending=lambda: early.signum is not None,
                         reload=functools.partial(
                             reload_config, args, opts, config, applier.foreign_objects
                         ),
@@ -412,6 +448,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     with trio.CancelScope(shield=True):
                         await cc.aclose()
 
+        # From here the daemon's signal task handles stops; one arriving before it starts
+        # is recorded and acted on when it does.
+        early.raising = False
         try:
             trio.run(main)
         except BaseException as exc:

@@ -278,10 +278,17 @@ async def _on_signals(
     scope: trio.CancelScope,
     reload: Callable[[], Awaitable[None]] | None,
     on_stop: Callable[[], None] = lambda: None,
+    stop_pending: Callable[[], bool] = lambda: False,
 ) -> None:
     """SIGTERM/SIGINT tear down; SIGHUP reloads (one at a time: a second HUP during a
-    reload waits for it, and reloads again, so the newest file always wins)."""
+    reload waits for it, and reloads again, so the newest file always wins).
+    ``stop_pending``: whether a stop came before this task listened."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        if stop_pending():
+            log.info("received a stop during start-up, tearing down")
+            on_stop()
+            scope.cancel()
+            return
         async for signum in signals:
             if signum == signal.SIGHUP:
                 if reload is None:
@@ -320,6 +327,7 @@ async def serve(
     metrics_listen: tuple[str, int] | None = None,
     pins: PinKeeper | None = None,
     reload: Callable[[], RunConfig] | None = None,
+    stop_pending: Callable[[], bool] = lambda: False,
 ) -> None:
     """Run until SIGTERM/SIGINT, then remove everything sdnsup owns. SIGHUP reloads.
 
@@ -348,6 +356,8 @@ async def serve(
             desired state: a diff, so the policy rules never go and pinned connections keep
             their AP. A bad configuration is logged (and shown in status) and the running
             one kept. None: SIGHUP is logged and ignored.
+        stop_pending: whether SIGTERM/SIGINT came before serve listened for signals (the
+            caller recorded it): then it tears down at once.
 
     Raises:
         DiscoveryError: initial discovery exhausted its retries.
@@ -427,6 +437,7 @@ async def serve(
                 nursery.cancel_scope,
                 reload_now if reload is not None else None,
                 applier.abort,
+                stop_pending,
             )
             nursery.start_soon(
                 supervised,
