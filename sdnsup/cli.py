@@ -342,13 +342,15 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
             nexthop_compat=opts.nexthop_compat,
         )
         mailbox = Mailbox()
-        # The previous run's AP slots (after kill -9 or a restart): their connections keep
-        # their AP. Read before anything is decided, so the first state applied keeps them.
+        # Nexthop ids another tool holds are left to it: this run takes a free block (or the
+        # one its predecessor used); routes and rules of others where sdnsup writes refuse.
         settings = applier.with_free_nexthop_ids(settings)
         config = dataclasses.replace(config, settings=settings)
         conflicts = applier.foreign_objects(settings, [*cidrs.v4, *cidrs.v6])
         if conflicts:
             raise foreign_error(settings, conflicts)
+        # The previous run's AP slots (after kill -9 or a restart): their connections keep
+        # their AP. Read before anything is decided, so the first state applied keeps them.
         recovered = applier.recover_slots(settings)
         keeper = PinKeeper(
             Conntrack(),

@@ -794,11 +794,18 @@ class NetlinkSource:
                 self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
 
     def resume(self) -> None:
+        if self.sock.fileno() < 0:
+            return  # closed meanwhile (the monitor restarted): its successor subscribed anew
         for group in self.pausable:
             try:
                 self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
             except OSError as exc:
-                raise self.error(f"cannot subscribe to {self.name} events again: {exc}") from exc
+                # Not an apply failure: the periodic re-read still catches what is missed.
+                log.error(
+                    "cannot watch %s events again: %s; relying on the periodic re-read",
+                    self.name,
+                    exc,
+                )
 
     def mute(self, ports: frozenset[int]) -> None:
         """Replace the socket's filter with ``muter(ports)`` (a source without one keeps
