@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -148,6 +149,57 @@ def _entries(spec: str) -> Iterator[tuple[str, str, bool]]:
             yield "-r", part, True
 
 
+def plain_ipv4(text: str) -> IPv4Network | None:
+    """``text`` as a network if it is a plain, valid IPv4 CIDR without host bits
+    (``10.0.0.0/8``); None for anything else, which :func:`ipaddress.ip_network` then parses
+    and, if wrong, explains.
+
+    Nearly every entry of a real list is such a CIDR: this reads it about twice as fast as
+    :func:`ipaddress.ip_network` (``inet_pton`` is as strict: four decimal octets, no leading
+    zeros), which is a fifth of the time of a 100k-line file.
+    """
+    addr, slash, length = text.partition("/")
+    if not slash or not (0 < len(length) <= 2 and length.isascii() and length.isdigit()):
+        return None
+    prefixlen = int(length)
+    if prefixlen > 32:
+        return None
+    try:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET, addr), "big")
+    except (OSError, ValueError):
+        return None
+    if value & ((1 << (32 - prefixlen)) - 1):
+        return None  # host bits set: the slow path says so, with the CIDR meant
+    return IPv4Network((value, prefixlen))
+
+
+def _parse(where: str, text: str, typed: bool, problems: list[str]) -> Network | None:
+    """Any entry :func:`plain_ipv4` did not take: the network, or None with the reason
+    appended to ``problems``."""
+    shown = repr(text) if typed else shown_entry(text)
+    if "%" in text:
+        # ipaddress accepts an IPv6 zone index (fd00::%eth0/64) and keeps it in the
+        # network; routes and set elements have none, so it never equals a read-back.
+        problems.append(f"{where}: {shown} has a zone index (%...); a CIDR has none")
+        return None
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            fixed = ipaddress.ip_network(text, strict=False)
+            problems.append(f"{where}: {text} has host bits set (did you mean {fixed}?)")
+        else:
+            problems.append(f"{where}: {shown} is not a CIDR like 10.10.10.0/24")
+        return None
+    mapped = net.network_address.ipv4_mapped if isinstance(net, IPv6Network) else None
+    if mapped is not None and net.prefixlen >= 96:
+        # No packet carries a v4-mapped destination: such a CIDR would never match.
+        as_v4 = IPv4Network((mapped, net.prefixlen - 96))
+        problems.append(f"{where}: {net} is IPv4-mapped IPv6 (did you mean {as_v4}?)")
+        return None
+    return net
+
+
 def parse_cidrs(
     specs: Iterable[str],
     *,
@@ -181,26 +233,10 @@ def parse_cidrs(
                 f"{where}: more than {max_cidrs} CIDRs given (the limit, --max-cidrs); raise "
                 "it if the list is really that long"
             )
-        shown = repr(text) if typed else shown_entry(text)
-        if "%" in text:
-            # ipaddress accepts an IPv6 zone index (fd00::%eth0/64) and keeps it in the
-            # network; routes and set elements have none, so it never equals a read-back.
-            problems.append(f"{where}: {shown} has a zone index (%...); a CIDR has none")
-            continue
-        try:
-            net = ipaddress.ip_network(text, strict=True)
-        except ValueError as exc:
-            if "has host bits set" in str(exc):
-                fixed = ipaddress.ip_network(text, strict=False)
-                problems.append(f"{where}: {text} has host bits set (did you mean {fixed}?)")
-            else:
-                problems.append(f"{where}: {shown} is not a CIDR like 10.10.10.0/24")
-            continue
-        mapped = net.network_address.ipv4_mapped if isinstance(net, IPv6Network) else None
-        if mapped is not None and net.prefixlen >= 96:
-            # No packet carries a v4-mapped destination: such a CIDR would never match.
-            as_v4 = IPv4Network((mapped, net.prefixlen - 96))
-            problems.append(f"{where}: {net} is IPv4-mapped IPv6 (did you mean {as_v4}?)")
+        net: Network | None = plain_ipv4(text)
+        if net is None:
+            net = _parse(where, text, typed, problems)
+        if net is None:
             continue
         if net.prefixlen == 0 and not allow_default:
             problems.append(
