@@ -17,15 +17,21 @@ from sdnsup.lab import Lab
 pytestmark = pytest.mark.netns
 
 
+def notify_socket(tmp_path: Path) -> tuple[Path, socket.socket]:
+    """Where systemd would listen for sd_notify messages: a datagram socket, 0.2 s reads."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    return path, sock
+
+
 def test_systemd_notify_ready_watchdog_stopping_in_order(make_lab, tmp_path):
     lab: Lab = make_lab(n_aps=1)
     lab.start_ap_agents({1: 0.005})
     url = lab.start_cc()
     lab.set_cc()
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(0.2)
+    path, sock = notify_socket(tmp_path)
     proc = lab.run_sdnsup(
         lab.ns_a,
         "-r", "10.10.10.0/24", "--cc", url,
@@ -83,10 +89,7 @@ def test_systemd_ready_does_not_wait_for_a_cc_that_is_down(make_lab, tmp_path):
     what it waits for; the routes follow when the CC answers."""
     lab: Lab = make_lab(n_aps=1)
     lab.start_ap_agents({1: 0.005})
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(0.2)
+    path, sock = notify_socket(tmp_path)
     # No CC started: its address refuses every connection.
     proc = lab.run_sdnsup(
         lab.ns_a,
