@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sdnsup import heap
 from sdnsup.defaults import NexthopCompat
 from sdnsup.errors import ConfigError, KernelError, NftError, RoutesError
 from sdnsup.nft import Element, NftBackend, NftTable, render_table
@@ -494,7 +495,10 @@ class Applier:
         self._applied: KernelState | None = None
         # What the first read of the kernel found of an earlier sdnsup (after kill -9 or a
         # crash): adopted by the first apply, which keeps what fits and removes the rest.
-        self.found_at_start: KernelState | None = None
+        # what the first read found (an earlier process's leftovers), as a summary: the state
+        # itself may hold 100k CIDRs
+        self.found_at_start = ""
+        self._read_many = False
         self._first_read = True
         # Set from another thread to stop an apply between its batches (a stop must not wait
         # for 100k routes to be written only to remove them again); cleared by teardown.
@@ -648,18 +652,23 @@ class Applier:
                 records exactly what succeeded, so the next apply retries the rest).
         """
         with _gc_paused():
-            return self._apply(desired)
+            result = self._apply(desired)
+        if result.total_writes >= ROUTE_BATCH or self._read_many:
+            heap.release()
+        return result
 
     def _apply(self, desired: DesiredState) -> ApplyResult:
         start = time.perf_counter()
         self._settings = desired.settings
         healing = False
+        self._read_many = False
         if self._applied is None:
             self._applied = self.read_kernel()
+            self._read_many = self._applied.route_count() >= ROUTE_BATCH
             healing = not self._first_read
             if self._first_read:
                 self._first_read = False
-                self.found_at_start = self._applied
+                self.found_at_start = self._applied.summary()
         target, result = render(
             desired,
             self._routes.resolve,
@@ -826,13 +835,26 @@ class Applier:
         if aborted and not errors:
             errors.append(f"stopped by request after {len(added)} routes")
         # An abort skips the rest: what was written is recorded below, for teardown.
-        elements_changed = False
+        elements_changed = unknown = False
         gone_nh: set[int] = set()
         if not aborted:
             if plan.replace_table is not None:
                 new_table = plan.replace_table
-                if guarded("nftables", lambda: self._nft.replace(new_table)):
+                # Only an existing table needs the one-transaction swap: a new one has nothing
+                # to keep steering meanwhile, and the two-step way costs far less (see create).
+                if table is None:
+                    if guarded("nftables", lambda: self._nft.create(new_table)):
+                        table = new_table
+                    else:
+                        # Its ruleset may have landed without the elements: record what did
+                        # (or, if even that cannot be read, read everything next time).
+                        try:
+                            table = self._nft.read(new_table.name)
+                        except NftError:
+                            unknown = True
+                elif guarded("nftables", lambda: self._nft.replace(new_table)):
                     table = new_table
+                if table is new_table:
                     result.writes["nft table"] += 1
                     result.writes["nft element"] += sum(len(v) for v in new_table.elements.values())
             if plan.replace_pins is not None and table is not None:
@@ -879,6 +901,9 @@ class Applier:
             # Everything planned happened: the kernel now holds the target, and keeping the
             # very same object lets the next diff skip unchanged route groups by identity.
             self._applied = target
+            return errors
+        if unknown:
+            self._applied = None
             return errors
         if elements_changed and table is not None:
             # Only on this partial-failure path is the new set contents worth computing

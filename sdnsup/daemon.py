@@ -178,7 +178,7 @@ async def applier_task(
             if on_healed is not None:
                 on_healed(heals[0])
         elif first or (result.total_writes and not heals):
-            found = applier.found_at_start.summary() if first and applier.found_at_start else ""
+            found = applier.found_at_start if first else ""
             if found:
                 log.info(
                     "adopted what an earlier sdnsup left in the kernel (killed or crashed): "

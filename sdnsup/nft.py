@@ -34,6 +34,7 @@ kernel (desired state, diff, status), the sets stay one logical ``dst4``/``dst6`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -443,6 +444,15 @@ class NftBackend(Protocol):
         """Atomically replace (or create) the whole table, elements included."""
         ...
 
+    def create(self, table: NftTable) -> None:
+        """Create the table where there is none (an existing one is replaced): the ruleset
+        with empty sets in one transaction, then the elements in one more.
+
+        Not atomic, and need not be: before the elements land, nothing is steered, as before
+        the table existed.
+        """
+        ...
+
     def update_elements(
         self,
         table: NftTable,
@@ -612,6 +622,18 @@ class LibNftables:
     def replace(self, table: NftTable) -> None:
         self._run(table_commands(table), f"load table {FAMILY} {table.name}")
         self._commits += 1
+        # libnftables keeps what it loaded in its cache until its next command: 68 MB for
+        # 100k elements, for the life of an idle daemon. This listing (terse, ~1 ms) drops it.
+        self._listing(table.name)
+
+    def create(self, table: NftTable) -> None:
+        # Elements through nfnetlink, not libnftables: measured at 100k CIDRs, 0.55 s and
+        # +14 MB at the peak against 1.3-1.6 s and +167 MB (libnftables turns each JSON
+        # element into several objects of its own before it sends anything).
+        self.replace(dataclasses.replace(table, elements={}))
+        adds = {name: (elems, frozenset[Element]()) for name, elems in table.elements.items()}
+        if adds:
+            self.update_elements(table, adds)
 
     def replace_pins(self, table: NftTable) -> None:
         self._run(pins_commands(table), f"replace chain {FAMILY} {table.name} {PINS_CHAIN}")

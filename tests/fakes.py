@@ -147,6 +147,7 @@ class FakeNft:
         self.transactions = 0
         self.element_writes = 0
         self.others = 0  # transactions other processes committed (tests raise it)
+        self.calls: list[str] = []  # whole-table writes: "create" or "replace"
 
     @property
     def commits(self) -> int:
@@ -162,9 +163,18 @@ class FakeNft:
         return NftTable(table.name, table.ruleset, {}, table.shards, table.pins)
 
     def replace(self, table: NftTable) -> None:
+        self.calls.append("replace")
         self.tables[table.name] = table
         self.transactions += 1
         self.element_writes += sum(len(v) for v in table.elements.values())
+
+    def create(self, table: NftTable) -> None:
+        self.calls.append("create")
+        self.tables[table.name] = NftTable(table.name, table.ruleset, {}, table.shards, table.pins)
+        self.transactions += 1
+        adds = {name: (elems, frozenset[Element]()) for name, elems in table.elements.items()}
+        if adds:
+            self.update_elements(table, adds)
 
     def update_elements(
         self,

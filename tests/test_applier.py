@@ -81,6 +81,28 @@ def test_switching_ap_is_one_nexthop_replace():
     assert f"nexthop {NHID_V4:#x} 10.77.0.12 if2" in routes.dump()
 
 
+def test_a_new_table_gets_its_elements_apart_and_an_existing_one_is_swapped_whole():
+    """Creating the table is cheaper in two transactions (ruleset, then elements) and safe:
+    nothing is steered before it exists. A table that exists is replaced in one, so that
+    steering never pauses while it changes."""
+    applier, _, nft, _ = make()
+    applier.apply(state())
+    assert nft.calls == ["create"]
+    assert nft.tables["sdnsup"].set("dst4") == {N("10.10.10.0/24"), N("10.10.20.0/24")}
+    # someone edits sdnsup's ruleset: the heal swaps the whole table
+    t = nft.tables["sdnsup"]
+    nft.tables["sdnsup"] = type(t)(t.name, "[]", t.elements, t.shards, t.pins)
+    applier.resync()
+    applier.apply(state())
+    assert nft.calls == ["create", "replace"]
+    # someone deletes it: created again
+    del nft.tables["sdnsup"]
+    applier.resync()
+    applier.apply(state())
+    assert nft.calls == ["create", "replace", "create"]
+    assert nft.tables["sdnsup"].set("dst4") == {N("10.10.10.0/24"), N("10.10.20.0/24")}
+
+
 def test_changing_one_cidr_touches_only_it():
     applier, routes, nft, _ = make()
     applier.apply(state("10.1.0.0/16,10.2.0.0/16,10.3.0.0/16"))
