@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from sdnsup.cidrs import KnownNetworks
 from sdnsup.routes import Link, Nexthop, Route, Rule
 from sdnsup.rtnl import RtnlRoutes
 
@@ -162,6 +163,11 @@ def test_add_routes_v4_and_v6_reads_back_exactly(rt: RtnlRoutes, netns: Netns) -
     assert {r["dst"] for r in kernel6} == {str(r.dst) for r in routes if r.dst.version == 6}
     assert {(r["nhid"], r["protocol"], r["gateway"]) for r in kernel4} == {(4, str(P), str(GW4A))}
     assert {(r["nhid"], r["protocol"], r["gateway"]) for r in kernel6} == {(6, str(P), str(GW6A))}
+    # read with the desired networks at hand: the very objects come back (no new ones)
+    known = KnownNetworks(r.dst for r in routes)
+    by_value = {r.dst: r.dst for r in routes}
+    again = rt.routes(P, known)
+    assert again == set(routes) and all(r.dst is by_value[r.dst] for r in again)
 
 
 def test_add_is_create_or_replace(rt: RtnlRoutes, netns: Netns) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import benchlib
 from bench_failover import (
     CIDRS,
+    SEND_INTERVAL,
     STAT_HEAD,
     BenchError,
     alive,
@@ -47,9 +48,11 @@ from bench_failover import (
     lab_with_cc,
     log_records,
     maybe_stat,
+    monitor_events,
     overlay,
     python,
     repeat,
+    start_monitor,
     stat_row,
     wait_for,
 )
@@ -94,6 +97,8 @@ class ScaleRun:
     idle_rss: int  # kB
     peak_rss: int  # kB
     stop: float
+    reload: dict[str, float]
+    restart: dict[str, float]
 
 
 PHASES = (
@@ -150,6 +155,78 @@ def idle_since(pid: int, timeout: float) -> float:
     return since
 
 
+RELOADED_CIDR = "12.0.0.0/28"  # outside every CIDR of the file
+
+
+def reload_run(lab: Lab, proc: Any, path: str) -> dict[str, float]:
+    """The file's last CIDR replaced by RELOADED_CIDR, then SIGHUP: the time from the signal
+    to the kernel's events for the new route and for the old one's removal (the last write
+    of the reload: routes are added, set elements changed, then routes deleted)."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    old = lines[-1]
+    with open(path, "w") as f:
+        f.write("\n".join([*lines[:-1], RELOADED_CIDR]) + "\n")
+    monitor = start_monitor(lab, "route")
+    try:
+        signalled = time.time()
+        proc.send_signal(signal.SIGHUP)
+
+        def events() -> dict[str, float] | None:
+            alive(lab, proc)
+            found: dict[str, float] = {}
+            for stamp, event in monitor_events(lab.logs(monitor)):
+                if event.startswith(RELOADED_CIDR + " ") and "table 7300" in event:
+                    found.setdefault("added", stamp)
+                if event.startswith(f"Deleted {old} ") and "table 7300" in event:
+                    found.setdefault("removed", stamp)
+            return found if len(found) == 2 else None
+
+        found = wait_for("the reload's two route events", CONVERGE_TIMEOUT, events)
+    finally:
+        lab.stop(monitor, grace=1.0)
+    return {
+        "route_added": found["added"] - signalled,
+        "done": max(found.values()) - signalled,
+    }
+
+
+def restart_run(
+    lab: Lab, url: str, path: str, proc: Any, client: Any
+) -> tuple[Any, dict[str, float]]:
+    """``kill -9``, then the same command again: launch -> "applied:" (which must say that
+    nothing was written) -> idle; and the new UDP flows (one every 5 ms) sent from the kill to
+    idle that got no answer, or got it through another AP than AP1."""
+    via = overlay(lab, 1)
+    killed = time.time()
+    proc.kill()
+    proc.wait(10)
+    launched = time.time()
+    new = lab.run_sdnsup(lab.ns_a, "-r", f"@{path}", "--cc", url)
+    wait_for(
+        "the restarted daemon's 'applied:' line",
+        CONVERGE_TIMEOUT,
+        lambda: "applied:" in lab.logs(new),
+    )
+    idle = idle_since(new.pid, IDLE_TIMEOUT)
+    applied = log_records(lab, new, r"INFO applied: ")[0]
+    if "no changes" not in applied[1]:
+        raise BenchError(f"the restarted daemon wrote to the kernel: {applied[1]}")
+    time.sleep(SOCKET_WAIT)  # the last flows' replies
+    window = [r for r in json_lines(lab, client) if killed <= r["sent"] <= idle]
+    sent = int((idle - killed) / SEND_INTERVAL)
+    return new, {
+        "applied": applied[0] - launched,
+        "idle": idle - launched,
+        "flows_sent": float(sent),
+        "flows_lost": float(max(0, sent - len(window))),
+        "flows_elsewhere": float(sum(1 for r in window if r["seen"] != via)),
+    }
+
+
+SOCKET_WAIT = 1.0
+
+
 def scale_run(lab: Lab, url: str, n: int) -> ScaleRun:
     path = cidr_file(lab, n)
     ap1 = lab.ap(1)
@@ -171,6 +248,19 @@ def scale_run(lab: Lab, url: str, n: int) -> ScaleRun:
         wait_for("the 'applied:' line", CONVERGE_TIMEOUT, lambda: "applied:" in lab.logs(proc))
         idle = idle_since(proc.pid, IDLE_TIMEOUT)
         rss, peak = memory(proc.pid)
+        stamps = {}
+        for key, pattern in (
+            ("parsed", r"INFO CIDRs: "),
+            ("chosen", r"AP chosen: "),
+            ("written", r"INFO applied: "),
+        ):
+            found = log_records(lab, proc, pattern)
+            if not found:
+                raise BenchError(f"no log line matching {pattern!r}:\n{lab.logs(proc)[-3000:]}")
+            stamps[key] = found[0][0]
+        reloaded = reload_run(lab, proc, path)
+        idle_since(proc.pid, IDLE_TIMEOUT)
+        proc, restarted = restart_run(lab, url, path, proc, client)
         stopped = time.time()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
@@ -181,16 +271,6 @@ def scale_run(lab: Lab, url: str, n: int) -> ScaleRun:
         lab.stop(client, grace=1.0)
         if proc.poll() is None:
             lab.stop(proc, grace=10.0)
-    stamps = {}
-    for key, pattern in (
-        ("parsed", r"INFO CIDRs: "),
-        ("chosen", r"AP chosen: "),
-        ("written", r"INFO applied: "),
-    ):
-        found = log_records(lab, proc, pattern)
-        if not found:
-            raise BenchError(f"no log line matching {pattern!r}:\n{lab.logs(proc)[-3000:]}")
-        stamps[key] = found[0][0]
     phases = {
         "parsed": stamps["parsed"] - launched,
         "chosen": stamps["chosen"] - stamps["parsed"],
@@ -199,7 +279,7 @@ def scale_run(lab: Lab, url: str, n: int) -> ScaleRun:
         "idle": max(0.0, idle - stamps["written"]),
         "total_written": stamps["written"] - launched,
     }
-    return ScaleRun(n, alone["parse"], alone["apply"], phases, rss, peak, stop)
+    return ScaleRun(n, alone["parse"], alone["apply"], phases, rss, peak, stop, reloaded, restarted)
 
 
 def report(runs: dict[int, list[ScaleRun]], requested: int) -> dict[str, Any]:
@@ -210,7 +290,27 @@ def report(runs: dict[int, list[ScaleRun]], requested: int) -> dict[str, Any]:
             *(stat_row(f"  {label}", [r.phases[key] for r in done]) for key, label in PHASES),
             stat_row("applier alone, from scratch (same lab)", [r.apply_alone for r in done]),
             stat_row("parse alone (same file)", [r.parse_alone for r in done], "<= 300 ms"),
-            stat_row("SIGTERM -> exit, idle", [r.stop for r in done], "<= 1 s + teardown"),
+            stat_row(
+                "SIGHUP, one CIDR changed -> new route in the kernel",
+                [r.reload["route_added"] for r in done],
+            ),
+            stat_row(
+                "SIGHUP -> both routes and set elements written",
+                [r.reload["done"] for r in done],
+                "<= 500 ms",
+            ),
+            stat_row(
+                "kill -9, restart: launch -> 'applied: ... no changes'",
+                [r.restart["applied"] for r in done],
+            ),
+            stat_row(
+                "kill -9, restart: launch -> idle", [r.restart["idle"] for r in done], "<= 3 s"
+            ),
+            stat_row(
+                "SIGTERM -> exit, idle (restarted daemon)",
+                [r.stop for r in done],
+                "<= 1 s + teardown",
+            ),
         ]
         ratios = [r.phases["total_written"] / (r.apply_alone + r.parse_alone) for r in done]
         rss = [r.idle_rss / 1024 for r in done]
@@ -226,6 +326,13 @@ def report(runs: dict[int, list[ScaleRun]], requested: int) -> dict[str, Any]:
             )
             mb = benchlib.stat(rss).median, benchlib.stat(peak).median
             print(f"  RSS idle {mb[0]:.0f} MB, peak {mb[1]:.0f} MB")
+            sent = sum(r.restart["flows_sent"] for r in done)
+            lost = sum(r.restart["flows_lost"] for r in done)
+            elsewhere = sum(r.restart["flows_elsewhere"] for r in done)
+            print(
+                f"  from kill -9 to the restarted daemon idle: {sent:.0f} new UDP flows, "
+                f"{lost:.0f} unanswered, {elsewhere:.0f} not through AP1"
+            )
         figures[str(n)] = {
             "runs_requested": requested,
             "phases": {key: maybe_stat([r.phases[key] for r in done]) for key, _ in PHASES},
@@ -234,6 +341,14 @@ def report(runs: dict[int, list[ScaleRun]], requested: int) -> dict[str, Any]:
             "parse_alone": maybe_stat([r.parse_alone for r in done]),
             "ratio": maybe_stat(ratios),
             "stop": maybe_stat([r.stop for r in done]),
+            "reload_route_added": maybe_stat([r.reload["route_added"] for r in done]),
+            "reload_done": maybe_stat([r.reload["done"] for r in done]),
+            "restart_applied": maybe_stat([r.restart["applied"] for r in done]),
+            "restart_idle": maybe_stat([r.restart["idle"] for r in done]),
+            "restart_flows": {
+                k: sum(r.restart[k] for r in done)
+                for k in ("flows_sent", "flows_lost", "flows_elsewhere")
+            },
             "rss_idle_mb": maybe_stat(rss),
             "rss_peak_mb": maybe_stat(peak),
         }

@@ -22,11 +22,12 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdnsup import heap
+from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 from sdnsup.defaults import NexthopCompat
 from sdnsup.errors import ConfigError, KernelError, NftError, RoutesError
 from sdnsup.nft import Element, NftBackend, NftTable, render_table
@@ -511,18 +512,21 @@ class Applier:
         """What the applier believes the kernel holds (None: not read yet)."""
         return self._applied
 
-    def read_kernel(self, *, elements: bool = True) -> KernelState:
+    def read_kernel(
+        self, *, elements: bool = True, known: KnownNetworks = NO_KNOWN_NETWORKS
+    ) -> KernelState:
         """Read every object sdnsup owns from the kernel, leftovers of earlier runs included.
 
         ``elements=False`` leaves set contents out (the table is still found), for teardown,
-        which deletes the table whatever it holds.
+        which deletes the table whatever it holds. ``known``: network objects to use for
+        the routes and elements found (those of the state about to be applied).
         """
         with _gc_paused():
             return KernelState(
                 nexthops=frozenset(self._routes.nexthops(self._proto)),
-                routes=group_routes(self._routes.routes(self._proto)),
+                routes=group_routes(self._routes.routes(self._proto, known)),
                 rules=frozenset(self._routes.rules(self._proto)),
-                table=self._nft.read(self._settings.nft_table, elements=elements),
+                table=self._nft.read(self._settings.nft_table, elements=elements, known=known),
             )
 
     def resync(self) -> None:
@@ -542,7 +546,9 @@ class Applier:
         """Whether a stop asked applies to end (until :meth:`teardown`)."""
         return self._abort.is_set()
 
-    def foreign_objects(self, settings: Settings, cidrs: Iterable[IPNetwork] = ()) -> list[str]:
+    def foreign_objects(
+        self, settings: Settings, cidrs: Collection[IPNetwork] = frozenset()
+    ) -> list[str]:
         """Other tools' objects where sdnsup would write with ``settings`` and ``cidrs``:
         policy rules at its priorities or looking up its tables, routes it would write (a
         CIDR in its table, the default route of a slot's table), nexthops with its ids.
@@ -558,12 +564,11 @@ class Applier:
             priorities=range(settings.priority - PRIORITY_SPAN, settings.priority + 1),
             nhids=settings.nhids(),
             routes={
-                *((settings.table, net) for net in cidrs),
-                *(
-                    (settings.slot_table(n), default)
+                settings.table: cidrs,
+                **{
+                    settings.slot_table(n): _DEFAULT_ROUTE[4] | _DEFAULT_ROUTE[6]
                     for n in range(1, settings.slots + 1)
-                    for default in (_DEFAULT_ROUTE[4] | _DEFAULT_ROUTE[6])
-                ),
+                },
             },
         )
         return [str(f) for f in found]
@@ -663,7 +668,9 @@ class Applier:
         healing = False
         self._read_many = False
         if self._applied is None:
-            self._applied = self.read_kernel()
+            known = KnownNetworks(desired.cidrs4, desired.cidrs6)
+            self._applied = self.read_kernel(known=known)
+            del known
             self._read_many = self._applied.route_count() >= ROUTE_BATCH
             healing = not self._first_read
             if self._first_read:
@@ -705,7 +712,9 @@ class Applier:
         nexthop replace id``), and writing it again would replace theirs in turn. Start-up
         refuses such objects (:meth:`foreign_objects`); this keeps the rule while running.
         """
-        keys = {(r.table, r.dst) for r in plan.add_routes}
+        keys: dict[int, set[IPNetwork]] = {}
+        for r in plan.add_routes:
+            keys.setdefault(r.table, set()).add(r.dst)
         ids = {nh.id for nh in plan.create_nexthops}
         if not keys and not ids:
             return plan, []

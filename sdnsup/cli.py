@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -346,7 +346,7 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
         # one its predecessor used); routes and rules of others where sdnsup writes refuse.
         settings = applier.with_free_nexthop_ids(settings)
         config = dataclasses.replace(config, settings=settings)
-        conflicts = applier.foreign_objects(settings, [*cidrs.v4, *cidrs.v6])
+        conflicts = applier.foreign_objects(settings, cidrs.v4 | cidrs.v6)
         if conflicts:
             raise foreign_error(settings, conflicts)
         # The previous run's AP slots (after kill -9 or a restart): their connections keep
@@ -473,7 +473,7 @@ def reload_config(
     args: argparse.Namespace,
     running: RunOptions,
     config: RunConfig,
-    foreign: Callable[[Settings, Sequence[IPNetwork]], list[str]] | None = None,
+    foreign: Callable[[Settings, Collection[IPNetwork]], list[str]] | None = None,
 ) -> RunConfig:
     """SIGHUP: the run configuration as its sources say now (the file, CIDR files, the
     environment), in a worker thread. Options that only a restart can apply are named in a
@@ -486,7 +486,7 @@ def reload_config(
     """
     from sdnsup.config import resolve
 
-    new = resolve(args)
+    new = resolve(args, previous=config.cidrs)
     later = [
         f.name
         for f in dataclasses.fields(new)
@@ -500,8 +500,8 @@ def reload_config(
             "it" if len(later) == 1 else "them",
         )
     if foreign is not None:
-        added: list[IPNetwork] = [*(new.cidrs.v4 - config.cidrs.v4)]
-        added += new.cidrs.v6 - config.cidrs.v6
+        added: frozenset[IPNetwork] = new.cidrs.v4 - config.cidrs.v4
+        added |= new.cidrs.v6 - config.cidrs.v6
         conflicts = foreign(config.settings, added) if added else []
         if conflicts:
             from sdnsup.applier import foreign_error
@@ -618,7 +618,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         with RtnlRoutes.from_system() as routes:
             applier = Applier(routes, LibNftables(), ProcSysctl())
             settings = applier.with_free_nexthop_ids(opts.settings)
-            return applier.foreign_objects(settings, [*opts.cidrs.v4, *opts.cidrs.v6])
+            return applier.foreign_objects(settings, opts.cidrs.v4 | opts.cidrs.v6)
 
     lines = check(
         opts,

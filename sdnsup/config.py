@@ -1099,6 +1099,7 @@ def resolve(
     environ: Mapping[str, str] = os.environ,
     *,
     need_ap_source: bool = True,
+    previous: CidrSet | None = None,
 ) -> RunOptions:
     """Merge the command line (``args`` from :func:`add_run_arguments`), the environment and
     the config file over the defaults, validate everything, and return it typed.
@@ -1107,7 +1108,8 @@ def resolve(
     line in the file is reported now, not on the day the overriding flag is dropped. An empty
     environment variable counts as unset (``SDNSUP_CC=`` in a unit file means "no CC here").
     Per-option problems are all reported at once; checks across options follow.
-    ``need_ap_source=False`` (``plan``) accepts neither ``--cc`` nor ``--ap``.
+    ``need_ap_source=False`` (``plan``) accepts neither ``--cc`` nor ``--ap``. ``previous``:
+    the running CIDRs, on a reload (see :func:`sdnsup.cidrs.parse_cidrs`).
 
     Raises:
         ConfigError: naming the source (``--flag``, ``environment SDNSUP_X`` or
@@ -1170,7 +1172,7 @@ def resolve(
             if len(problems) == 1
             else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
         )
-    values["cidrs"] = _cidrs(values, sources, config_path)
+    values["cidrs"] = _cidrs(values, sources, config_path, previous)
     values["aps"] = _static_aps(values, sources)
     values["settings"] = _settings(values, sources)
     warnings = _env_warnings(environ)
@@ -1200,7 +1202,12 @@ def _convert(opt: Option, source: str, raw: object, path: Path | None) -> object
     return opt.anchor(value, path.parent) if opt.anchor is not None else value
 
 
-def _cidrs(values: Mapping[str, Any], sources: Mapping[str, str], path: Path | None) -> CidrSet:
+def _cidrs(
+    values: Mapping[str, Any],
+    sources: Mapping[str, str],
+    path: Path | None,
+    previous: CidrSet | None = None,
+) -> CidrSet:
     routes = values["routes"]
     if routes is None:
         raise ConfigError(
@@ -1213,6 +1220,7 @@ def _cidrs(values: Mapping[str, Any], sources: Mapping[str, str], path: Path | N
             allow_default=values["allow_default"],
             strict=values["strict_cidrs"],
             max_cidrs=values["max_cidrs"],
+            previous=previous,
         )
     except ConfigError as exc:
         if sources["routes"] == "cli":

@@ -65,6 +65,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 from sdnsup.errors import NftError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -131,10 +132,6 @@ _I32 = struct.Struct("=i")
 _BE32 = struct.Struct(">I")
 
 _BITS = {4: 32, 6: 128}
-_NETWORK: dict[int, type[ipaddress.IPv4Network] | type[ipaddress.IPv6Network]] = {
-    4: ipaddress.IPv4Network,
-    6: ipaddress.IPv6Network,
-}
 _ADDRESS: dict[int, type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]] = {
     4: ipaddress.IPv4Address,
     6: ipaddress.IPv6Address,
@@ -309,17 +306,19 @@ def _pair(keys: list[int], version: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _to_cidrs(version: int, ranges: list[tuple[int, int]]) -> set[IPNetwork]:
+def _to_cidrs(
+    version: int, ranges: list[tuple[int, int]], known: KnownNetworks = NO_KNOWN_NETWORKS
+) -> set[IPNetwork]:
     """Turn inclusive integer ranges into CIDRs; a range that is not one CIDR gives several."""
     bits = _BITS[version]
-    network = _NETWORK[version]
+    network = known.ipv4 if version == 4 else known.ipv6
     address = _ADDRESS[version]
     out: set[IPNetwork] = set()
     for first, last in ranges:
         size = last - first + 1
         # Fast path: what this module and nft write is one aligned CIDR per range.
         if size & (size - 1) == 0 and first & (size - 1) == 0:
-            out.add(network((first, bits + 1 - size.bit_length())))
+            out.add(network(first, bits + 1 - size.bit_length()))
         else:
             out.update(ipaddress.summarize_address_range(address(first), address(last)))
     return out
@@ -499,8 +498,14 @@ class SetElements:
         if messages:
             self._transact(table, messages, bodies)
 
-    def list(self, table: str, set_name: str, version: Version) -> set[IPNetwork]:
-        """Read an ``inet`` interval set back as CIDRs.
+    def list(
+        self,
+        table: str,
+        set_name: str,
+        version: Version,
+        known: KnownNetworks = NO_KNOWN_NETWORKS,
+    ) -> set[IPNetwork]:
+        """Read an ``inet`` interval set back as CIDRs (``known``'s objects where it has them).
 
         A covered range that is not a single CIDR (written by someone else, or merged by
         ``auto-merge``) comes back as the fewest CIDRs covering exactly that range.
@@ -526,7 +531,7 @@ class SetElements:
         for _attempt in range(3):
             keys = self._dump(table, set_name, version, where)
             if keys is not None:
-                return _to_cidrs(version, _pair(keys, version))
+                return _to_cidrs(version, _pair(keys, version), known)
         raise NftError(f"cannot read {where}: it kept changing while being dumped; retry")
 
     def generation(self) -> int:

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 from sdnsup.errors import NftError
 from sdnsup.state import Settings
 
@@ -432,11 +433,14 @@ def element_commands(
 class NftBackend(Protocol):
     """The seam to nftables. Every write is one kernel transaction; failures raise NftError."""
 
-    def read(self, name: str, *, elements: bool = True) -> NftTable | None:
+    def read(
+        self, name: str, *, elements: bool = True, known: KnownNetworks = NO_KNOWN_NETWORKS
+    ) -> NftTable | None:
         """The table as the kernel has it, or None if there is none.
 
         ``elements=False`` skips reading set contents (seconds for 100k CIDRs) when only
-        the ruleset or the table's presence matters, as in teardown.
+        the ruleset or the table's presence matters, as in teardown. Elements are
+        ``known``'s network objects where it has them.
         """
         ...
 
@@ -602,7 +606,9 @@ class LibNftables:
             return None
         return [o for o in objects if next(iter(o.values())).get("table") == name]
 
-    def read(self, name: str, *, elements: bool = True) -> NftTable | None:
+    def read(
+        self, name: str, *, elements: bool = True, known: KnownNetworks = NO_KNOWN_NETWORKS
+    ) -> NftTable | None:
         listing = self._listing(name)
         if listing is None:
             return None
@@ -614,7 +620,7 @@ class LibNftables:
             kernel_set = o.get("set", {}).get("name", "")
             logical = _logical_name(kernel_set)
             if logical in ADDRESS_SETS:
-                members = self._elements.list(name, kernel_set, ADDRESS_SETS[logical][1])
+                members = self._elements.list(name, kernel_set, ADDRESS_SETS[logical][1], known)
                 if members:
                     found[kernel_set] = frozenset(members)
         return merge_shards(table, found)

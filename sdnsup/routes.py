@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -116,8 +118,9 @@ class RoutesBackend(Protocol):
     itself fails.
     """
 
-    def routes(self, proto: int) -> set[Route]:
-        """Every route tagged ``proto`` in any table, both families."""
+    def routes(self, proto: int, known: KnownNetworks = NO_KNOWN_NETWORKS) -> set[Route]:
+        """Every route tagged ``proto`` in any table, both families; destinations are
+        ``known``'s network objects where it has them."""
         ...
 
     def nexthops(self, proto: int) -> set[Nexthop]:
@@ -139,11 +142,11 @@ class RoutesBackend(Protocol):
         tables: Collection[int],
         priorities: Collection[int],
         nhids: Collection[int],
-        routes: Collection[tuple[int, IPNetwork]],
+        routes: Mapping[int, Collection[IPNetwork]],
     ) -> list[Foreign]:
         """Objects *not* tagged ``proto`` where sdnsup writes: rules at ``priorities`` or
-        looking up ``tables``, routes with a ``(table, destination)`` of ``routes``,
-        nexthops with ``nhids``."""
+        looking up ``tables``, routes to one of ``routes[table]`` in a table, nexthops with
+        ``nhids``."""
         ...
 
     def resolve(self, addr: IPAddress) -> Link | None:

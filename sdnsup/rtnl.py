@@ -26,9 +26,10 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
+from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 from sdnsup.errors import RoutesError
 from sdnsup.routes import Failure, Foreign, IPAddress, IPNetwork, Link, Nexthop, Route, Rule
 
@@ -601,8 +602,9 @@ class RtnlRoutes:
             "because they changed meanwhile; retry later"
         )
 
-    def routes(self, proto: int) -> set[Route]:
-        """Every route tagged ``proto`` in any table, both families.
+    def routes(self, proto: int, known: KnownNetworks = NO_KNOWN_NETWORKS) -> set[Route]:
+        """Every route tagged ``proto`` in any table, both families; destinations are
+        ``known``'s network objects where it has them.
 
         A route that does not use a nexthop object is returned with ``nhid=0``.
 
@@ -635,10 +637,11 @@ class RtnlRoutes:
                     break  # malformed; the kernel never sends this
                 pos += (size + 3) & ~3
             dst: ipaddress.IPv4Network | ipaddress.IPv6Network
+            address = int.from_bytes(raw, "big") if raw else 0
             if family == socket.AF_INET:
-                dst = ipaddress.IPv4Network((raw or bytes(4), dst_len))
+                dst = known.ipv4(address, dst_len)
             else:
-                dst = ipaddress.IPv6Network((raw or bytes(16), dst_len))
+                dst = known.ipv6(address, dst_len)
             return Route(dst, table, nhid)
 
         unpack_nla = _NLA.unpack_from
@@ -713,12 +716,12 @@ class RtnlRoutes:
         tables: Collection[int],
         priorities: Collection[int],
         nhids: Collection[int],
-        routes: Collection[tuple[int, IPNetwork]],
+        routes: Mapping[int, Collection[IPNetwork]],
     ) -> list[Foreign]:
         """Objects another tool (a protocol other than ``proto``) holds where sdnsup would
-        write: policy rules at ``priorities`` or looking up ``tables``, routes with one of
-        the ``(table, destination)`` keys of ``routes``, and nexthops with one of ``nhids``;
-        each described for an error message.
+        write: policy rules at ``priorities`` or looking up ``tables``, routes to one of
+        ``routes[table]`` in a table, and nexthops with one of ``nhids``; each described
+        for an error message.
 
         Raises:
             RoutesError: a dump failed.
@@ -749,7 +752,7 @@ class RtnlRoutes:
                 return None
             raw = a.get(RTA_DST) or bytes(4 if family == socket.AF_INET else 16)
             dst = ipaddress.ip_network((raw, dst_len))
-            if (table, dst) not in routes:
+            if dst not in routes.get(table, ()):
                 return None  # another destination in the same table: it stays, untouched
             return Foreign(f"route {dst} in table {table} (proto {rproto})", route=(table, dst))
 

@@ -28,7 +28,7 @@ class FakeRoutes:
         self.fail_routes: set[object] = set()
 
     # reads
-    def routes(self, proto: int) -> set[Route]:
+    def routes(self, proto: int, known: object = None) -> set[Route]:
         return {r for r, p in self.rt.values() if p == proto}
 
     def nexthops(self, proto: int) -> set[Nexthop]:
@@ -47,7 +47,7 @@ class FakeRoutes:
         tables: Collection[int],
         priorities: Collection[int],
         nhids: Collection[int],
-        routes: Collection[tuple[int, object]],
+        routes: Mapping[int, Collection[object]],
     ) -> list[Foreign]:
         found = [
             Foreign(f"rule priority {r.priority} lookup {r.table} (proto {p})")
@@ -57,7 +57,7 @@ class FakeRoutes:
         found += [
             Foreign(f"route {r.dst} in table {r.table} (proto {p})", route=(r.table, r.dst))
             for r, p in self.rt.values()
-            if p != proto and (r.table, r.dst) in routes
+            if p != proto and r.dst in routes.get(r.table, ())
         ]
         found += [
             Foreign(f"nexthop id {n.id:#x} (proto {p})", nhid=n.id)
@@ -156,7 +156,7 @@ class FakeNft:
     def generation(self) -> int:
         return self.transactions + self.others
 
-    def read(self, name: str, *, elements: bool = True) -> NftTable | None:
+    def read(self, name: str, *, elements: bool = True, known: object = None) -> NftTable | None:
         table = self.tables.get(name)
         if table is None or elements:
             return table

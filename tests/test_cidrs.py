@@ -189,3 +189,35 @@ def test_ipv4_mapped_zoned_and_bom_inputs(tmp_path):
     listing = tmp_path / "cidrs.txt"
     listing.write_text("\ufeff10.0.0.0/24 # saved by Notepad, with a byte order mark\n")
     assert parse_cidrs([f"@{listing}"]).v4 == {ipaddress.ip_network("10.0.0.0/24")}
+
+
+def test_a_reload_keeps_the_running_sets_when_the_file_did_not_change(tmp_path):
+    f = tmp_path / "cidrs.txt"
+    f.write_text("10.1.0.0/16\n10.2.0.0/16\nfd00::/64\n")
+    running = parse_cidrs([f"@{f}"])
+    again = parse_cidrs([f"@{f}"], previous=running)
+    assert again.v4 is running.v4 and again.v6 is running.v6
+    f.write_text("10.1.0.0/16\n10.3.0.0/16\nfd00::/64\n")
+    changed = parse_cidrs([f"@{f}"], previous=running)
+    assert changed.v4 == {N("10.1.0.0/16"), N("10.3.0.0/16")}
+    assert changed.v6 is running.v6
+    kept = N("10.1.0.0/16")
+    assert next(n for n in changed.v4 if n == kept) is next(n for n in running.v4 if n == kept)
+
+
+def test_a_set_without_keys_is_never_reused():
+    """A CidrSet built by hand (no keys) says nothing about what changed: parsed afresh."""
+    hand = cidrs.CidrSet(v4=frozenset({N("10.9.0.0/16")}), v6=frozenset())
+    assert parse_cidrs(["10.1.0.0/16"], previous=hand).v4 == {N("10.1.0.0/16")}
+
+
+def test_known_networks_hands_out_its_own_objects_and_makes_equal_ones_otherwise():
+    mine4, mine6 = N("10.1.0.0/16"), N("fd00::/64")
+    known = cidrs.KnownNetworks([mine4], {mine6})
+    assert known.ipv4(0x0A010000, 16) is mine4
+    assert known.network(6, int(mine6.network_address), 64) is mine6
+    other = known.ipv4(0x0A020000, 16)
+    assert other == N("10.2.0.0/16") and hash(other) == hash(N("10.2.0.0/16"))
+    assert str(known.ipv4(0x0A010000, 24)) == "10.1.0.0/24"  # same address, other length
+    assert known.ipv4(0x0A010001, 32) == N("10.1.0.1/32")
+    assert list(known.ipv4(0x0A010002, 31).hosts()) == list(N("10.1.0.2/31").hosts())

@@ -32,7 +32,13 @@ from hypothesis import strategies as st
 
 from sdnsup import nfnl
 from sdnsup.applier import render
-from sdnsup.cidrs import MAX_REPORTED_PROBLEMS, parse_cidrs, shown_entry
+from sdnsup.cidrs import (
+    MAX_REPORTED_PROBLEMS,
+    NO_KNOWN_NETWORKS,
+    KnownNetworks,
+    parse_cidrs,
+    shown_entry,
+)
 from sdnsup.errors import ConfigError
 from sdnsup.nft import (
     NftTable,
@@ -597,9 +603,9 @@ def _keys(version: int, buf: bytes) -> list[int]:
     return keys
 
 
-def read_back(version: int, buf: bytes) -> set[Net]:
+def read_back(version: int, buf: bytes, known: KnownNetworks = NO_KNOWN_NETWORKS) -> set[Net]:
     """The CIDRs that elements encoded in ``buf`` stand for, as SetElements.list reads them."""
-    return nfnl._to_cidrs(version, nfnl._pair(_keys(version, buf), version))
+    return nfnl._to_cidrs(version, nfnl._pair(_keys(version, buf), version), known)
 
 
 @prop_settings(100)
@@ -610,6 +616,10 @@ def test_interval_elements_read_back_as_the_same_cidrs(cidrs: list[Net], per_mes
     for version in (4, 6):
         want = {n for n in cidrs if n.version == version}
         assert read_back(version, kernel_dump(version, want)) == want
+        # read with the desired state's objects at hand, the very same objects come back
+        again = read_back(version, kernel_dump(version, want), KnownNetworks(want))
+        by_value = {n: n for n in want}
+        assert again == want and all(n is by_value[n] for n in again)
         with mock.patch.object(nfnl, "MAX_ELEMENTS_PER_MESSAGE", per_message):
             messages = list(nfnl._encode(version, [*want, *want]))  # duplicates are sent once
         sent: list[Net] = []
@@ -658,3 +668,43 @@ def test_the_fast_ipv4_reader_agrees_with_ipaddress_on_every_entry(text):
     elif isinstance(slow, ipaddress.IPv4Network) and "/" in text:
         # left to the slow path only in forms the fast one does not read (a netmask)
         assert not re.fullmatch(r"[0-9.]+/[0-9]{1,2}", text), text
+
+
+_small_v4 = st.builds(
+    lambda a, p: ipaddress.IPv4Network((a >> p << p, 32 - p)),
+    st.integers(0, 2**32 - 1),
+    st.integers(2, 10),
+)
+_small_v6 = st.builds(
+    lambda a, p: ipaddress.IPv6Network((a >> p << p, 128 - p)),
+    st.integers(0, 2**128 - 1),
+    st.integers(0, 100),
+)
+
+
+@prop_settings(150)
+@given(
+    st.lists(st.one_of(_small_v4, _small_v6), min_size=1, max_size=12),
+    st.lists(st.one_of(_small_v4, _small_v6), min_size=1, max_size=12),
+    st.booleans(),
+)
+def test_a_reload_gives_what_a_fresh_parse_gives_and_keeps_unchanged_cidrs_as_they_were(
+    before: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    after: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    strict: bool,
+) -> None:
+    """``previous`` only changes which objects the result is made of, never what it holds."""
+    try:
+        old = parse_cidrs([",".join(map(str, before))])
+        fresh = parse_cidrs([",".join(map(str, after))], strict=strict)
+    except ConfigError:
+        return  # strict and overlapping: nothing to reload to
+    new = parse_cidrs([",".join(map(str, after))], strict=strict, previous=old)
+    assert (new.v4, new.v6) == (fresh.v4, fresh.v6)
+    assert new.report == fresh.report
+    kept = {n: n for n in old.v4 | old.v6}
+    for net in new.v4 | new.v6:
+        if net in kept:
+            assert net is kept[net]
+    if (fresh.v4, fresh.v6) == (old.v4, old.v6):
+        assert new.v4 is old.v4 and new.v6 is old.v6
