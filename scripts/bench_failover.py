@@ -275,17 +275,17 @@ def wait_ranking(lab: Lab, proc: subprocess.Popen[bytes]) -> None:
     wait_for("sdnsup's probe ranking and first apply", START_TIMEOUT, ready)
 
 
-def echo_server(lab: Lab, seconds: float) -> subprocess.Popen[bytes]:
+def echo_server(lab: Lab, seconds: float, port: int = ECHO_PORT) -> subprocess.Popen[bytes]:
     """The echo server in B, running at most ``seconds``."""
-    server = lab.popen(lab.ns_b, *python(ECHO_SERVER, ECHO_PORT, seconds), label="b-echo")
+    server = lab.popen(lab.ns_b, *python(ECHO_SERVER, port, seconds), label=f"b-echo-{port}")
     wait_for("the echo server in B", READY_TIMEOUT, lambda: "ready" in lab.logs(server))
     return server
 
 
-def echo_client(lab: Lab, seconds: float) -> subprocess.Popen[bytes]:
+def echo_client(lab: Lab, seconds: float, port: int = ECHO_PORT) -> subprocess.Popen[bytes]:
     """The client in A, sending for at most ``seconds``; returned once replies come back."""
-    argv = python(ECHO_CLIENT, lab.b_addr, ECHO_PORT, SEND_INTERVAL, SOCKET_LIFETIME, seconds)
-    client = lab.popen(lab.ns_a, *argv, label="a-echo")
+    argv = python(ECHO_CLIENT, lab.b_addr, port, SEND_INTERVAL, SOCKET_LIFETIME, seconds)
+    client = lab.popen(lab.ns_a, *argv, label=f"a-echo-{port}")
     wait_for("replies to the client in A", READY_TIMEOUT, lambda: json_lines(lab, client))
     return client
 
