@@ -199,26 +199,35 @@ class KnownNetworks:
 
     A read-back of 100k CIDRs compared with the desired state called ``IPv4Network.__eq__``
     400k times (the routes and the set elements, both ways): about 0.5 s of a restart. With
-    the desired state's own objects, the comparison finds them by identity, in C.
+    the desired state's own objects, the comparison finds them by identity, in C. The index
+    is built at the first lookup: reading an empty kernel (a first start) costs nothing.
     """
 
-    __slots__ = ("_v4", "_v6")
+    __slots__ = ("_collections", "_v4", "_v6")
 
     def __init__(self, *collections: Iterable[Network]) -> None:
+        self._collections: tuple[Iterable[Network], ...] | None = collections
         self._v4: dict[int, IPv4Network] = {}
         self._v6: dict[int, IPv6Network] = {}
-        for nets in collections:
+
+    def _index(self) -> None:
+        for nets in self._collections or ():
             for net in nets:
                 if isinstance(net, IPv4Network):
                     self._v4[_key(net)] = net
                 else:
                     self._v6[_key(net)] = net
+        self._collections = None
 
     def ipv4(self, address: int, prefixlen: int) -> IPv4Network:
+        if self._collections is not None:
+            self._index()
         net = self._v4.get(address << _LEN_BITS | prefixlen)
         return _ipv4_network(address, prefixlen) if net is None else net
 
     def ipv6(self, address: int, prefixlen: int) -> IPv6Network:
+        if self._collections is not None:
+            self._index()
         net = self._v6.get(address << _LEN_BITS | prefixlen)
         return IPv6Network((address, prefixlen)) if net is None else net
 
