@@ -36,7 +36,7 @@ Network = IPv4Network | IPv6Network
 # Reporting thousands of lines helps nobody; the first few show the pattern.
 MAX_REPORTED_PROBLEMS = 20
 # The default limit on entries read: ten times the largest list we benchmark (100k), and
-# about 1 GB of memory while parsing; an endless or wrong file stops here, not in MemoryError.
+# about 400 MB of memory while parsing; an endless or wrong file stops here, not in MemoryError.
 MAX_CIDRS = 1_000_000
 # 1M IPv6 CIDRs with a comment each fit in well under this.
 MAX_FILE_BYTES = 128 * 1024 * 1024
