@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -32,7 +32,11 @@ from sdnsup.desired import RunConfig, desired_for
 from sdnsup.errors import ConfigError, KernelError, SdnsupError
 from sdnsup.pins import PinKeeper
 from sdnsup.state import DesiredState
-from sdnsup.supervisor import Status
+from sdnsup.supervisor import Status, Supervisor
+
+if TYPE_CHECKING:
+    from sdnsup.netmon import Watch
+    from sdnsup.notify import Notifier
 
 log = logging.getLogger("sdnsup")
 
@@ -235,8 +239,26 @@ async def supervised(name: str, fn: Callable[[], Awaitable[object]]) -> None:
             await trio.sleep(delay)
 
 
+class ChangeMonitor(Protocol):
+    """What the daemon uses of the kernel change monitor (:class:`sdnsup.netmon.Monitor`)."""
+
+    watch: Watch
+
+    async def run(
+        self,
+        trigger: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None: ...
+
+    def unwatched_nftables(self) -> AbstractContextManager[None]: ...
+
+
 async def monitor_task(
-    monitor: Any, mailbox: Mailbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    monitor: ChangeMonitor,
+    mailbox: Mailbox,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Keep the netlink monitor running; after a restart, ask for a heal.
 
@@ -320,10 +342,10 @@ async def serve(
     applier: Applier,
     *,
     mailbox: Mailbox | None = None,
-    supervisor: Any = None,
-    monitor: Any = None,
+    supervisor: Supervisor | None = None,
+    monitor: ChangeMonitor | None = None,
     control_path: Path | None = None,
-    notifier: Any = None,
+    notifier: Notifier | None = None,
     metrics_listen: tuple[str, int] | None = None,
     pins: PinKeeper | None = None,
     reload: Callable[[], RunConfig] | None = None,
@@ -374,7 +396,7 @@ async def serve(
             st.heals += 1
             st.last_heal, st.last_heal_at = cause, time.time()
 
-    on_failed = supervisor.apply_failed if hasattr(supervisor, "apply_failed") else None
+    on_failed = supervisor.apply_failed if supervisor is not None else None
     ready = False
 
     status_sent = ""  # the last STATUS= sent, without its cost
@@ -383,7 +405,7 @@ async def serve(
         nonlocal ready, status_sent
         if pins is not None:
             pins.applied(desired.slots)
-        if supervisor is not None and hasattr(supervisor, "applied"):
+        if supervisor is not None:
             supervisor.applied(desired, result)
         if monitor is not None:
             from sdnsup.netmon import Watch
@@ -448,7 +470,7 @@ async def serve(
                     on_applied=on_applied,
                     on_healed=on_healed,
                     on_failed=on_failed,
-                    unwatched=getattr(monitor, "unwatched_nftables", None),
+                    unwatched=monitor.unwatched_nftables if monitor is not None else None,
                 ),
             )
             nursery.start_soon(

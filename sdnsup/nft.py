@@ -405,31 +405,6 @@ def pins_commands(table: NftTable) -> list[dict[str, Any]]:
     return [{"flush": {"chain": chain}}, *_pin_commands(table)]
 
 
-def element_commands(
-    table: str, changes: Mapping[str, tuple[Iterable[Element], Iterable[Element]]]
-) -> list[dict[str, Any]]:
-    """JSON commands for element deltas: ``{set: (add, delete)}``. Deletes go first so that
-    replacing a CIDR by an overlapping one never trips the kernel's overlap check."""
-    cmds: list[dict[str, Any]] = []
-    for verb, index in (("delete", 1), ("add", 0)):
-        for set_name, delta in sorted(changes.items()):
-            elems = [element_json(e) for e in delta[index]]
-            if elems:
-                cmds.append(
-                    {
-                        verb: {
-                            "element": {
-                                "family": FAMILY,
-                                "table": table,
-                                "name": set_name,
-                                "elem": elems,
-                            }
-                        }
-                    }
-                )
-    return cmds
-
-
 class NftBackend(Protocol):
     """The seam to nftables. Every write is one kernel transaction; failures raise NftError."""
 

@@ -3,7 +3,6 @@ import json
 
 from sdnsup.nft import (
     NftTable,
-    element_commands,
     merge_shards,
     parse_element,
     render_table,
@@ -110,13 +109,6 @@ def test_table_commands_replace_atomically_and_round_trip():
         kind, body = next(iter(c["add"].items()))
         listing.append({kind: dict(body, handle=1)})
     assert table_from_listing("sdnsup", listing) == t
-
-
-def test_element_commands_delete_before_add():
-    cmds = element_commands(
-        "sdnsup", {"dst4": (frozenset({N("10.2.0.0/16")}), frozenset({N("10.1.0.0/16")}))}
-    )
-    assert [next(iter(c)) for c in cmds] == ["delete", "add"]
 
 
 def test_parse_element_forms():

@@ -8,20 +8,13 @@ from dataclasses import dataclass
 import trio
 import trio.testing
 
+from sdnsup import probe
 from sdnsup.aps import AccessPoint, Target
 from sdnsup.errors import SdnsupError
 from sdnsup.pins import PinReport
 from sdnsup.probe import HOLD_DOWN, should_switch
 from sdnsup.state import Slot
 from sdnsup.supervisor import Phase, Supervisor
-
-
-@dataclass(frozen=True)
-class Result:
-    ap: AccessPoint
-    rtt: float | None
-    sent: int = 3
-    received: int = 3
 
 
 def ap(i: int) -> AccessPoint:
@@ -92,6 +85,10 @@ class World:
 
     async def probe_once(self, ap: AccessPoint, *, timeout: float) -> float:
         self.probed.append((trio.current_time(), ap))
+        return await self.answer(ap, timeout=timeout)
+
+    async def answer(self, ap: AccessPoint, *, timeout: float) -> float:
+        """The fake network: ``ap`` answers after its RTT, or never."""
         rtt = self.rtts.get(ap)
         if rtt is None or rtt > timeout:
             await trio.sleep(timeout)
@@ -100,25 +97,13 @@ class World:
         return rtt
 
     async def probe_all(self, aps, *, timeout, count, on_answer=None):
+        """The daemon's own round (:func:`sdnsup.probe.probe_all`: its spacing, its
+        ranking), probing the fake network (not counted in ``probed``)."""
         self.rounds += 1
         self.round_times.append(trio.current_time())
-        results: list[Result] = []
-
-        async def one(a: AccessPoint) -> None:
-            try:
-                rtt = await self.probe_once(a, timeout=timeout)
-            except SdnsupError:
-                results.append(Result(a, None, count, 0))
-                return
-            result = Result(a, rtt)
-            if on_answer is not None:
-                on_answer(Result(a, rtt, 1, 1))
-            results.append(result)
-
-        async with trio.open_nursery() as nursery:
-            for a in aps:
-                nursery.start_soon(one, a)
-        return sorted(results, key=lambda r: (r.rtt is None, r.rtt or 0))
+        return await probe.probe_all(
+            aps, timeout=timeout, count=count, on_answer=on_answer, probe=self.answer
+        )
 
     def make(self, aps, **kw) -> Supervisor:
         kw.setdefault("retire", self.retired.append)
