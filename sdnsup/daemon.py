@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -296,16 +296,25 @@ async def monitor_task(
         delay = min(delay * 2, RESTART_MAX)
 
 
+SignalSource = Callable[[], AbstractContextManager[AsyncIterator[int]]]
+
+
+def process_signals() -> AbstractContextManager[AsyncIterator[int]]:
+    """The signals the daemon acts on, as this process receives them."""
+    return trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 async def _on_signals(
     scope: trio.CancelScope,
     reload: Callable[[], Awaitable[None]] | None,
     on_stop: Callable[[], None] = lambda: None,
     stop_pending: Callable[[], bool] = lambda: False,
+    source: SignalSource = process_signals,
 ) -> None:
     """SIGTERM/SIGINT tear down; SIGHUP reloads (one at a time: a second HUP during a
     reload waits for it, and reloads again, so the newest file always wins).
     ``stop_pending``: whether a stop came before this task listened."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with source() as signals:
         if stop_pending():
             log.info("received a stop during start-up, tearing down")
             on_stop()
@@ -350,6 +359,7 @@ async def serve(
     pins: PinKeeper | None = None,
     reload: Callable[[], RunConfig] | None = None,
     stop_pending: Callable[[], bool] = lambda: False,
+    signals: SignalSource = process_signals,
 ) -> None:
     """Run until SIGTERM/SIGINT, then remove everything sdnsup owns. SIGHUP reloads.
 
@@ -380,6 +390,8 @@ async def serve(
             one kept. None: SIGHUP is logged and ignored.
         stop_pending: whether SIGTERM/SIGINT came before serve listened for signals (the
             caller recorded it): then it tears down at once.
+        signals: where the signals come from (tests send them through a channel instead of
+            signalling their own process).
 
     Raises:
         DiscoveryError: initial discovery exhausted its retries.
@@ -460,6 +472,7 @@ async def serve(
                 reload_now if reload is not None else None,
                 applier.abort,
                 stop_pending,
+                signals,
             )
             nursery.start_soon(
                 supervised,

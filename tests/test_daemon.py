@@ -1,6 +1,6 @@
+import contextlib
 import functools
 import ipaddress
-import os
 import signal
 
 import trio
@@ -26,6 +26,19 @@ def make():
     return Applier(routes, FakeNft(), FakeSysctl()), routes
 
 
+class Signals:
+    """Signals for serve() through a channel (``signals=``), not sent to pytest's process."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[int](8)
+
+    def __call__(self) -> contextlib.AbstractContextManager[trio.MemoryReceiveChannel[int]]:
+        return contextlib.nullcontext(self._receive)
+
+    async def send(self, signum: int) -> None:
+        await self._send.send(signum)
+
+
 def test_desired_state_exempts_every_ap():
     d = desired_for(CONFIG, CONFIG.aps[0])
     assert d.ap4 == ipaddress.ip_address("10.77.0.11")
@@ -39,13 +52,14 @@ def test_sigterm_tears_down_and_returns():
     applier, routes = make()
 
     async def main():
+        signals = Signals()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, CONFIG, applier)
-            # wait until applied, then deliver SIGTERM to ourselves
+            nursery.start_soon(functools.partial(serve, CONFIG, applier, signals=signals))
+            # wait until applied, then stop it
             with trio.fail_after(5):
                 while not routes.rules(RTPROT_SDNSUP):  # noqa: ASYNC110 - state in a thread
                     await trio.sleep(0.01)
-            os.kill(os.getpid(), signal.SIGTERM)
+            await signals.send(signal.SIGTERM)
 
     trio.run(main)
     assert routes.dump() == ""
@@ -73,20 +87,23 @@ def test_sighup_reloads_the_cidrs_without_a_gap_and_keeps_the_old_on_a_bad_confi
                 await trio.sleep(0.01)
 
     async def main():
+        signals = Signals()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(serve, CONFIG, applier, reload=reload))
+            nursery.start_soon(
+                functools.partial(serve, CONFIG, applier, reload=reload, signals=signals)
+            )
             await wait(lambda: routes.rules(RTPROT_SDNSUP))
             rules = routes.rules(RTPROT_SDNSUP)
             routes.calls.clear()
-            os.kill(os.getpid(), signal.SIGHUP)
+            await signals.send(signal.SIGHUP)
             await wait(lambda: "10.10.20.0/24" in dsts())
             # a diff: one route added, nothing removed, the policy rules never touched
             assert routes.calls == ["add_routes 1"] and routes.rules(RTPROT_SDNSUP) == rules
-            os.kill(os.getpid(), signal.SIGHUP)  # now the file is broken: kept as it was
+            await signals.send(signal.SIGHUP)  # now the file is broken: kept as it was
             await wait(lambda: "reload failed" in caplog.text)
             await trio.sleep(0.2)
             assert "10.10.20.0/24" in dsts() and routes.calls == ["add_routes 1"]
-            os.kill(os.getpid(), signal.SIGTERM)
+            await signals.send(signal.SIGTERM)
 
     with caplog.at_level("INFO", logger="sdnsup"):
         trio.run(main)
@@ -229,6 +246,7 @@ def test_a_restart_that_adopts_everything_still_tells_systemd_what_is_steered(tm
     notifier = RecordingNotifier()
 
     async def main():
+        signals = Signals()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 functools.partial(
@@ -237,12 +255,13 @@ def test_a_restart_that_adopts_everything_still_tells_systemd_what_is_steered(tm
                     restarted,
                     notifier=notifier,
                     control_path=tmp_path / "status.sock",
+                    signals=signals,
                 )
             )
             with trio.fail_after(5):
                 while not any(m.startswith("STATUS=") for m in notifier.sent):  # noqa: ASYNC110
                     await trio.sleep(0.01)
-            os.kill(os.getpid(), signal.SIGTERM)
+            await signals.send(signal.SIGTERM)
 
     trio.run(main)
     assert notifier.sent[0].startswith("READY=1 STATUS=serving; waiting")
