@@ -21,6 +21,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -103,6 +104,34 @@ class Mailbox:
         return desired, heals
 
 
+@dataclass(slots=True)
+class Backoff:
+    """The delay before the next restart or retry of a local task: ``first``, then doubling
+    up to ``cap``, back to ``first`` after :meth:`reset` (a success). No jitter: no fleet
+    meets on these; the CC's retries, which one does, spread with jitter
+    (:mod:`sdnsup.discovery`)."""
+
+    first: float
+    cap: float
+    _next: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self._next = self.first
+
+    @property
+    def current(self) -> float:
+        """The delay :meth:`take` would give now."""
+        return self._next
+
+    def take(self) -> float:
+        """The delay to wait now; the next one is twice as long (at most ``cap``)."""
+        delay, self._next = self._next, min(self._next * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.first
+
+
 async def applier_task(
     applier: Applier,
     mailbox: Mailbox,
@@ -129,7 +158,7 @@ async def applier_task(
     if current is not None:
         mailbox.heal("applier task restarted")
     first = True
-    delay = APPLY_RETRY_FIRST
+    backoff = Backoff(APPLY_RETRY_FIRST, APPLY_RETRY_MAX)
     bulk_done: DesiredState | None = None  # the last state whose CIDRs were written unwatched
     while True:
         desired, heals = await mailbox.take()
@@ -163,15 +192,15 @@ async def applier_task(
             if applier.aborting:
                 # The stop that asked for it cancels this task here: not a failure to log.
                 await trio.lowlevel.checkpoint()
+            delay = backoff.take()
             log.error("apply failed, retrying in %.1f s: %s", delay, exc)
             if on_failed is not None:
                 on_failed(str(exc))
             applier.resync()
             await trio.sleep(delay)
-            delay = min(delay * 2, APPLY_RETRY_MAX)
             mailbox.heal("retry after a failed apply")
             continue
-        delay = APPLY_RETRY_FIRST
+        backoff.reset()
         if heals:
             mailbox.last_reread = result.seconds
         for problem in result.problems:
@@ -215,7 +244,7 @@ async def supervised(name: str, fn: Callable[[], Awaitable[object]]) -> None:
     crashing. SdnsupError that means "stop" (discovery exhausted) is not caught here: the
     caller passes only tasks for which any exception is a crash."""
     crashes: list[float] = []
-    delay = RESTART_FIRST
+    backoff = Backoff(RESTART_FIRST, RESTART_MAX)
     while True:
         try:
             await fn()
@@ -231,12 +260,12 @@ async def supervised(name: str, fn: Callable[[], Awaitable[object]]) -> None:
                     exc,
                 )
                 raise
+            delay = backoff.take()
             log.error("task %s crashed, restarting in %.0f s: %r", name, delay, exc, exc_info=exc)
             await trio.sleep(delay)
-            delay = min(delay * 2, RESTART_MAX)
         else:
             log.error("task %s returned unexpectedly; restarting", name)
-            await trio.sleep(delay)
+            await trio.sleep(backoff.current)
 
 
 class ChangeMonitor(Protocol):
@@ -266,7 +295,7 @@ async def monitor_task(
     unwatched. A monitor that fails (a netlink socket error) is restarted with backoff; the
     events it missed meanwhile are covered by the heal asked for when it is back.
     """
-    delay = RESTART_FIRST
+    backoff = Backoff(RESTART_FIRST, RESTART_MAX)
     ready = False
     while True:
         failure: list[BaseException] = []
@@ -283,7 +312,8 @@ async def monitor_task(
         except* KernelError as group:  # the nursery wraps the monitor's error in a group
             failure = list(group.exceptions)
         if trio.current_time() - began > CRASH_WINDOW:
-            delay = RESTART_FIRST  # it had been fine for a long time: start backing off anew
+            backoff.reset()  # it had been fine for a long time: start backing off anew
+        delay = backoff.take()
         if failure:
             log.error("netlink monitor failed, restarting in %.0f s: %s", delay, failure[0])
         else:
@@ -293,7 +323,6 @@ async def monitor_task(
             task_status.started()
             ready = True
         await trio.sleep(delay)
-        delay = min(delay * 2, RESTART_MAX)
 
 
 SignalSource = Callable[[], AbstractContextManager[AsyncIterator[int]]]
