@@ -459,7 +459,7 @@ def test_an_aborted_dump_does_not_wedge_the_socket(rt: RtnlRoutes, netns: Netns)
     def explode(*_args: object) -> None:
         raise ValueError("parser failure")
 
-    body = rtnl._RTMSG.pack(V4, 0, 0, 0, 0, P, 0, 0, 0)
+    body = rtnl.RTMSG.pack(V4, 0, 0, 0, 0, P, 0, 0, 0)
     with pytest.raises(ValueError, match="parser failure"):
         rt._nl.dump(rtnl.RTM_GETROUTE, body, explode)
 

@@ -86,7 +86,7 @@ FOREIGN_NEXTHOP_ID = "4242"
 NFT_LISTENER = """
 import json, socket, sys, time
 from sdnsup.netmon import NFNLGRP_NFTABLES, parse_nfnl
-from sdnsup.nfnl import NETLINK_NETFILTER
+from sdnsup.netlink import NETLINK_NETFILTER
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1  # not exported by Python's socket module
 until = time.time() + float(sys.argv[1])
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)

@@ -39,18 +39,22 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sdnsup.errors import ConntrackError
-from sdnsup.rtnl import _attr, _attrs, _Netlink
+from sdnsup.netlink import (
+    NETLINK_NETFILTER,
+    NETLINK_SOCK_DIAG,
+    NLA_F_NESTED,
+    NLM_F_REQUEST,
+    Netlink,
+    attr,
+    attrs,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-NETLINK_NETFILTER = 12
-NETLINK_SOCK_DIAG = 4
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_GET = 1
 SOCK_DESTROY = 21
-NLM_F_REQUEST = 0x1
-NLA_F_NESTED = 0x8000
 
 CTA_TUPLE_ORIG = 1
 CTA_PROTOINFO = 4
@@ -148,17 +152,17 @@ class ConntrackBackend(Protocol):
 
 
 def _nested(kind: int, payload: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, payload)
+    return attr(kind | NLA_F_NESTED, payload)
 
 
 def _tuple(entry: Entry) -> bytes:
     """CTA_TUPLE_ORIG of ``entry``: what the kernel looks an entry up by."""
     v4 = entry.family == socket.AF_INET
-    ip = _attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, entry.src.packed)
-    ip += _attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, entry.dst.packed)
-    proto = _attr(CTA_PROTO_NUM, bytes([entry.proto]))
-    proto += _attr(CTA_PROTO_SRC_PORT, _BE16.pack(entry.sport))
-    proto += _attr(CTA_PROTO_DST_PORT, _BE16.pack(entry.dport))
+    ip = attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, entry.src.packed)
+    ip += attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, entry.dst.packed)
+    proto = attr(CTA_PROTO_NUM, bytes([entry.proto]))
+    proto += attr(CTA_PROTO_SRC_PORT, _BE16.pack(entry.sport))
+    proto += attr(CTA_PROTO_DST_PORT, _BE16.pack(entry.dport))
     return _nested(CTA_TUPLE_ORIG, _nested(CTA_TUPLE_IP, ip) + _nested(CTA_TUPLE_PROTO, proto))
 
 
@@ -170,13 +174,13 @@ def parse_entry(data: bytes, start: int, end: int) -> Entry | None:
     """One IPCTNL_MSG_CT_NEW message (a dump answer) as an :class:`Entry`; None if it is
     not an IPv4/IPv6 entry with ports (ICMP and others are never pinned by port)."""
     family = data[start]
-    a = _attrs(data, start + _NFGENMSG.size, end)
+    a = attrs(data, start + _NFGENMSG.size, end)
     orig = a.get(CTA_TUPLE_ORIG)
     if orig is None:
         return None
-    t = _attrs(orig, 0, len(orig))
-    ip = _attrs(t.get(CTA_TUPLE_IP, b""), 0, len(t.get(CTA_TUPLE_IP, b"")))
-    pr = _attrs(t.get(CTA_TUPLE_PROTO, b""), 0, len(t.get(CTA_TUPLE_PROTO, b"")))
+    t = attrs(orig, 0, len(orig))
+    ip = attrs(t.get(CTA_TUPLE_IP, b""), 0, len(t.get(CTA_TUPLE_IP, b"")))
+    pr = attrs(t.get(CTA_TUPLE_PROTO, b""), 0, len(t.get(CTA_TUPLE_PROTO, b"")))
     if family == socket.AF_INET and CTA_IP_V4_SRC in ip and CTA_IP_V4_DST in ip:
         src: IPAddress = ipaddress.IPv4Address(ip[CTA_IP_V4_SRC])
         dst: IPAddress = ipaddress.IPv4Address(ip[CTA_IP_V4_DST])
@@ -190,9 +194,9 @@ def parse_entry(data: bytes, start: int, end: int) -> Entry | None:
     state = None
     info = a.get(CTA_PROTOINFO)
     if info is not None:
-        tcp = _attrs(info, 0, len(info)).get(CTA_PROTOINFO_TCP)
+        tcp = attrs(info, 0, len(info)).get(CTA_PROTOINFO_TCP)
         if tcp is not None:
-            raw = _attrs(tcp, 0, len(tcp)).get(CTA_PROTOINFO_TCP_STATE)
+            raw = attrs(tcp, 0, len(tcp)).get(CTA_PROTOINFO_TCP_STATE)
             state = raw[0] if raw else None
     zone = a.get(CTA_ZONE)
     status = a.get(CTA_STATUS)
@@ -237,8 +241,8 @@ class Conntrack:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         try:
-            self._ct = _Netlink(NETLINK_NETFILTER)
-            self._diag = _Netlink(NETLINK_SOCK_DIAG)
+            self._ct = Netlink(NETLINK_NETFILTER)
+            self._diag = Netlink(NETLINK_SOCK_DIAG)
         except OSError as exc:
             raise ConntrackError(f"cannot open a netlink socket for conntrack: {exc}") from exc
 
@@ -250,14 +254,14 @@ class Conntrack:
         return self._dump(value, mask, b"")
 
     def unanswered(self, value: int, mask: int) -> list[Entry]:
-        unreplied = _attr(CTA_STATUS, _BE32.pack(0)) + _attr(
+        unreplied = attr(CTA_STATUS, _BE32.pack(0)) + attr(
             CTA_STATUS_MASK, _BE32.pack(IPS_SEEN_REPLY)
         )
         return self._dump(value, mask, unreplied)
 
     def _dump(self, value: int, mask: int, extra: bytes) -> list[Entry]:
         body = _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0)
-        body += _attr(CTA_MARK, _BE32.pack(value)) + _attr(CTA_MARK_MASK, _BE32.pack(mask))
+        body += attr(CTA_MARK, _BE32.pack(value)) + attr(CTA_MARK_MASK, _BE32.pack(mask))
         body += extra
         kind = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
         with self._lock:
@@ -273,13 +277,13 @@ class Conntrack:
 
     def repin(self, entries: Iterable[Entry], value: int, mask: int) -> int:
         kind = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
-        mark = _attr(CTA_MARK, _BE32.pack(value)) + _attr(CTA_MARK_MASK, _BE32.pack(mask))
+        mark = attr(CTA_MARK, _BE32.pack(value)) + attr(CTA_MARK_MASK, _BE32.pack(mask))
         todo = list(entries)
 
         def encode(entry: Entry, seq: int) -> bytes:
             body = _NFGENMSG.pack(entry.family, 0, 0) + _tuple(entry) + mark
             if entry.zone:
-                body += _attr(CTA_ZONE, _BE16.pack(entry.zone))
+                body += attr(CTA_ZONE, _BE16.pack(entry.zone))
             return _message(kind, NLM_F_REQUEST, seq, body)
 
         with self._lock:

@@ -69,21 +69,30 @@ from typing import Protocol
 import trio
 
 from sdnsup.errors import KernelError, NftError, RoutesError
-from sdnsup.nfnl import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET
+from sdnsup.netlink import (
+    NETLINK_ADD_MEMBERSHIP,
+    NETLINK_DROP_MEMBERSHIP,
+    NETLINK_NETFILTER,
+    NLM_F_REPLACE,
+    NLMSGHDR,
+    SO_RCVBUFFORCE,
+    SOL_NETLINK,
+    attrs,
+    set_buffer,
+    u32,
+)
+from sdnsup.nfnl import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 from sdnsup.routes import RTPROT_SDNSUP
 from sdnsup.rtnl import (
-    _FIB_RULE_HDR,
-    _IFINFOMSG,
-    _NHMSG,
-    _NLMSGHDR,
-    _RTMSG,
+    FIB_RULE_HDR,
     FRA_PRIORITY,
     FRA_PROTOCOL,
     FRA_TABLE,
+    IFINFOMSG,
     IFLA_IFNAME,
     NHA_ID,
     NHA_OIF,
-    NLM_F_REPLACE,
+    NHMSG,
     RTA_DST,
     RTA_NH_ID,
     RTA_OIF,
@@ -94,11 +103,7 @@ from sdnsup.rtnl import (
     RTM_NEWNEXTHOP,
     RTM_NEWROUTE,
     RTM_NEWRULE,
-    SO_RCVBUFFORCE,
-    SOL_NETLINK,
-    _attrs,
-    _set_buffer,
-    _u32,
+    RTMSG,
 )
 from sdnsup.state import (
     DEFAULT_PRIORITY,
@@ -148,8 +153,6 @@ _RECV_BYTES = 64 << 10
 _READ_BATCH = 64
 
 # --- include/uapi/linux/rtnetlink.h, netlink.h, if.h, if_addr.h, if_link.h --------------
-NETLINK_ADD_MEMBERSHIP = 1
-NETLINK_DROP_MEMBERSHIP = 2
 RTNLGRP_LINK = 1
 RTNLGRP_IPV4_IFADDR = 5
 RTNLGRP_IPV4_ROUTE = 7
@@ -399,8 +402,8 @@ def _prefix(family: int, raw: bytes | None, length: int) -> str:
 
 
 def _link(mtype: int, port: int, data: bytes, start: int, end: int) -> Event:
-    family, _type, index, flags, change = _IFINFOMSG.unpack_from(data, start)
-    a = _attrs(data, start + _IFINFOMSG.size, end)
+    family, _type, index, flags, change = IFINFOMSG.unpack_from(data, start)
+    a = attrs(data, start + IFINFOMSG.size, end)
     oper = a.get(IFLA_OPERSTATE)
     operstate = _OPERSTATES[oper[0]] if oper and oper[0] < len(_OPERSTATES) else ""
     name = _text(a.get(IFLA_IFNAME))
@@ -422,7 +425,7 @@ def _link(mtype: int, port: int, data: bytes, start: int, end: int) -> Event:
 
 def _addr(mtype: int, port: int, data: bytes, start: int, end: int) -> Event:
     family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(data, start)
-    a = _attrs(data, start + _IFADDRMSG.size, end)
+    a = attrs(data, start + _IFADDRMSG.size, end)
     # IFA_LOCAL is the local address on point-to-point links, where IFA_ADDRESS is the peer.
     raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS) or b""
     try:
@@ -444,11 +447,11 @@ def _addr(mtype: int, port: int, data: bytes, start: int, end: int) -> Event:
 
 
 def _route(mtype: int, port: int, flags: int, data: bytes, start: int, end: int) -> Event:
-    family, dst_len, _s, _t, table, proto, _scope, _type, _f = _RTMSG.unpack_from(data, start)
-    a = _attrs(data, start + _RTMSG.size, end)
-    table = _u32(a.get(RTA_TABLE), table)  # rtm_table only holds tables < 256
+    family, dst_len, _s, _t, table, proto, _scope, _type, _f = RTMSG.unpack_from(data, start)
+    a = attrs(data, start + RTMSG.size, end)
+    table = u32(a.get(RTA_TABLE), table)  # rtm_table only holds tables < 256
     prefix = _prefix(family, a.get(RTA_DST), dst_len)
-    nhid = _u32(a.get(RTA_NH_ID))
+    nhid = u32(a.get(RTA_NH_ID))
     deleted = mtype == RTM_DELROUTE
     replace = not deleted and bool(flags & NLM_F_REPLACE)
     return Event(
@@ -457,7 +460,7 @@ def _route(mtype: int, port: int, flags: int, data: bytes, start: int, end: int)
         f"table {table} proto {proto} nhid {nhid:#x}",
         deleted=deleted,
         family=family,
-        ifindex=_u32(a.get(RTA_OIF)),
+        ifindex=u32(a.get(RTA_OIF)),
         prefix=prefix,
         table=table,
         proto=proto,
@@ -468,11 +471,11 @@ def _route(mtype: int, port: int, flags: int, data: bytes, start: int, end: int)
 
 
 def _rule(mtype: int, port: int, data: bytes, start: int, end: int) -> Event:
-    family, _d, _s, _t, table, _r1, _r2, _action, _f = _FIB_RULE_HDR.unpack_from(data, start)
-    a = _attrs(data, start + _FIB_RULE_HDR.size, end)
+    family, _d, _s, _t, table, _r1, _r2, _action, _f = FIB_RULE_HDR.unpack_from(data, start)
+    a = attrs(data, start + FIB_RULE_HDR.size, end)
     proto = a.get(FRA_PROTOCOL)
-    priority = _u32(a.get(FRA_PRIORITY))
-    table = _u32(a.get(FRA_TABLE), table)
+    priority = u32(a.get(FRA_PRIORITY))
+    table = u32(a.get(FRA_TABLE), table)
     deleted = mtype == RTM_DELRULE
     return Event(
         "rule",
@@ -488,9 +491,9 @@ def _rule(mtype: int, port: int, data: bytes, start: int, end: int) -> Event:
 
 
 def _nexthop(mtype: int, port: int, flags: int, data: bytes, start: int, end: int) -> Event:
-    family, _scope, proto, _resvd, _nhflags = _NHMSG.unpack_from(data, start)
-    a = _attrs(data, start + _NHMSG.size, end)
-    nhid = _u32(a.get(NHA_ID))
+    family, _scope, proto, _resvd, _nhflags = NHMSG.unpack_from(data, start)
+    a = attrs(data, start + NHMSG.size, end)
+    nhid = u32(a.get(NHA_ID))
     deleted = mtype == RTM_DELNEXTHOP
     replace = not deleted and bool(flags & NLM_F_REPLACE)
     return Event(
@@ -498,7 +501,7 @@ def _nexthop(mtype: int, port: int, flags: int, data: bytes, start: int, end: in
         f"{'del' if deleted else 'replace' if replace else 'new'} nexthop {nhid:#x} proto {proto}",
         deleted=deleted,
         family=family,
-        ifindex=_u32(a.get(NHA_OIF)),
+        ifindex=u32(a.get(NHA_OIF)),
         proto=proto,
         nhid=nhid,
         replace=replace,
@@ -509,11 +512,11 @@ def _nexthop(mtype: int, port: int, flags: int, data: bytes, start: int, end: in
 def _messages(data: bytes, size: int) -> Iterator[tuple[int, int, int, int, int]]:
     """(type, flags, port, body start, body end) of each message in ``data[:size]``."""
     off = 0
-    while off + _NLMSGHDR.size <= size:
-        length, mtype, flags, _seq, port = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > size:
+    while off + NLMSGHDR.size <= size:
+        length, mtype, flags, _seq, port = NLMSGHDR.unpack_from(data, off)
+        if length < NLMSGHDR.size or off + length > size:
             return  # malformed; the kernel never sends this
-        yield mtype, flags, port, off + _NLMSGHDR.size, off + length
+        yield mtype, flags, port, off + NLMSGHDR.size, off + length
         off += (length + 3) & ~3
 
 
@@ -563,7 +566,7 @@ def parse_nfnl(data: bytes, size: int | None = None) -> list[Event]:
             continue
         msg = mtype & 0xFF
         family = data[start]
-        a = _attrs(data, start + _NFGENMSG.size, end)
+        a = attrs(data, start + _NFGENMSG.size, end)
         if msg == NFT_MSG_NEWGEN:
             gen = a.get(NFTA_GEN_ID)
             pid = a.get(NFTA_GEN_PROC_PID)
@@ -848,7 +851,7 @@ class NetlinkSource:
             raise error(f"cannot open a {name} socket to monitor the kernel: {exc}") from exc
         try:
             # SO_RCVBUFFORCE needs CAP_NET_ADMIN; without it we get net.core.rmem_max.
-            _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, RCVBUF)
+            set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, RCVBUF)
             if program:
                 _attach_filter(sock, program)
             sock.bind((0, 0))

@@ -67,11 +67,33 @@ from typing import Literal
 
 from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 from sdnsup.errors import NftError
+from sdnsup.netlink import (
+    I32,
+    NETLINK_CAP_ACK,
+    NETLINK_EXT_ACK,
+    NETLINK_NETFILTER,
+    NLA,
+    NLA_F_NESTED,
+    NLA_TYPE_MASK,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGHDR,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    SOL_NETLINK,
+    attr,
+    parse_ack,
+    set_buffer,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Version = Literal[4, 6]
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
@@ -83,24 +105,6 @@ NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 NFPROTO_INET = 1
 
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP_INTR = 0x10
-NLM_F_CAPPED = 0x100
-NLM_F_ACK_TLVS = 0x200
-NLM_F_DUMP = 0x300
-NLM_F_CREATE = 0x400
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLMSGERR_ATTR_OFFS = 2
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
-
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
 
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
@@ -125,10 +129,6 @@ _MIN_RCVBUF = 4 << 20
 # One datagram per recv; dump replies are at most 32 kB (netlink_dump caps its skbs there).
 _RECV_BUFSIZE = 1 << 20
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_NLATTR = struct.Struct("=HH")
-_U32 = struct.Struct("=I")
-_I32 = struct.Struct("=i")
 _BE32 = struct.Struct(">I")
 
 _BITS = {4: 32, 6: 128}
@@ -146,12 +146,6 @@ _HINTS = {
     (NFT_MSG_NEWSETELEM, errno.EINVAL): "is the set of this address family?",
     (NFT_MSG_DELSETELEM, errno.EINVAL): "is the set of this address family?",
 }
-
-
-def _attr(atype: int, payload: bytes) -> bytes:
-    """Encode one netlink attribute, padded to 4 bytes."""
-    length = 4 + len(payload)
-    return _NLATTR.pack(length, atype) + payload + b"\0" * (-length & 3)
 
 
 def _nfgenmsg(family: int, res_id: int = 0) -> bytes:
@@ -175,10 +169,10 @@ class _Codec:
         self.version = version
         self.klen = klen
         self.top = (1 << _BITS[version]) - 1
-        self._flags = _attr(NFTA_SET_ELEM_FLAGS, _BE32.pack(NFT_SET_ELEM_INTERVAL_END))
+        self._flags = attr(NFTA_SET_ELEM_FLAGS, _BE32.pack(NFT_SET_ELEM_INTERVAL_END))
         # libnftnl userdata TLV (u8 type, u8 len, value): NFTNL_UDATA_SET_ELEM_FLAGS (1), a
         # host-endian u32 holding NFTNL_SET_ELEM_F_INTERVAL_OPEN (1).
-        udata = _attr(NFTA_SET_ELEM_USERDATA, struct.pack("=BBI", 1, 4, 1))
+        udata = attr(NFTA_SET_ELEM_USERDATA, struct.pack("=BBI", 1, 4, 1))
 
         # NFTA_LIST_ELEM { NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE key } [, FLAGS | USERDATA] }:
         # everything but the key is constant, so an element is prefix + key (+ suffix).
@@ -271,7 +265,7 @@ def _typed_attrs(
 ) -> Iterator[tuple[int, int, int]]:
     """Yield ``(type, payload_start, payload_end)`` of each attribute in ``buf[start:end]``."""
     while start + 4 <= end:
-        length, atype = _NLATTR.unpack_from(buf, start)
+        length, atype = NLA.unpack_from(buf, start)
         if length < 4 or start + length > end:
             return
         yield atype & NLA_TYPE_MASK, start + 4, start + length
@@ -476,11 +470,11 @@ class SetElements:
         """
         messages: _Messages = []
         bodies: _Bodies = []
-        prefix_len = _NLMSGHDR.size + 4  # nlmsghdr + nfgenmsg
+        prefix_len = NLMSGHDR.size + 4  # nlmsghdr + nfgenmsg
         for msg_type in (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM):
             for set_name, change in sorted(changes.items()):
                 cidrs = change.delete if msg_type == NFT_MSG_DELSETELEM else change.add
-                names = _attr(NFTA_SET_ELEM_LIST_TABLE, _name(table)) + _attr(
+                names = attr(NFTA_SET_ELEM_LIST_TABLE, _name(table)) + attr(
                     NFTA_SET_ELEM_LIST_SET, _name(set_name)
                 )
                 elements_at = prefix_len + len(names) + 4
@@ -490,9 +484,7 @@ class SetElements:
                     )
                     bodies.append(
                         names
-                        + _NLATTR.pack(
-                            4 + len(elements), NLA_F_NESTED | NFTA_SET_ELEM_LIST_ELEMENTS
-                        )
+                        + NLA.pack(4 + len(elements), NLA_F_NESTED | NFTA_SET_ELEM_LIST_ELEMENTS)
                         + elements
                     )
         if messages:
@@ -542,7 +534,7 @@ class SetElements:
             NftError: the request failed.
         """
         seq = self._next_seq()
-        request = _NLMSGHDR.pack(
+        request = NLMSGHDR.pack(
             20, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, 0
         )
         try:
@@ -552,16 +544,16 @@ class SetElements:
         except OSError as exc:
             raise NftError(f"cannot read the nftables generation: {exc.strerror or exc}") from exc
         pos = 0
-        while pos + _NLMSGHDR.size <= n:
-            length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(self._buf, pos)
-            if length < _NLMSGHDR.size:
+        while pos + NLMSGHDR.size <= n:
+            length, mtype, _flags, _seq, _pid = NLMSGHDR.unpack_from(self._buf, pos)
+            if length < NLMSGHDR.size:
                 break
             if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
                 for atype, a, b in _typed_attrs(self._buf, pos + 20, pos + length):
                     if atype == NFTA_GEN_ID and b - a >= 4:
                         return int.from_bytes(self._buf[a : a + 4], "big")
             if mtype == NLMSG_ERROR:
-                (err,) = _I32.unpack_from(self._buf, pos + 16)
+                (err,) = I32.unpack_from(self._buf, pos + 16)
                 raise NftError(f"cannot read the nftables generation: {os.strerror(-err)}")
             pos += (length + 3) & ~3
         raise NftError("cannot read the nftables generation: no answer carried it")
@@ -575,26 +567,20 @@ class SetElements:
     def _grow_rcvbuf(self, size: int) -> None:
         """Make the receive buffer at least ``size`` (as root, beyond net.core.rmem_max)."""
         if size > self._rcvbuf:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-            except PermissionError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            set_buffer(self._sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
             self._rcvbuf = size
 
     def _grow_sndbuf(self, size: int) -> None:
         """nfnetlink takes a batch from one sendmsg(), so the batch must fit the send buffer."""
         if size > self._sndbuf:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
-            except PermissionError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            set_buffer(self._sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size)
             self._sndbuf = size
 
     def _transact(self, table: str, messages: _Messages, bodies: _Bodies) -> None:
         """Send the messages as one batch and turn the kernel's answer into an error, if any."""
         gen = _nfgenmsg(NFPROTO_INET)
         batch_gen = _nfgenmsg(socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES)
-        parts = [_NLMSGHDR.pack(20, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, self._next_seq(), 0)]
+        parts = [NLMSGHDR.pack(20, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, self._next_seq(), 0)]
         parts.append(batch_gen)
         by_seq: dict[int, _Message] = {}
         for msg, body in zip(messages, bodies, strict=True):
@@ -606,9 +592,9 @@ class SetElements:
             if msg.msg_type == NFT_MSG_NEWSETELEM:
                 flags |= NLM_F_CREATE
             msg_type = (NFNL_SUBSYS_NFTABLES << 8) | msg.msg_type
-            parts += (_NLMSGHDR.pack(20 + len(body), msg_type, flags, seq, 0), gen, body)
+            parts += (NLMSGHDR.pack(20 + len(body), msg_type, flags, seq, 0), gen, body)
         parts += (
-            _NLMSGHDR.pack(20, NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next_seq(), 0),
+            NLMSGHDR.pack(20, NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next_seq(), 0),
             batch_gen,
         )
         batch = b"".join(parts)
@@ -667,22 +653,13 @@ class SetElements:
             except BlockingIOError:
                 return answers
             pos = 0
-            while pos + _NLMSGHDR.size <= n:
-                length, mtype, mflags, seq, _pid = _NLMSGHDR.unpack_from(buf, pos)
-                if length < _NLMSGHDR.size:
+            while pos + NLMSGHDR.size <= n:
+                length, mtype, mflags, seq, _pid = NLMSGHDR.unpack_from(buf, pos)
+                if length < NLMSGHDR.size:
                     break
                 if mtype == NLMSG_ERROR:
-                    (err,) = _I32.unpack_from(buf, pos + 16)
-                    offset = None
-                    if mflags & NLM_F_ACK_TLVS:
-                        # struct nlmsgerr: error, then our request's header (with its payload
-                        # unless capped), then the extack attributes.
-                        (req_len,) = _U32.unpack_from(buf, pos + 20)
-                        tlvs = pos + 20 + (16 if mflags & NLM_F_CAPPED else (req_len + 3) & ~3)
-                        for atype, a, b in _typed_attrs(buf, tlvs, pos + length):
-                            if atype == NLMSGERR_ATTR_OFFS and b - a >= 4:
-                                (offset,) = _U32.unpack_from(buf, a)
-                    answers.append((seq, -err, offset))
+                    ack = parse_ack(mflags, buf, pos + NLMSGHDR.size, pos + length)
+                    answers.append((seq, ack.code, ack.offset))
                 pos += (length + 3) & ~3
 
     # -- dump ---------------------------------------------------------------------------------
@@ -697,11 +674,11 @@ class SetElements:
         seq = self._next_seq()
         payload = (
             _nfgenmsg(NFPROTO_INET)
-            + _attr(NFTA_SET_ELEM_LIST_TABLE, _name(table))
-            + _attr(NFTA_SET_ELEM_LIST_SET, _name(set_name))
+            + attr(NFTA_SET_ELEM_LIST_TABLE, _name(table))
+            + attr(NFTA_SET_ELEM_LIST_SET, _name(set_name))
         )
         msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
-        request = _NLMSGHDR.pack(16 + len(payload), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+        request = NLMSGHDR.pack(16 + len(payload), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
         codec = _CODECS[version]
         keys: _Keys = []
         interrupted = False
@@ -712,16 +689,16 @@ class SetElements:
             while True:
                 n = self._sock.recv_into(buf)
                 pos = 0
-                while pos + _NLMSGHDR.size <= n:
-                    length, mtype, mflags, mseq, _pid = _NLMSGHDR.unpack_from(buf, pos)
-                    if length < _NLMSGHDR.size:
+                while pos + NLMSGHDR.size <= n:
+                    length, mtype, mflags, mseq, _pid = NLMSGHDR.unpack_from(buf, pos)
+                    if length < NLMSGHDR.size:
                         break
                     if mseq == seq:
                         interrupted |= bool(mflags & NLM_F_DUMP_INTR)
                         if mtype == NLMSG_DONE:
                             return None if interrupted else keys
                         if mtype == NLMSG_ERROR:
-                            (err,) = _I32.unpack_from(buf, pos + 16)
+                            (err,) = I32.unpack_from(buf, pos + 16)
                             hint = " (no such table or set)" if -err == errno.ENOENT else ""
                             raise NftError(f"cannot read {where}: {os.strerror(-err)}{hint}")
                         # nlmsghdr (16) + nfgenmsg (4), then TABLE, SET, ELEMENTS

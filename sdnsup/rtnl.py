@@ -5,11 +5,11 @@ and its message classes are slow to build (measured ~100 us to encode one RTM_NE
 ~30 us to decode one); at 100k routes that is tens of seconds. Route, nexthop and rule
 messages are small fixed layouts, so this module packs and parses them with :mod:`struct`
 and keeps the netlink protocol itself (sequence numbers, acks, dumps) in one small class,
-:class:`_Netlink`.
+:class:`Netlink`.
 
 Writes are batched: many requests go out in one ``sendmsg``. The kernel handles a netlink
 buffer message by message, in order, and answers every refused request with an error ack
-carrying its sequence number, which maps it back to its object (see :meth:`_Netlink.batch`
+carrying its sequence number, which maps it back to its object (see :meth:`Netlink.batch`
 for how the end of a batch is detected without one ack per request). A batch is cut into
 windows small enough that a window's acks always fit in the receive buffer (otherwise the
 kernel drops acks: ENOBUFS).
@@ -21,44 +21,33 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
-import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 from sdnsup.errors import RoutesError
+from sdnsup.netlink import (
+    NLA,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    U32,
+    Netlink,
+    attr,
+    attr_u32,
+    attrs,
+    message,
+    u32,
+)
 from sdnsup.routes import Failure, Foreign, IPAddress, IPNetwork, Link, Nexthop, Route, Rule
 
 T = TypeVar("T")
 W = TypeVar("W", Route, Nexthop, Rule)  # what a batch of RtnlRoutes writes
 B = TypeVar("B")  # what any batch writes
-
-# --- include/uapi/linux/netlink.h ---------------------------------------------------------
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLMSG_MIN_TYPE = 0x10  # below: control messages
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP_INTR = 0x10
-NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-NLM_F_REPLACE = 0x100  # modifiers of NEW requests
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-NLM_F_CAPPED = 0x100  # flags of an NLMSG_ERROR ack
-NLM_F_ACK_TLVS = 0x200
-NLMSGERR_ATTR_MSG = 1
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-NETLINK_GET_STRICT_CHK = 12
-# Not exported by the socket module; asm-generic/socket.h.
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
 
 # --- include/uapi/linux/rtnetlink.h -------------------------------------------------------
 RTM_GETLINK = 18
@@ -108,76 +97,23 @@ FRA_PROTOCOL = 21  # kernel >= 4.17
 FR_ACT_TO_TBL = 1
 
 # Wire layouts, native byte order (netlink is host-endian; addresses are network order).
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table protocol scope type, flags
+RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table protocol scope type, flags
 # struct fib_rule_hdr: family dst_len src_len tos table res1 res2 action, flags
-_FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")
-_NHMSG = struct.Struct("=BBBBI")  # nh_family nh_scope nh_protocol resvd, nh_flags
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_NLA = struct.Struct("=HH")  # nla_len, nla_type
-_U32 = struct.Struct("=I")
-_I32 = struct.Struct("=i")
-_NLA_U32 = struct.Struct("=HHI")
-_HDR_LEN = _NLMSGHDR.size
+FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")
+NHMSG = struct.Struct("=BBBBI")  # nh_family nh_scope nh_protocol resvd, nh_flags
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 
 # A full route request in one pack: nlmsghdr, rtmsg, RTA_TABLE, RTA_DST, RTA_NH_ID. add_routes
 # is the hot path (100k routes), and one struct call is ~5x faster than assembling attributes.
 _ROUTE_V4 = struct.Struct("=IHHII BBBBBBBBI HHI HH4s HHI")
 _ROUTE_V6 = struct.Struct("=IHHII BBBBBBBBI HHI HH16s HHI")
 
-# Requested socket buffers. The receive buffer bounds how many acks may be in flight (the
-# kernel doubles the value and counts each ack's skb "truesize", ~0.7-1.3 KiB, against it);
-# SO_*BUFFORCE needs CAP_NET_ADMIN, without it we get at most net.core.[rw]mem_max.
-_RCVBUF = 8 << 20
-_SNDBUF = 1 << 20
-_ACK_TRUESIZE = 2048  # a pessimistic bound, also covers acks carrying an extack message
-# Requests per sendmsg. Measured on 100k routes: 64 to 4096 all take the same time; 1024
-# bounds the worst case (every request refused) to ~1 MiB of queued acks.
-_MAX_WINDOW = 1024
-_MAX_SEND_BYTES = 256 << 10
-_RECV_BYTES = 256 << 10  # dump replies come in skbs of at most 32 KiB; a link reply is small
-_TIMEOUT = 30.0  # seconds; the kernel answers in the sendmsg call, this is a safety net
 _DUMP_ATTEMPTS = 3
 # Errors of a route lookup that mean "no usable route": no route, unreachable, a blackhole
 # route (EINVAL), prohibit (EACCES), throw (EAGAIN).
 _UNREACHABLE = frozenset(
     {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL, errno.EACCES, errno.EAGAIN}
 )
-
-# One received message: (type, flags, seq, data, start, end); data[start:end] is the body
-# after the nlmsghdr.
-_Msg = tuple[int, int, int, bytes, int, int]
-
-
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    """One netlink attribute (struct nlattr + payload + padding to 4 bytes)."""
-    size = _NLA.size + len(payload)
-    return _NLA.pack(size, kind) + payload + b"\0" * (_align(size) - size)
-
-
-def _attr_u32(kind: int, value: int) -> bytes:
-    return _NLA_U32.pack(8, kind, value)
-
-
-def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    """Attribute payloads of ``data[start:end]`` by type (nested/byte-order bits masked off)."""
-    out = {}
-    unpack = _NLA.unpack_from
-    while start + 4 <= end:
-        size, kind = unpack(data, start)
-        if size < 4:
-            break  # malformed; the kernel never sends this
-        out[kind & 0x3FFF] = data[start + 4 : start + size]
-        start += (size + 3) & ~3
-    return out
-
-
-def _u32(payload: bytes | None, default: int = 0) -> int:
-    return default if payload is None else _U32.unpack_from(payload)[0]
 
 
 def _ip(payload: bytes | None) -> IPAddress | None:
@@ -188,259 +124,6 @@ def _ip(payload: bytes | None) -> IPAddress | None:
     if len(payload) == 16:
         return ipaddress.IPv6Address(payload)
     return None
-
-
-def _oserror(code: int, extack: str | None = None) -> OSError:
-    """OSError for a netlink errno, with the kernel's extended-ack text when there is one."""
-    text = os.strerror(code)
-    return OSError(code, f"{text}: {extack}" if extack else text)
-
-
-class _Netlink:
-    """One netlink socket: sequence numbers, dumps, requests, windowed batches.
-
-    ``protocol``: NETLINK_ROUTE (:class:`RtnlRoutes`), NETLINK_NETFILTER for conntrack or
-    NETLINK_SOCK_DIAG (:mod:`sdnsup.conntrack`): the request/ack/dump protocol is the same.
-    The socket belongs to the network namespace of the thread that created it, for its
-    whole life. Not thread-safe; its owner serialises callers.
-    """
-
-    def __init__(self, protocol: int = socket.NETLINK_ROUTE) -> None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
-        try:
-            _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, _RCVBUF)
-            _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, _SNDBUF)
-            # Error acks echo only the failed request's header, not the whole request...
-            _set_optional(sock, NETLINK_CAP_ACK)
-            # ...plus the kernel's text explaining the error ("Nexthop id does not exist").
-            _set_optional(sock, NETLINK_EXT_ACK)
-            # Lets the kernel filter route dumps by protocol (kernel >= 4.20); older kernels
-            # return everything and we filter here anyway.
-            _set_optional(sock, NETLINK_GET_STRICT_CHK)
-            sock.bind((0, 0))
-            sock.settimeout(_TIMEOUT)
-            rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.window = max(16, min(_MAX_WINDOW, rcvbuf // _ACK_TRUESIZE))
-        # netlink refuses a sendmsg larger than sndbuf - 32.
-        self.send_bytes = max(4096, min(_MAX_SEND_BYTES, sndbuf - 1024))
-        self.buf = bytearray(_RECV_BYTES)
-        self.seqs = itertools.count(1)
-        # Set while an exchange is in progress; still set at the start of the next one if it
-        # was aborted (an exception, a timeout), so its leftovers are drained first.
-        self.dirty = False
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def next_seq(self) -> int:
-        return next(self.seqs) & 0xFFFFFFFF
-
-    def recv(self) -> Iterator[_Msg]:
-        """Messages of one datagram (the kernel sends one skb per recv)."""
-        n = self.sock.recv_into(self.buf, len(self.buf), socket.MSG_TRUNC)
-        if n > len(self.buf):
-            raise OSError(errno.EMSGSIZE, f"netlink message of {n} bytes truncated")
-        data = bytes(self.buf[:n])
-        off = 0
-        while off + _HDR_LEN <= n:
-            size, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
-            if size < _HDR_LEN:
-                break
-            yield kind, flags, seq, data, off + _HDR_LEN, off + size
-            off += _align(size)
-
-    def begin(self) -> None:
-        """Start an exchange: drop the leftovers of an aborted one first."""
-        if self.dirty:
-            self.drain()
-        self.dirty = True
-
-    def drain(self) -> None:
-        """Read and drop whatever is queued, e.g. the rest of an aborted dump.
-
-        A dump left half-read would make the next dump fail with EBUSY (reading it, even
-        non-blocking, makes the kernel produce the rest until NLMSG_DONE). Stale acks would
-        be harmless (their sequence numbers are never expected again) but take buffer.
-        """
-        try:
-            self.sock.setblocking(False)
-            while True:
-                self.sock.recv_into(self.buf)
-        except OSError:
-            pass  # EAGAIN: empty (or the socket is closed)
-        finally:
-            try:
-                self.sock.settimeout(_TIMEOUT)
-            except OSError:
-                pass
-
-    def dump(
-        self, kind: int, body: bytes, parse: Callable[[int, bytes, int, int], T | None]
-    ) -> tuple[list[T], bool]:
-        """Run one dump request, parsing the answers as they arrive.
-
-        Args:
-            kind, body: the request (RTM_GET*) and its body (family header, attributes).
-            parse: (message type, data, body start, body end) -> object, or None to skip it.
-
-        Returns:
-            The parsed objects, and whether the kernel flagged the dump as interrupted by a
-            concurrent change (NLM_F_DUMP_INTR: the result may be inconsistent).
-
-        Raises:
-            OSError: the socket failed, or the kernel refused the dump.
-        """
-        self.begin()
-        seq = self.next_seq()
-        self.sock.send(_message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
-        out: list[T] = []
-        interrupted = False
-        while True:
-            for mtype, flags, mseq, data, start, end in self.recv():
-                if mseq != seq:
-                    continue  # left over from an earlier, aborted operation
-                interrupted |= bool(flags & NLM_F_DUMP_INTR)
-                if mtype == NLMSG_DONE:
-                    # The DONE payload is an int: a negative errno if the dump failed midway.
-                    code = -_I32.unpack_from(data, start)[0] if end - start >= 4 else 0
-                    self.dirty = False  # the dump is complete, even if it failed
-                    if code > 0:
-                        raise _oserror(code)
-                    return out, interrupted
-                if mtype == NLMSG_ERROR:
-                    self.dirty = False  # the kernel refused the dump: nothing follows
-                    code, text = _parse_ack(flags, data, start, end)
-                    raise _oserror(code or errno.EIO, text)
-                if mtype < NLMSG_MIN_TYPE:
-                    continue  # NOOP, OVERRUN: nothing to parse
-                item = parse(mtype, data, start, end)
-                if item is not None:
-                    out.append(item)
-
-    def request(self, kind: int, body: bytes) -> tuple[int, bytes, int, int]:
-        """A single request expecting one answer message (e.g. RTM_GETROUTE for an address).
-
-        Raises:
-            OSError: the kernel answered with an error, or the socket failed.
-        """
-        self.begin()
-        seq = self.next_seq()
-        self.sock.send(_message(kind, NLM_F_REQUEST, seq, body))
-        while True:
-            for mtype, flags, mseq, data, start, end in self.recv():
-                if mseq != seq:
-                    continue
-                self.dirty = False  # the one answer
-                if mtype == NLMSG_ERROR:
-                    code, text = _parse_ack(flags, data, start, end)
-                    raise _oserror(code or errno.EIO, text)
-                return mtype, data, start, end
-
-    def batch(
-        self,
-        items: Iterable[B],
-        encode: Callable[[B, int], bytes],
-        ok: frozenset[int] = frozenset(),
-    ) -> list[tuple[B, OSError]]:
-        """Send one request per item, a window per ``sendmsg``; collect the refusals.
-
-        The requests carry no NLM_F_ACK: the kernel then answers only the ones it refuses
-        (an NLMSG_ERROR with their sequence number). Each window ends with an NLMSG_NOOP
-        that does carry NLM_F_ACK, a barrier: the kernel handles the messages of a buffer
-        in order and acks on our socket in that order, so once the barrier's ack is read
-        every refusal of the window has been read too. This reads a handful of datagrams per
-        window instead of one per request (measured: 100k routes 1.5 s -> 0.75 s).
-
-        Args:
-            items: the objects to write.
-            encode: builds the complete netlink message for an object and a sequence number
-                (flags: NLM_F_REQUEST and the request's modifiers, not NLM_F_ACK).
-            ok: errnos that count as success (EEXIST for an add, ENOENT for a delete...).
-
-        Returns:
-            (item, error) for each message the kernel refused, in request order.
-
-        Raises:
-            OSError: the socket failed (send, receive, timeout, ENOBUFS); which messages of
-            the current window were applied is then unknown.
-        """
-        self.begin()
-        failures: list[tuple[B, OSError]] = []
-        it = iter(items)
-        while True:
-            pending: dict[int, B] = {}
-            parts: list[bytes] = []
-            size = 0
-            for item in it:
-                seq = self.next_seq()
-                msg = encode(item, seq)
-                parts.append(msg)
-                pending[seq] = item
-                size += len(msg)
-                if len(parts) >= self.window or size >= self.send_bytes:
-                    break
-            if not parts:
-                self.dirty = False
-                return failures
-            barrier = self.next_seq()
-            parts.append(_message(NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, barrier, b""))
-            self.sock.send(b"".join(parts))
-            done = False
-            while not done:
-                for mtype, flags, seq, data, start, end in self.recv():
-                    if mtype != NLMSG_ERROR:
-                        continue
-                    if seq == barrier:
-                        done = True
-                        continue
-                    if seq not in pending:
-                        continue  # stale answer of an earlier, aborted operation
-                    item = pending.pop(seq)
-                    code, text = _parse_ack(flags, data, start, end)
-                    if code and code not in ok:
-                        failures.append((item, _oserror(code, text)))
-
-
-def _parse_ack(flags: int, data: bytes, start: int, end: int) -> tuple[int, str | None]:
-    """errno (positive, 0 = success) and extended-ack text of an NLMSG_ERROR message.
-
-    Layout: struct nlmsgerr { int error; struct nlmsghdr msg; } followed by the original
-    payload unless NLM_F_CAPPED, then NLMSGERR_ATTR_* attributes if NLM_F_ACK_TLVS.
-    """
-    code = -_I32.unpack_from(data, start)[0]
-    text = None
-    if flags & NLM_F_ACK_TLVS:
-        tlv = start + 4 + _HDR_LEN
-        if not flags & NLM_F_CAPPED:
-            tlv = start + 4 + _align(_U32.unpack_from(data, start + 4)[0])
-        msg = _attrs(data, tlv, end).get(NLMSGERR_ATTR_MSG)
-        if msg:
-            text = msg.split(b"\0", 1)[0].decode(errors="replace")
-    return code, text
-
-
-def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, force, size)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, plain, size)
-
-
-def _set_optional(sock: socket.socket, option: int) -> None:
-    try:
-        sock.setsockopt(SOL_NETLINK, option, 1)
-    except OSError:
-        pass  # older kernel: we only lose error texts / kernel-side filtering
-
-
-def _message(kind: int, flags: int, seq: int, body: bytes) -> bytes:
-    """A complete netlink message: nlmsghdr (port id 0: the kernel fills in ours) + body."""
-    return _NLMSGHDR.pack(_HDR_LEN + len(body), kind, flags, seq, 0) + body
 
 
 def _route_message(
@@ -468,9 +151,9 @@ def _route_message(
             8, RTA_NH_ID, route.nhid,
         )  # fmt: skip
     # A route without a nexthop object (nhid 0), e.g. a leftover to delete: not a hot path.
-    body = _RTMSG.pack(family, dst.prefixlen, 0, 0, rtm_table, proto, scope, rtype, 0)
-    body += _attr_u32(RTA_TABLE, table) + _attr(RTA_DST, dst.network_address.packed)
-    return _message(kind, flags, seq, body)
+    body = RTMSG.pack(family, dst.prefixlen, 0, 0, rtm_table, proto, scope, rtype, 0)
+    body += attr_u32(RTA_TABLE, table) + attr(RTA_DST, dst.network_address.packed)
+    return message(kind, flags, seq, body)
 
 
 def _nexthop_message(kind: int, flags: int, seq: int, nexthop: Nexthop, proto: int) -> bytes:
@@ -481,17 +164,17 @@ def _nexthop_message(kind: int, flags: int, seq: int, nexthop: Nexthop, proto: i
     kernel refuses alongside NHA_OIF/NHA_GATEWAY; no gateway with an ifindex is a
     device-only nexthop. nh_scope must be 0 in a request: the kernel computes it.
     """
-    attrs = _attr_u32(NHA_ID, nexthop.id)
+    payload = attr_u32(NHA_ID, nexthop.id)
     if kind == RTM_DELNEXTHOP:
-        return _message(kind, flags, seq, _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attrs)
+        return message(kind, flags, seq, NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + payload)
     if nexthop.gateway is not None:
-        attrs += _attr_u32(NHA_OIF, nexthop.ifindex)
-        attrs += _attr(NHA_GATEWAY, nexthop.gateway.packed)
+        payload += attr_u32(NHA_OIF, nexthop.ifindex)
+        payload += attr(NHA_GATEWAY, nexthop.gateway.packed)
     elif nexthop.ifindex:
-        attrs += _attr_u32(NHA_OIF, nexthop.ifindex)
+        payload += attr_u32(NHA_OIF, nexthop.ifindex)
     else:
-        attrs += _attr(NHA_BLACKHOLE, b"")
-    return _message(kind, flags, seq, _NHMSG.pack(nexthop.family, 0, proto, 0, 0) + attrs)
+        payload += attr(NHA_BLACKHOLE, b"")
+    return message(kind, flags, seq, NHMSG.pack(nexthop.family, 0, proto, 0, 0) + payload)
 
 
 def _rule_message(kind: int, flags: int, seq: int, rule: Rule, proto: int | None) -> bytes:
@@ -500,31 +183,31 @@ def _rule_message(kind: int, flags: int, seq: int, rule: Rule, proto: int | None
     ``proto`` None leaves FRA_PROTOCOL out (a delete then matches any protocol).
     """
     table = rule.table
-    body = _FIB_RULE_HDR.pack(
+    body = FIB_RULE_HDR.pack(
         rule.family, 0, 0, 0, table if table < 256 else RT_TABLE_UNSPEC, 0, 0, FR_ACT_TO_TBL, 0
     )
-    body += _attr_u32(FRA_PRIORITY, rule.priority)
-    body += _attr_u32(FRA_FWMARK, rule.fwmark)
-    body += _attr_u32(FRA_FWMASK, rule.fwmask)
-    body += _attr_u32(FRA_TABLE, table)
+    body += attr_u32(FRA_PRIORITY, rule.priority)
+    body += attr_u32(FRA_FWMARK, rule.fwmark)
+    body += attr_u32(FRA_FWMASK, rule.fwmask)
+    body += attr_u32(FRA_TABLE, table)
     if rule.iifname:
-        body += _attr(FRA_IIFNAME, rule.iifname.encode() + b"\0")
+        body += attr(FRA_IIFNAME, rule.iifname.encode() + b"\0")
     if proto is not None:
-        body += _attr(FRA_PROTOCOL, bytes([proto]))
-    return _message(kind, flags, seq, body)
+        body += attr(FRA_PROTOCOL, bytes([proto]))
+    return message(kind, flags, seq, body)
 
 
 def _parse_rule(data: bytes, start: int, end: int) -> tuple[int, Rule]:
     """One RTM_NEWRULE message: its protocol (FRA_PROTOCOL, 0 when absent) and the rule."""
-    family, _d, _s, _t, table, _r1, _r2, _action, _f = _FIB_RULE_HDR.unpack_from(data, start)
-    a = _attrs(data, start + _FIB_RULE_HDR.size, end)
+    family, _d, _s, _t, table, _r1, _r2, _action, _f = FIB_RULE_HDR.unpack_from(data, start)
+    a = attrs(data, start + FIB_RULE_HDR.size, end)
     rproto = a.get(FRA_PROTOCOL)
     return rproto[0] if rproto else 0, Rule(
         family,
-        _u32(a.get(FRA_PRIORITY)),
-        _u32(a.get(FRA_FWMARK)),
-        _u32(a.get(FRA_FWMASK)),
-        _u32(a.get(FRA_TABLE), table),
+        u32(a.get(FRA_PRIORITY)),
+        u32(a.get(FRA_FWMARK)),
+        u32(a.get(FRA_FWMASK)),
+        u32(a.get(FRA_TABLE), table),
         a.get(FRA_IIFNAME, b"").split(b"\0", 1)[0].decode(errors="replace"),
     )
 
@@ -553,7 +236,7 @@ class RtnlRoutes:
             RoutesError: the socket cannot be opened.
         """
         try:
-            self._nl = _Netlink()
+            self._nl = Netlink()
         except OSError as exc:
             raise RoutesError(f"cannot open an rtnetlink socket: {exc}") from exc
         self._lock = threading.Lock()
@@ -615,13 +298,13 @@ class RtnlRoutes:
         def parse(mtype: int, data: bytes, start: int, end: int) -> Route | None:
             # The hot loop of a 100k-route dump: look at the three attributes we need and
             # skip the others (RTA_OIF, RTA_GATEWAY... of the nexthop) without slicing them.
-            family, dst_len, _s, _t, table, rproto, _sc, _ty, _f = _RTMSG.unpack_from(data, start)
+            family, dst_len, _s, _t, table, rproto, _sc, _ty, _f = RTMSG.unpack_from(data, start)
             if mtype != RTM_NEWROUTE or rproto != proto:
                 return None
             raw = None
             nhid = 0
             found = 0  # the kernel puts the nexthop's own attributes last: stop before them
-            pos = start + _RTMSG.size
+            pos = start + RTMSG.size
             while pos + 4 <= end and found < 3:
                 size, kind = unpack_nla(data, pos)
                 if kind == RTA_DST:
@@ -644,12 +327,12 @@ class RtnlRoutes:
                 dst = known.ipv6(address, dst_len)
             return Route(dst, table, nhid)
 
-        unpack_nla = _NLA.unpack_from
-        unpack_u32 = _U32.unpack_from
+        unpack_nla = NLA.unpack_from
+        unpack_u32 = U32.unpack_from
         out: set[Route] = set()
         for family in (socket.AF_INET, socket.AF_INET6):
             # rtm_protocol in a dump request is a kernel-side filter under strict checking.
-            body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_UNSPEC, proto, 0, 0, 0)
+            body = RTMSG.pack(family, 0, 0, 0, RT_TABLE_UNSPEC, proto, 0, 0, 0)
             out.update(self._dump("routes", RTM_GETROUTE, body, parse))
         return out
 
@@ -663,16 +346,16 @@ class RtnlRoutes:
         """
 
         def parse(mtype: int, data: bytes, start: int, end: int) -> Nexthop | None:
-            family, _scope, nproto, _r, _flags = _NHMSG.unpack_from(data, start)
+            family, _scope, nproto, _r, _flags = NHMSG.unpack_from(data, start)
             if mtype != RTM_NEWNEXTHOP or nproto != proto:
                 return None
-            a = _attrs(data, start + _NHMSG.size, end)
+            a = attrs(data, start + NHMSG.size, end)
             if NHA_GROUP in a or NHA_FDB in a or NHA_ID not in a:
                 return None
-            return Nexthop(_u32(a[NHA_ID]), family, _ip(a.get(NHA_GATEWAY)), _u32(a.get(NHA_OIF)))
+            return Nexthop(u32(a[NHA_ID]), family, _ip(a.get(NHA_GATEWAY)), u32(a.get(NHA_OIF)))
 
         # struct nhmsg, all zero: strict checking refuses any header field in a dump request.
-        body = _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        body = NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
         return set(self._dump("nexthops", RTM_GETNEXTHOP, body, parse))
 
     def foreign_nexthops(self, proto: int) -> set[int]:
@@ -684,12 +367,12 @@ class RtnlRoutes:
         """
 
         def parse(mtype: int, data: bytes, start: int, end: int) -> int | None:
-            nproto = _NHMSG.unpack_from(data, start)[2]
+            nproto = NHMSG.unpack_from(data, start)[2]
             if mtype != RTM_NEWNEXTHOP or nproto == proto:
                 return None
-            return _u32(_attrs(data, start + _NHMSG.size, end).get(NHA_ID))
+            return u32(attrs(data, start + NHMSG.size, end).get(NHA_ID))
 
-        body = _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        body = NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
         return set(self._dump("nexthops", RTM_GETNEXTHOP, body, parse))
 
     def rules(self, proto: int) -> set[Rule]:
@@ -705,7 +388,7 @@ class RtnlRoutes:
 
         out: set[Rule] = set()
         for family in (socket.AF_INET, socket.AF_INET6):
-            body = _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+            body = FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
             out.update(self._dump("policy rules", RTM_GETRULE, body, parse))
         return out
 
@@ -739,15 +422,15 @@ class RtnlRoutes:
             )
 
         def route(mtype: int, data: bytes, start: int, end: int) -> Foreign | None:
-            family, dst_len, _s, _t, table, rproto, _sc, _ty, _f = _RTMSG.unpack_from(data, start)
+            family, dst_len, _s, _t, table, rproto, _sc, _ty, _f = RTMSG.unpack_from(data, start)
             if mtype != RTM_NEWROUTE or rproto == proto:
                 return None
             if table != RT_TABLE_COMPAT and table not in tables:
                 # The header holds tables below 256 itself: the main table's routes (all of
                 # a full routing table on a router) are skipped without parsing attributes.
                 return None
-            a = _attrs(data, start + _RTMSG.size, end)
-            table = _u32(a.get(RTA_TABLE), table)
+            a = attrs(data, start + RTMSG.size, end)
+            table = u32(a.get(RTA_TABLE), table)
             if table not in tables:
                 return None
             raw = a.get(RTA_DST) or bytes(4 if family == socket.AF_INET else 16)
@@ -757,21 +440,21 @@ class RtnlRoutes:
             return Foreign(f"route {dst} in table {table} (proto {rproto})", route=(table, dst))
 
         def nexthop(mtype: int, data: bytes, start: int, end: int) -> Foreign | None:
-            _family, _scope, nproto, _r, _flags = _NHMSG.unpack_from(data, start)
-            a = _attrs(data, start + _NHMSG.size, end)
-            nhid = _u32(a.get(NHA_ID))
+            _family, _scope, nproto, _r, _flags = NHMSG.unpack_from(data, start)
+            a = attrs(data, start + NHMSG.size, end)
+            nhid = u32(a.get(NHA_ID))
             if mtype != RTM_NEWNEXTHOP or nproto == proto or nhid not in nhids:
                 return None
             return Foreign(f"nexthop id {nhid} ({nhid:#x}, proto {nproto})", nhid=nhid)
 
         found: list[Foreign] = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            body = _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+            body = FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
             found += self._dump("policy rules", RTM_GETRULE, body, rule)
-            body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_UNSPEC, 0, 0, 0, 0)
+            body = RTMSG.pack(family, 0, 0, 0, RT_TABLE_UNSPEC, 0, 0, 0, 0)
             found += self._dump("routes", RTM_GETROUTE, body, route)
         found += self._dump(
-            "nexthops", RTM_GETNEXTHOP, _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), nexthop
+            "nexthops", RTM_GETNEXTHOP, NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0), nexthop
         )
         return found
 
@@ -790,8 +473,8 @@ class RtnlRoutes:
         """
         v4 = addr.version == 4
         family = socket.AF_INET if v4 else socket.AF_INET6
-        body = _RTMSG.pack(family, 32 if v4 else 128, 0, 0, 0, 0, 0, 0, 0)
-        body += _attr(RTA_DST, addr.packed)
+        body = RTMSG.pack(family, 32 if v4 else 128, 0, 0, 0, 0, 0, 0, 0)
+        body += attr(RTA_DST, addr.packed)
         with self._lock:
             try:
                 _mtype, data, start, end = self._nl.request(RTM_GETROUTE, body)
@@ -800,11 +483,11 @@ class RtnlRoutes:
                 if exc.errno in _UNREACHABLE:
                     return None
                 raise RoutesError(f"route lookup for {addr} failed: {exc}") from exc
-            rtype = _RTMSG.unpack_from(data, start)[7]
+            rtype = RTMSG.unpack_from(data, start)[7]
             if rtype in (RTN_BLACKHOLE, RTN_UNREACHABLE, RTN_PROHIBIT, RTN_THROW):
                 return None
-            a = _attrs(data, start + _RTMSG.size, end)
-            ifindex = _u32(a.get(RTA_OIF))
+            a = attrs(data, start + RTMSG.size, end)
+            ifindex = u32(a.get(RTA_OIF))
             gateway = _ip(a.get(RTA_GATEWAY))
             via = a.get(RTA_VIA)  # an IPv4 route via an IPv6 gateway: struct rtvia
             if gateway is None and via is not None:
@@ -815,12 +498,12 @@ class RtnlRoutes:
 
     def _ifname(self, ifindex: int) -> str:
         """Interface name by index, asked on our socket so that it is our namespace's."""
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0)
+        body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0)
         try:
             _mtype, data, start, end = self._nl.request(RTM_GETLINK, body)
         except OSError as exc:
             raise RoutesError(f"cannot read the name of interface {ifindex}: {exc}") from exc
-        name = _attrs(data, start + _IFINFOMSG.size, end).get(IFLA_IFNAME, b"")
+        name = attrs(data, start + IFINFOMSG.size, end).get(IFLA_IFNAME, b"")
         return name.split(b"\0", 1)[0].decode(errors="replace")
 
     # --- writes -----------------------------------------------------------------------------
@@ -832,7 +515,7 @@ class RtnlRoutes:
         encode: Callable[[W, int], bytes],
         ok: frozenset[int] = frozenset(),
     ) -> list[Failure]:
-        """Run :meth:`_Netlink.batch` under the lock, mapping socket failures.
+        """Run :meth:`Netlink.batch` under the lock, mapping socket failures.
 
         Raises:
             RoutesError: the socket failed; part of the batch may have been applied.
