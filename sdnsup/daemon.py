@@ -562,7 +562,8 @@ async def serve(
 
                 await nursery.start(metrics.serve_metrics, *metrics_listen, metrics_text)
             if supervisor is not None:
-                await supervisor.run()
+                await supervisor.start()  # a DiscoveryError here ends the daemon
+                await supervised("supervisor", supervisor.watch)
             else:
                 mailbox.post(desired_for(config, config.aps[0] if config.aps else None))
     finally:

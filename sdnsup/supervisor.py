@@ -915,7 +915,16 @@ class Supervisor:
     # --- tasks -------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Discover (or take the saved list), then probe, watch and refresh until cancelled.
+        """:meth:`start`, then :meth:`watch` until cancelled.
+
+        Raises:
+            DiscoveryError: initial discovery exhausted ``--retries``.
+        """
+        await self.start()
+        await self.watch(task_status=task_status)
+
+    async def start(self) -> None:
+        """Take the first AP list: the static one, the one saved on disk, or the CC's.
 
         Raises:
             DiscoveryError: initial discovery exhausted ``--retries``.
@@ -942,6 +951,15 @@ class Supervisor:
             self._schedule.ttl = directory.ttl
             self._schedule.start(trio.current_time(), saved=False)
             await self._took_answer(directory)
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe, keep the active and draining APs under keepalive, check paths and refresh
+        the AP list, until cancelled.
+
+        Restartable: its loops work from this object's state (the list, the active AP, the
+        slots), so after a crash :func:`sdnsup.daemon.supervised` starts it again and it
+        carries on with the same AP.
+        """
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._probe_loop)
             nursery.start_soon(self._early_loop)

@@ -881,3 +881,44 @@ def test_connected_means_the_kernel_routes_through_the_active_ap_in_its_families
         assert sup.status.kernel_routed and sup.status.apply_error is None
 
     run(world, sup, scenario)
+
+
+def test_a_crashed_watch_is_restarted_by_the_daemon_and_carries_on_with_the_same_ap(caplog):
+    """A bug in one of the supervisor's loops (here: a probe round raising) used to end the
+    daemon; supervised like every other task, it restarts 1 s later, keeps its AP and slots,
+    and its keepalive goes on."""
+    from sdnsup.daemon import supervised
+
+    world = World({AP1: 0.005, AP2: 0.040})
+    sup = world.make([AP1, AP2], reprobe_interval=5.0)
+    rounds = {"n": 0}
+    real_probe_all = world.probe_all
+
+    async def buggy_probe_all(aps, **kw):
+        rounds["n"] += 1
+        if rounds["n"] == 2:
+            raise RuntimeError("a bug in a probe round")
+        return await real_probe_all(aps, **kw)
+
+    sup._probe_all = buggy_probe_all
+    crashed_at = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await sup.start()
+            nursery.start_soon(supervised, "supervisor", sup.watch)
+            with trio.fail_after(30):
+                while rounds["n"] < 2:  # noqa: ASYNC110 - virtual time
+                    await trio.sleep(0.01)
+            crashed_at.append(trio.current_time())
+            posted = list(world.posted)
+            await trio.sleep(10)
+            # restarted: more rounds, the same AP, nothing new posted, keepalive probes on
+            assert rounds["n"] >= 3
+            assert sup.active == AP1 and world.posted == posted
+            assert any(a == AP1 and t > crashed_at[0] + 2 for t, a in world.probed)
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level("ERROR", logger="sdnsup"):
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "task supervisor crashed, restarting in 1 s" in caplog.text
