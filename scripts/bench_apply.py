@@ -69,13 +69,10 @@ def timed(*argv: str) -> float:
 
 def inner(runs: int) -> None:
     from sdnsup.applier import Applier
-    from sdnsup.nft import LibNftables
-    from sdnsup.rtnl import RtnlRoutes
     from sdnsup.state import DesiredState, Slot
-    from sdnsup.sysctl import ProcSysctl
 
     def applier() -> Applier:
-        return Applier(RtnlRoutes.from_system(), LibNftables(), ProcSysctl())
+        return Applier.from_system()
 
     def state(nets: frozenset[ipaddress.IPv4Network], ap: str) -> DesiredState:
         addr = ipaddress.IPv4Address(ap)

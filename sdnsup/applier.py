@@ -495,10 +495,10 @@ class Applier:
         self._proto = proto
         self._applied: KernelState | None = None
         # What the first read of the kernel found of an earlier sdnsup (after kill -9 or a
-        # crash): adopted by the first apply, which keeps what fits and removes the rest.
-        # what the first read found (an earlier process's leftovers), as a summary: the state
-        # itself may hold 100k CIDRs
+        # crash), adopted by the first apply, which keeps what fits and removes the rest. Only
+        # its summary is kept: the state itself may hold 100k CIDRs.
         self.found_at_start = ""
+        # whether the last apply read a large state back from the kernel (heap.release)
         self._read_many = False
         self._first_read = True
         # Set from another thread to stop an apply between its batches (a stop must not wait
@@ -506,6 +506,29 @@ class Applier:
         self._abort = threading.Event()
         self._settings = Settings()
         self._compat_kept_logged = False
+
+    @classmethod
+    def from_system(
+        cls, *, sysctl_record: Path | None = None, nexthop_compat: NexthopCompat = "auto"
+    ) -> Applier:
+        """The applier of the calling thread's network namespace: rtnetlink, libnftables and
+        ``/proc/sys``.
+
+        Raises:
+            RoutesError: the rtnetlink socket cannot be opened.
+            NftError: libnftables or its Python binding is missing.
+        """
+        from sdnsup.nft import LibNftables
+        from sdnsup.rtnl import RtnlRoutes
+        from sdnsup.sysctl import ProcSysctl
+
+        return cls(
+            RtnlRoutes.from_system(),
+            LibNftables(),
+            ProcSysctl(),
+            sysctl_record=sysctl_record,
+            nexthop_compat=nexthop_compat,
+        )
 
     @property
     def applied(self) -> KernelState | None:

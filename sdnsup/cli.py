@@ -317,13 +317,10 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
     from sdnsup.conntrack import Conntrack
     from sdnsup.echo import Prober
     from sdnsup.netmon import Monitor, Watch
-    from sdnsup.nft import LibNftables
     from sdnsup.notify import Notifier
     from sdnsup.paths import PassiveDetector
     from sdnsup.pins import PinKeeper
-    from sdnsup.rtnl import RtnlRoutes
     from sdnsup.supervisor import Supervisor
-    from sdnsup.sysctl import ProcSysctl
 
     with InstanceLock():
         stale = sweep_run_dir(RUN_DIR, live_netns())
@@ -334,10 +331,7 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
                 RUN_DIR,
                 ", ".join(stale),
             )
-        applier = Applier(
-            RtnlRoutes.from_system(),
-            LibNftables(),
-            ProcSysctl(),
+        applier = Applier.from_system(
             sysctl_record=RUN_DIR / f"sysctl-{netns_id()}.json",
             nexthop_compat=opts.nexthop_compat,
         )
@@ -555,19 +549,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     from sdnsup.applier import Applier
     from sdnsup.daemon import RUN_DIR
-    from sdnsup.nft import LibNftables
     from sdnsup.preflight import InstanceLock, check_privileges, netns_id
-    from sdnsup.rtnl import RtnlRoutes
-    from sdnsup.sysctl import ProcSysctl
 
     check_privileges()
     with InstanceLock():  # a running daemon owns the kernel state: refuse (exit 75)
-        applier = Applier(
-            RtnlRoutes.from_system(),
-            LibNftables(),
-            ProcSysctl(),
-            sysctl_record=RUN_DIR / f"sysctl-{netns_id()}.json",
-        )
+        applier = Applier.from_system(sysctl_record=RUN_DIR / f"sysctl-{netns_id()}.json")
         result = applier.teardown()
     if result.total_writes:
         print(f"sdnsup down: removed {result.summary()}")
@@ -585,16 +571,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def leftovers() -> str:
     """What sdnsup left in the kernel of this namespace, for ``status`` with no daemon."""
     from sdnsup.applier import Applier
-    from sdnsup.nft import LibNftables
     from sdnsup.preflight import check_privileges
-    from sdnsup.rtnl import RtnlRoutes
-    from sdnsup.sysctl import ProcSysctl
 
     try:
         check_privileges()
-        found = Applier(RtnlRoutes.from_system(), LibNftables(), ProcSysctl()).read_kernel(
-            elements=False
-        )
+        found = Applier.from_system().read_kernel(elements=False)
     except SdnsupError as exc:
         return f"cannot look for leftovers in the kernel: {exc}"
     listed = found.summary()
