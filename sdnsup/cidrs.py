@@ -231,9 +231,6 @@ class KnownNetworks:
         net = self._v6.get(address << _LEN_BITS | prefixlen)
         return IPv6Network((address, prefixlen)) if net is None else net
 
-    def network(self, version: int, address: int, prefixlen: int) -> Network:
-        return self.ipv4(address, prefixlen) if version == 4 else self.ipv6(address, prefixlen)
-
 
 NO_KNOWN_NETWORKS = KnownNetworks()
 
@@ -320,7 +317,7 @@ class _Reader:
                 self.lines(str(path), read_cidr_file(path))
             else:
                 self.sources.append("-r")
-                self.entry(part, (len(self.sources) - 1) << 32, True)
+                self.entry(part, (len(self.sources) - 1) << 32, True, plain_ipv4(part))
 
     def lines(self, name: str, text: str) -> None:
         self.sources.append(name)
@@ -346,7 +343,8 @@ class _Reader:
                 read = self.read
         self.read = read
 
-    def entry(self, text: str, place: int, typed: bool, key: int | None = None) -> None:
+    def entry(self, text: str, place: int, typed: bool, key: int | None) -> None:
+        """One entry; ``key``: what :func:`plain_ipv4` made of it (the caller has read it)."""
         self.read += 1
         if self.read > self.max_cidrs:
             raise ConfigError(
@@ -354,8 +352,6 @@ class _Reader:
                 "--max-cidrs); raise it if the list is really that long"
             )
         version = 4
-        if key is None:
-            key = plain_ipv4(text)
         if key is None:
             net = _parse(self.where(place), text, typed, self.problems)
             if net is None:

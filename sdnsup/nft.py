@@ -600,9 +600,12 @@ class LibNftables:
                     found[kernel_set] = frozenset(members)
         return merge_shards(table, found)
 
-    def replace(self, table: NftTable) -> None:
+    def _load(self, table: NftTable) -> None:
         self._run(table_commands(table), f"load table {FAMILY} {table.name}")
         self._commits += 1
+
+    def replace(self, table: NftTable) -> None:
+        self._load(table)
         # libnftables keeps what it loaded in its cache until its next command: 68 MB for
         # 100k elements, for the life of an idle daemon. This listing (terse, ~1 ms) drops it.
         self._listing(table.name)
@@ -610,8 +613,9 @@ class LibNftables:
     def create(self, table: NftTable) -> None:
         # Elements through nfnetlink, not libnftables: measured at 100k CIDRs, 0.55 s and
         # +14 MB at the peak against 1.3-1.6 s and +167 MB (libnftables turns each JSON
-        # element into several objects of its own before it sends anything).
-        self.replace(dataclasses.replace(table, elements={}))
+        # element into several objects of its own before it sends anything). With empty sets
+        # libnftables caches nothing worth dropping.
+        self._load(dataclasses.replace(table, elements={}))
         adds = {name: (elems, frozenset[Element]()) for name, elems in table.elements.items()}
         if adds:
             self.update_elements(table, adds)

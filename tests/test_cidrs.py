@@ -215,7 +215,7 @@ def test_known_networks_hands_out_its_own_objects_and_makes_equal_ones_otherwise
     mine4, mine6 = N("10.1.0.0/16"), N("fd00::/64")
     known = cidrs.KnownNetworks([mine4], {mine6})
     assert known.ipv4(0x0A010000, 16) is mine4
-    assert known.network(6, int(mine6.network_address), 64) is mine6
+    assert known.ipv6(int(mine6.network_address), 64) is mine6
     other = known.ipv4(0x0A020000, 16)
     assert other == N("10.2.0.0/16") and hash(other) == hash(N("10.2.0.0/16"))
     assert str(known.ipv4(0x0A010000, 24)) == "10.1.0.0/24"  # same address, other length
