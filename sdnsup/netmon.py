@@ -54,7 +54,6 @@ single policy (design section 3), not a second retry loop hidden here.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -70,15 +69,14 @@ import trio
 
 from sdnsup.errors import KernelError, NftError, RoutesError
 from sdnsup.netlink import (
-    NETLINK_ADD_MEMBERSHIP,
-    NETLINK_DROP_MEMBERSHIP,
     NETLINK_NETFILTER,
     NLM_F_REPLACE,
-    NLMSGHDR,
-    SO_RCVBUFFORCE,
-    SOL_NETLINK,
+    attach_filter,
     attrs,
-    set_buffer,
+    join,
+    leave,
+    messages,
+    subscribe,
     u32,
 )
 from sdnsup.nfnl import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
@@ -215,7 +213,6 @@ _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian; unused
 _BE32 = struct.Struct(">I")
 
 # --- classic BPF (include/uapi/linux/filter.h, asm-generic/socket.h) ----------------------
-SO_ATTACH_FILTER = 26
 BPF_LD_H_ABS = 0x00 | 0x08 | 0x20
 BPF_LD_B_ABS = 0x00 | 0x10 | 0x20
 BPF_JEQ_K = 0x05 | 0x10
@@ -223,7 +220,6 @@ BPF_JSET_K = 0x05 | 0x40
 BPF_RET_K = 0x06
 BPF_LD_W_ABS = 0x00 | 0x00 | 0x20
 _ACCEPT = 0xFFFFFFFF  # "keep the whole packet"
-_SOCK_FILTER = struct.Struct("=HBBI")  # code, jt, jf, k
 
 # Event kinds the applier's own writes can cause; only these are ever muted as echoes.
 _ECHO_KINDS = frozenset(
@@ -509,17 +505,6 @@ def _nexthop(mtype: int, port: int, flags: int, data: bytes, start: int, end: in
     )
 
 
-def _messages(data: bytes, size: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(type, flags, port, body start, body end) of each message in ``data[:size]``."""
-    off = 0
-    while off + NLMSGHDR.size <= size:
-        length, mtype, flags, _seq, port = NLMSGHDR.unpack_from(data, off)
-        if length < NLMSGHDR.size or off + length > size:
-            return  # malformed; the kernel never sends this
-        yield mtype, flags, port, off + NLMSGHDR.size, off + length
-        off += (length + 3) & ~3
-
-
 def parse_rtnl(data: bytes, size: int | None = None) -> list[Event]:
     """The link, address, route, rule and nexthop events of one rtnetlink datagram.
 
@@ -532,7 +517,7 @@ def parse_rtnl(data: bytes, size: int | None = None) -> list[Event]:
         which the kernel does not send) are skipped.
     """
     out = []
-    for mtype, flags, port, start, end in _messages(data, len(data) if size is None else size):
+    for mtype, flags, _seq, port, start, end in messages(data, len(data) if size is None else size):
         try:
             if mtype in (RTM_NEWLINK, RTM_DELLINK):
                 out.append(_link(mtype, port, data, start, end))
@@ -561,7 +546,9 @@ def parse_nfnl(data: bytes, size: int | None = None) -> list[Event]:
         objects come first and its ``nft-gen`` (NFT_MSG_NEWGEN) last.
     """
     out = []
-    for mtype, _flags, port, start, end in _messages(data, len(data) if size is None else size):
+    for mtype, _flags, _seq, port, start, end in messages(
+        data, len(data) if size is None else size
+    ):
         if mtype >> 8 != NFNL_SUBSYS_NFTABLES or end - start < _NFGENMSG.size:
             continue
         msg = mtype & 0xFF
@@ -677,19 +664,6 @@ def _wire32(value: int) -> int:
     return int.from_bytes(struct.pack("=I", value), "big")
 
 
-def _attach_filter(sock: socket.socket, program: Sequence[tuple[int, int, int, int]]) -> None:
-    """SO_ATTACH_FILTER: struct sock_fprog { unsigned short len; struct sock_filter *filter; }.
-
-    The kernel copies the program during the call, so the buffer only has to outlive it.
-    """
-    code = ctypes.create_string_buffer(b"".join(_SOCK_FILTER.pack(*ins) for ins in program))
-    sock.setsockopt(
-        socket.SOL_SOCKET,
-        SO_ATTACH_FILTER,
-        struct.pack("@HP", len(program), ctypes.addressof(code)),
-    )
-
-
 # --- our own sockets ----------------------------------------------------------------------
 
 
@@ -794,14 +768,14 @@ class NetlinkSource:
     def pause(self) -> None:
         for group in self.pausable:
             with contextlib.suppress(OSError):  # not a member: nothing to leave
-                self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
+                leave(self.sock, group)
 
     def resume(self) -> None:
         if self.sock.fileno() < 0:
             return  # closed meanwhile (the monitor restarted): its successor subscribed anew
         for group in self.pausable:
             try:
-                self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+                join(self.sock, group)
             except OSError as exc:
                 # Not an apply failure: the periodic re-read still catches what is missed.
                 log.error(
@@ -816,7 +790,7 @@ class NetlinkSource:
         if self._muter is None or ports == self._muted:
             return
         try:
-            _attach_filter(self.sock, self._muter(ports))
+            attach_filter(self.sock, self._muter(ports))
         except OSError as exc:
             log.warning("cannot filter our own %s echoes in the kernel: %s", self.name, exc)
             return
@@ -842,28 +816,10 @@ class NetlinkSource:
                 nothing is left open.
         """
         try:
-            sock = socket.socket(
-                socket.AF_NETLINK,
-                socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                protocol,
-            )
+            sock = subscribe(protocol, groups, RCVBUF, program)
         except OSError as exc:
-            raise error(f"cannot open a {name} socket to monitor the kernel: {exc}") from exc
-        try:
-            # SO_RCVBUFFORCE needs CAP_NET_ADMIN; without it we get net.core.rmem_max.
-            set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, RCVBUF)
-            if program:
-                _attach_filter(sock, program)
-            sock.bind((0, 0))
-            for group in groups:
-                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-        except OSError as exc:
-            sock.close()
             hint = " (subscribing needs CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""
             raise error(f"cannot subscribe to {name} events{hint}: {exc}") from exc
-        except BaseException:
-            sock.close()
-            raise
         return cls(sock, parse, name, error, muter)
 
     async def pump(self, offer: Offer) -> None:

@@ -68,27 +68,18 @@ from typing import Literal
 from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 from sdnsup.errors import NftError
 from sdnsup.netlink import (
-    I32,
-    NETLINK_CAP_ACK,
-    NETLINK_EXT_ACK,
     NETLINK_NETFILTER,
     NLA,
     NLA_F_NESTED,
-    NLA_TYPE_MASK,
     NLM_F_ACK,
     NLM_F_CREATE,
-    NLM_F_DUMP,
-    NLM_F_DUMP_INTR,
     NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     NLMSGHDR,
-    SO_RCVBUFFORCE,
-    SO_SNDBUFFORCE,
-    SOL_NETLINK,
+    AnswerLost,
+    Netlink,
     attr,
-    parse_ack,
-    set_buffer,
+    message,
+    spans,
 )
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -120,14 +111,6 @@ NFT_SET_ELEM_INTERVAL_END = 1
 # must fit in 65535 bytes. The largest element is 40 bytes (an IPv6 start element carrying the
 # open-interval userdata): 1000 elements stay under 40 kB. A batch holds any number of messages.
 MAX_ELEMENTS_PER_MESSAGE = 1000
-
-# Each message's ack is its own skb (~1 kB truesize), and a failed batch still acks every
-# message. If they overflow the receive buffer they are dropped (ENOBUFS) and nobody knows
-# whether the transaction was committed, so the buffer is sized for the batch before sending.
-_ACK_TRUESIZE = 2048
-_MIN_RCVBUF = 4 << 20
-# One datagram per recv; dump replies are at most 32 kB (netlink_dump caps its skbs there).
-_RECV_BUFSIZE = 1 << 20
 
 _BE32 = struct.Struct(">I")
 
@@ -235,12 +218,12 @@ class _Codec:
                 from_bytes(s, "big") << 1 | 1 if s else from_bytes(e, "big") << 1 for s, e in found
             )
             return
-        for elem_start, elem_end in _attrs(buf, start, end):
+        for _list_elem, elem_start, elem_end in spans(buf, start, end):
             key = -1
             is_end = False
-            for atype, a, b in _typed_attrs(buf, elem_start, elem_end):
+            for atype, a, b in spans(buf, elem_start, elem_end):
                 if atype == NFTA_SET_ELEM_KEY:
-                    for vtype, va, vb in _typed_attrs(buf, a, b):
+                    for vtype, va, vb in spans(buf, a, b):
                         if vtype == NFTA_DATA_VALUE:
                             if vb - va != self.klen:
                                 raise _KeyLengthError(vb - va)
@@ -252,24 +235,6 @@ class _Codec:
 
 
 _CODECS = {4: _Codec(4), 6: _Codec(6)}
-
-
-def _attrs(buf: bytes | bytearray | memoryview, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Yield ``(payload_start, payload_end)`` of each attribute in ``buf[start:end]``."""
-    for _atype, a, b in _typed_attrs(buf, start, end):
-        yield a, b
-
-
-def _typed_attrs(
-    buf: bytes | bytearray | memoryview, start: int, end: int
-) -> Iterator[tuple[int, int, int]]:
-    """Yield ``(type, payload_start, payload_end)`` of each attribute in ``buf[start:end]``."""
-    while start + 4 <= end:
-        length, atype = NLA.unpack_from(buf, start)
-        if length < 4 or start + length > end:
-            return
-        yield atype & NLA_TYPE_MASK, start + 4, start + length
-        start += (length + 3) & ~3
 
 
 def _pair(keys: list[int], version: int) -> list[tuple[int, int]]:
@@ -342,7 +307,6 @@ class _Message:
 
 # For signatures inside SetElements, where the name ``list`` is the method.
 _Keys = list[int]
-_Answers = list[tuple[int, int, int | None]]
 _Messages = list[_Message]
 _Bodies = list[bytes]
 
@@ -369,34 +333,24 @@ class SetElements:
     Callers send diffs.
     """
 
-    def __init__(self) -> None:
-        """Open a NETLINK_NETFILTER socket in the current network namespace.
+    def __init__(self, nl: Netlink | None = None) -> None:
+        """Open a NETLINK_NETFILTER socket in the current network namespace (or use ``nl``).
 
         Raises:
             NftError: the socket cannot be opened or configured.
         """
-        try:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        except OSError as exc:
-            raise NftError(f"cannot open a netfilter netlink socket: {exc.strerror}") from exc
-        self._rcvbuf = 0
-        self._sndbuf = 0
-        self._seq = 0
-        self._buf = bytearray(_RECV_BUFSIZE)
-        try:
-            self._sock.bind((0, 0))
-            # Errors carry the offset of the offending attribute (extended ack) and not a
-            # copy of the request (capped ack), which can be 40 kB per message.
-            self._sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-            self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            self._grow_rcvbuf(_MIN_RCVBUF)
-        except OSError as exc:
-            self._sock.close()
-            raise NftError(f"cannot set up the netfilter netlink socket: {exc.strerror}") from exc
+        if nl is None:
+            try:
+                nl = Netlink(NETLINK_NETFILTER)
+            except OSError as exc:
+                raise NftError(
+                    f"cannot open a netfilter netlink socket: {exc.strerror or exc}"
+                ) from exc
+        self._nl = nl
 
     def close(self) -> None:
         """Close the socket. Idempotent."""
-        self._sock.close()
+        self._nl.close()
 
     def __enter__(self) -> SetElements:
         return self
@@ -533,58 +487,28 @@ class SetElements:
         Raises:
             NftError: the request failed.
         """
-        seq = self._next_seq()
-        request = NLMSGHDR.pack(
-            20, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, 0
-        )
         try:
-            self._drain()
-            self._sock.send(request + _nfgenmsg(socket.AF_UNSPEC))
-            n = self._sock.recv_into(self._buf)
+            _kind, data, start, end = self._nl.request(
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, _nfgenmsg(socket.AF_UNSPEC)
+            )
         except OSError as exc:
             raise NftError(f"cannot read the nftables generation: {exc.strerror or exc}") from exc
-        pos = 0
-        while pos + NLMSGHDR.size <= n:
-            length, mtype, _flags, _seq, _pid = NLMSGHDR.unpack_from(self._buf, pos)
-            if length < NLMSGHDR.size:
-                break
-            if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
-                for atype, a, b in _typed_attrs(self._buf, pos + 20, pos + length):
-                    if atype == NFTA_GEN_ID and b - a >= 4:
-                        return int.from_bytes(self._buf[a : a + 4], "big")
-            if mtype == NLMSG_ERROR:
-                (err,) = I32.unpack_from(self._buf, pos + 16)
-                raise NftError(f"cannot read the nftables generation: {os.strerror(-err)}")
-            pos += (length + 3) & ~3
-        raise NftError("cannot read the nftables generation: no answer carried it")
+        for atype, a, b in spans(data, start + 4, end):  # after the nfgenmsg
+            if atype == NFTA_GEN_ID and b - a >= 4:
+                return int(_BE32.unpack_from(data, a)[0])
+        raise NftError("cannot read the nftables generation: its answer did not carry it")
 
     # -- transactions -------------------------------------------------------------------------
-
-    def _next_seq(self) -> int:
-        self._seq = self._seq % 0xFFFFFFFF + 1
-        return self._seq
-
-    def _grow_rcvbuf(self, size: int) -> None:
-        """Make the receive buffer at least ``size`` (as root, beyond net.core.rmem_max)."""
-        if size > self._rcvbuf:
-            set_buffer(self._sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
-            self._rcvbuf = size
-
-    def _grow_sndbuf(self, size: int) -> None:
-        """nfnetlink takes a batch from one sendmsg(), so the batch must fit the send buffer."""
-        if size > self._sndbuf:
-            set_buffer(self._sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size)
-            self._sndbuf = size
 
     def _transact(self, table: str, messages: _Messages, bodies: _Bodies) -> None:
         """Send the messages as one batch and turn the kernel's answer into an error, if any."""
         gen = _nfgenmsg(NFPROTO_INET)
         batch_gen = _nfgenmsg(socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES)
-        parts = [NLMSGHDR.pack(20, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, self._next_seq(), 0)]
-        parts.append(batch_gen)
+        nl = self._nl
+        parts = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, nl.next_seq(), batch_gen)]
         by_seq: dict[int, _Message] = {}
         for msg, body in zip(messages, bodies, strict=True):
-            seq = self._next_seq()
+            seq = nl.next_seq()
             by_seq[seq] = msg
             # NLM_F_CREATE without NLM_F_EXCL is what `nft add element` sends: re-adding an
             # existing element is not an error. NLM_F_ACK: one answer per message.
@@ -592,75 +516,36 @@ class SetElements:
             if msg.msg_type == NFT_MSG_NEWSETELEM:
                 flags |= NLM_F_CREATE
             msg_type = (NFNL_SUBSYS_NFTABLES << 8) | msg.msg_type
-            parts += (NLMSGHDR.pack(20 + len(body), msg_type, flags, seq, 0), gen, body)
-        parts += (
-            NLMSGHDR.pack(20, NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next_seq(), 0),
-            batch_gen,
-        )
+            parts.append(message(msg_type, flags, seq, gen + body))
+        parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, nl.next_seq(), batch_gen))
         batch = b"".join(parts)
         summary = _summary(table, messages)
 
         try:
-            self._grow_rcvbuf(len(messages) * _ACK_TRUESIZE + (256 << 10))
-            self._grow_sndbuf(len(batch) + (64 << 10))
-            self._drain()
-            self._sock.send(batch)
+            answers = nl.transaction(batch, len(messages))
+        except AnswerLost as exc:
+            raise NftError(
+                f"lost the kernel's answer to {summary}: {exc.strerror or exc}; "
+                "the sets may or may not have changed, read them back"
+            ) from exc
         except OSError as exc:
             raise NftError(
                 f"cannot send the nftables transaction {summary}: {exc.strerror or exc}; "
                 "nothing was changed"
             ) from exc
-        try:
-            # nfnetlink runs the whole batch inside sendmsg(): every answer is queued on the
-            # socket by the time it returns, so read without blocking until empty.
-            answers = self._read_answers()
-        except OSError as exc:
-            raise NftError(
-                f"lost the kernel's answer to {summary}: {exc.strerror or exc}; "
-                "the sets may or may not have changed, read them back"
-            ) from exc
 
-        errors = [(seq, err, off) for seq, err, off in answers if err]
+        errors = [(seq, ack) for seq, ack in answers if ack.code]
         if errors:
-            seq, err, offset = errors[0]
-            raise NftError(_explain(table, by_seq.get(seq), err, offset, len(errors), summary))
-        missing = set(by_seq) - {seq for seq, _err, _off in answers}
+            seq, ack = errors[0]
+            raise NftError(
+                _explain(table, by_seq.get(seq), ack.code, ack.offset, len(errors), summary)
+            )
+        missing = set(by_seq) - {seq for seq, _ack in answers}
         if missing:
             raise NftError(
                 f"the kernel answered {len(by_seq) - len(missing)} of {len(by_seq)} messages "
                 f"{summary}; the sets may or may not have changed, read them back"
             )
-
-    def _drain(self) -> None:
-        """Discard anything left on the socket, e.g. by an interrupted earlier call."""
-        while True:
-            try:
-                self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-
-    def _read_answers(self) -> _Answers:
-        """Read the queued answers (NLMSG_ERROR) to a batch.
-
-        Returns:
-            ``(seq, errno, extack offset or None)`` for each; errno 0 is an ack.
-        """
-        answers: _Answers = []
-        buf = self._buf
-        while True:
-            try:
-                n = self._sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return answers
-            pos = 0
-            while pos + NLMSGHDR.size <= n:
-                length, mtype, mflags, seq, _pid = NLMSGHDR.unpack_from(buf, pos)
-                if length < NLMSGHDR.size:
-                    break
-                if mtype == NLMSG_ERROR:
-                    ack = parse_ack(mflags, buf, pos + NLMSGHDR.size, pos + length)
-                    answers.append((seq, ack.code, ack.offset))
-                pos += (length + 3) & ~3
 
     # -- dump ---------------------------------------------------------------------------------
 
@@ -671,49 +556,33 @@ class SetElements:
             Each element as ``key << 1 | is_start``, or None when the ruleset changed during
             the dump (NLM_F_DUMP_INTR) so that the caller retries.
         """
-        seq = self._next_seq()
-        payload = (
+        body = (
             _nfgenmsg(NFPROTO_INET)
             + attr(NFTA_SET_ELEM_LIST_TABLE, _name(table))
             + attr(NFTA_SET_ELEM_LIST_SET, _name(set_name))
         )
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
-        request = NLMSGHDR.pack(16 + len(payload), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-        codec = _CODECS[version]
+        parse_elements = _CODECS[version].parse_elements
         keys: _Keys = []
-        interrupted = False
-        buf = self._buf
+
+        def parse(_kind: int, data: bytes, start: int, end: int) -> None:
+            # nfgenmsg (4), then TABLE, SET, ELEMENTS
+            for atype, a, b in spans(data, start + 4, end):
+                if atype == NFTA_SET_ELEM_LIST_ELEMENTS:
+                    parse_elements(data, a, b, keys)
+
         try:
-            self._drain()
-            self._sock.send(request + payload)
-            while True:
-                n = self._sock.recv_into(buf)
-                pos = 0
-                while pos + NLMSGHDR.size <= n:
-                    length, mtype, mflags, mseq, _pid = NLMSGHDR.unpack_from(buf, pos)
-                    if length < NLMSGHDR.size:
-                        break
-                    if mseq == seq:
-                        interrupted |= bool(mflags & NLM_F_DUMP_INTR)
-                        if mtype == NLMSG_DONE:
-                            return None if interrupted else keys
-                        if mtype == NLMSG_ERROR:
-                            (err,) = I32.unpack_from(buf, pos + 16)
-                            hint = " (no such table or set)" if -err == errno.ENOENT else ""
-                            raise NftError(f"cannot read {where}: {os.strerror(-err)}{hint}")
-                        # nlmsghdr (16) + nfgenmsg (4), then TABLE, SET, ELEMENTS
-                        for atype, a, b in _typed_attrs(buf, pos + 20, pos + length):
-                            if atype == NFTA_SET_ELEM_LIST_ELEMENTS:
-                                codec.parse_elements(buf, a, b, keys)
-                    pos += (length + 3) & ~3
-        except OSError as exc:
-            raise NftError(f"cannot read {where}: {exc.strerror or exc}") from exc
+            _, interrupted = self._nl.dump(
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, body, parse
+            )
         except _KeyLengthError as exc:
-            self._drain()  # the rest of the dump
             raise NftError(
                 f"cannot read {where} as IPv{version} networks: its keys are {exc.args[0]} "
                 "bytes long"
             ) from None
+        except OSError as exc:
+            hint = " (no such table or set)" if exc.errno == errno.ENOENT else ""
+            raise NftError(f"cannot read {where}: {exc.strerror or exc}{hint}") from exc
+        return None if interrupted else keys
 
 
 def _encode(

@@ -1056,7 +1056,7 @@ def test_pump_maps_other_socket_errors():
 
 
 def test_open_maps_socket_errors():
-    with pytest.raises(NftError, match="cannot open a test socket"):
+    with pytest.raises(NftError, match="cannot subscribe to test events"):
         NetlinkSource.open(31, (), parse_nfnl, "test", NftError)  # no such netlink protocol
     with pytest.raises(RoutesError, match="cannot subscribe to test events"):
         NetlinkSource.open(socket.NETLINK_ROUTE, (100000,), parse_rtnl, "test", RoutesError)
