@@ -98,7 +98,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line; with ``command``, only that subcommand gets its options (run's and
-    check's import :mod:`sdnsup.config`, and with it the runtime modules their defaults
+    check's import :mod:`sdnsup.options`, and with it the runtime modules their defaults
     come from: ``status``, a health check, answers several times faster without them)."""
     run_options = command in (None, "run", "check")
     parser = _Parser(
@@ -117,7 +117,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if run_options:
-        from sdnsup.config import add_run_arguments
+        from sdnsup.options import add_run_arguments
 
         add_run_arguments(run)
 
@@ -129,7 +129,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "and routes as the equivalent ip commands. Review it before a deployment.",
     )
     if command in (None, "plan"):
-        from sdnsup.config import add_run_arguments
+        from sdnsup.options import add_run_arguments
 
         add_run_arguments(plan)
         plan.add_argument(

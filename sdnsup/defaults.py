@@ -64,3 +64,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/sdnsup")
 # "auto": turn net.ipv4.nexthop_compat_mode off while steering when no other software in the
 # namespace has nexthop objects (see sdnsup.sysctl); "keep": never touch it.
 NexthopCompat = Literal["auto", "keep"]
+
+# --- the config file (sdnsup.config) --------------------------------------------------------
+# Read only if it exists, so a host without one runs on flags alone. sdnsup.config looks it
+# up at call time, so tests can point it at a temporary directory.
+DEFAULT_CONFIG_PATH = Path("/etc/sdnsup/sdnsup.toml")

@@ -6,12 +6,12 @@ import os
 
 import pytest
 
-from sdnsup import config
+from sdnsup import defaults
 
 
 @pytest.fixture(autouse=True)
 def isolated_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "no-such-sdnsup.toml")
+    monkeypatch.setattr(defaults, "DEFAULT_CONFIG_PATH", tmp_path / "no-such-sdnsup.toml")
     for name in list(os.environ):
         if name.startswith("SDNSUP_"):
             monkeypatch.delenv(name)

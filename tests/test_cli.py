@@ -142,7 +142,8 @@ def test_status_and_help_import_neither_trio_nor_the_run_configuration(tmp_path)
         "        cli.main(argv)\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "heavy = ('trio', 'httpx', 'sdnsup.config', 'sdnsup.supervisor', 'sdnsup.daemon')\n"
+        "heavy = ('trio', 'httpx', 'sdnsup.options', 'sdnsup.config', 'sdnsup.supervisor', "
+        "'sdnsup.daemon')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

@@ -1,17 +1,21 @@
-"""sdnsup.config: options from the command line, the environment and a TOML file (no root)."""
+"""sdnsup.config: options from the command line, the environment and a TOML file (no root).
+
+The table itself (help text, parser defaults) is tested in test_options.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import ipaddress
 from pathlib import Path
 
 import pytest
 
-from sdnsup import config
+from sdnsup import config, defaults, options
 from sdnsup.aps import ProbeSpec
 from sdnsup.errors import ConfigError
+from sdnsup.logs import DEFAULT_LOG_DIR
+from tests.test_options import build_parser
 
 # What every resolve needs; each test provides it from whichever source it is not testing.
 BASE_FILE = {"routes": '["10.10.10.0/24"]', "ap": '"10.77.0.11"'}
@@ -20,17 +24,7 @@ BASE_FILE = {"routes": '["10.10.10.0/24"]', "ap": '"10.77.0.11"'}
 @pytest.fixture(autouse=True)
 def no_host_config(tmp_path, monkeypatch):
     """Never read the real /etc/sdnsup/sdnsup.toml of the machine running the tests."""
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "sdnsup.toml")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdnsup run",
-        epilog="examples:\n  sdnsup -r 10.10.10.0/24 --ap 10.77.0.11\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    config.add_run_arguments(parser)
-    return parser
+    monkeypatch.setattr(defaults, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "sdnsup.toml")
 
 
 def resolve(argv=(), env=None) -> config.RunOptions:
@@ -125,14 +119,14 @@ PRECEDENCE = [
 def test_cli_beats_env_beats_file_beats_default(
     tmp_path, key, in_file, in_env, argv, from_file, from_env, from_cli
 ):
-    opt = next(o for o in config.OPTIONS if o.key == key)
+    opt = next(o for o in options.OPTIONS if o.key == key)
     required = {k: v for k, v in BASE_FILE.items() if k != key}
 
-    defaults = write_toml(tmp_path / "defaults.toml", required)
+    only_required = write_toml(tmp_path / "defaults.toml", required)
     if key == "routes":  # required: no default
-        assert error(["--config", str(defaults)]).startswith("no CIDRs given")
+        assert error(["--config", str(only_required)]).startswith("no CIDRs given")
     else:
-        got = resolve(["--config", str(defaults)])
+        got = resolve(["--config", str(only_required)])
         assert (getattr(got, key), got.sources[key]) == (opt.default, "default")
 
     path = write_toml(tmp_path / "sdnsup.toml", {**required, key: in_file})
@@ -155,7 +149,7 @@ def test_values_are_typed(tmp_path):
     assert type(got.keepalive_interval) is float and got.keepalive_interval == 1.0
     assert type(got.mark) is int and type(got.retries) is int and got.retries == 5
     assert got.cc_ca == Path("/etc/ca.pem") and got.cc_token_file is None
-    assert got.log_dir == config.DEFAULT_LOG_DIR and got.metrics is None
+    assert got.log_dir == DEFAULT_LOG_DIR and got.metrics is None
     assert got.cidrs.v4 == frozenset({ipaddress.ip_network("10.10.10.0/24")})
     assert [str(ap.addr4) for ap in got.aps] == ["10.77.0.11"]
     assert got.aps[0].probe == ProbeSpec()
@@ -163,17 +157,10 @@ def test_values_are_typed(tmp_path):
     hash(got)  # frozen and hashable, sources excluded
 
 
-def test_choices_match_the_modules_that_use_them():
-    from sdnsup import logs
-
-    assert config.LOG_LEVELS == logs.LOG_LEVELS and config.LOG_FORMATS == logs.LOG_FORMATS
-    assert config.DEFAULT_LOG_DIR == logs.DEFAULT_LOG_DIR == Path("/tmp/sdnsup")
-
-
 def test_run_options_has_one_field_per_option():
     fields = {f.name for f in dataclasses.fields(config.RunOptions)}
     derived = {"cidrs", "aps", "settings", "sources", "warnings"}
-    assert fields - derived == {opt.key for opt in config.OPTIONS}
+    assert fields - derived == {opt.key for opt in options.OPTIONS}
 
 
 def test_cli_repeats_accumulate_and_replace_lower_sources(tmp_path):
@@ -186,11 +173,6 @@ def test_cli_repeats_accumulate_and_replace_lower_sources(tmp_path):
     )
     assert len(got.cidrs) == 3  # the file's 10.9.0.0/16 is replaced, not merged
     assert [ap.id for ap in got.aps] == ["10.77.0.11", "10.77.0.12+fd77::12"]
-
-
-def test_parser_defaults_are_none_so_not_given_is_visible():
-    args = build_parser().parse_args([])
-    assert all(getattr(args, opt.key) is None for opt in config.OPTIONS)
 
 
 def test_empty_environment_variable_is_unset():
@@ -212,7 +194,7 @@ def test_command_line_can_switch_off_what_a_file_switches_on(tmp_path):
 
 def test_default_config_path_is_read_only_if_it_exists(tmp_path, monkeypatch):
     default = tmp_path / "etc" / "sdnsup.toml"
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", default)
+    monkeypatch.setattr(defaults, "DEFAULT_CONFIG_PATH", default)
     cli = ["-r", "10.0.0.0/8", "--ap", "10.77.0.11"]
 
     got = resolve(cli)
@@ -507,7 +489,7 @@ def test_cc_and_ap_from_the_same_source_exclude_each_other(tmp_path):
 def test_neither_cc_nor_ap(tmp_path):
     assert error(["-r", "10.0.0.0/8"]) == (
         "no AP source: give --cc URL or --ap ADDR on the command line, SDNSUP_CC or SDNSUP_AP "
-        f"in the environment, or cc or ap in {config.DEFAULT_CONFIG_PATH}"
+        f"in the environment, or cc or ap in {defaults.DEFAULT_CONFIG_PATH}"
     )
 
 
@@ -556,20 +538,13 @@ def test_mark_outside_mask_stays_settings_job_and_names_sources(tmp_path):
     )
 
 
-def test_parse_probe_kept_public_with_cli_messages():
-    assert config.parse_probe("http:7301/health") == ProbeSpec("http", 7301, "/health")
-    assert config.parse_probe("tcp") == ProbeSpec("tcp", 7301, "/health")
-    with pytest.raises(ConfigError, match=r"^--probe 'nope': kind must be one of"):
-        config.parse_probe("nope")
-
-
 # --- diagnostics -----------------------------------------------------------------------------
 
 
 def test_sources_record_every_option(tmp_path):
     path = write_toml(tmp_path / "sdnsup.toml", {**BASE_FILE, "mark": "0x1000"})
     got = resolve(["--config", str(path), "--keepalive-misses", "5"], {"SDNSUP_LOG_FORMAT": "json"})
-    assert set(got.sources) == {opt.key for opt in config.OPTIONS}
+    assert set(got.sources) == {opt.key for opt in options.OPTIONS}
     assert {k: v for k, v in got.sources.items() if v != "default"} == {
         "config": "cli",
         "routes": str(path),
@@ -600,37 +575,6 @@ def test_environment_typos_are_warnings_not_errors():
         "environment SDNSUP_KEEPALIVE_INTERVALL is not an sdnsup option "
         "(did you mean SDNSUP_KEEPALIVE_INTERVAL?); ignored",
     )
-
-
-def test_help_teaches_defaults_and_reasons():
-    text = build_parser().format_help()
-    flat = " ".join(text.split())  # argparse wraps lines anywhere
-    for expected in [
-        "-r CIDRS, --routes CIDRS",
-        "--allow-default, --no-allow-default",
-        "default 0x2000: bit 13, used by none of kube-proxy",
-        "default 0x3082: bits 1, 7 and 12 beside the mark, 7 slots",
-        "default on; connections forwarded for containers",
-        "default 7300: not Tailscale's 52",
-        "before the main table's 32766",
-        "default 0.2: with the default timeout and misses a dead AP is detected 0.6-0.8 s",
-        "default 3: one lost datagram",
-        "+-20% jitter (default 30",
-        "default 120: netlink events",
-        "default: retry forever",
-        "default udp:7300",
-        "default fallback",
-        "default /etc/sdnsup/sdnsup.toml, read only if it exists",
-        "default /tmp/sdnsup, the seed's convention",
-        "default text",
-        "default off: the endpoint is unauthenticated",
-        "a higher source overrides a lower one's choice",
-        "SDNSUP_KEEPALIVE_INTERVAL=0.3",
-        "unknown keys and wrong types are errors",
-        "SDNSUP_CC_TOKEN only",
-        "examples: sdnsup -r",  # the caller's epilog is kept
-    ]:
-        assert expected.lower() in flat.lower(), expected
 
 
 @pytest.mark.parametrize(
