@@ -195,7 +195,9 @@ def read_token(path: Path | None) -> str | None:
         if path.stat().st_mode & 0o004:
             log.warning("%s is readable by every user; chmod 600 it", path)
         return token
-    return os.environ.get("SDNSUP_CC_TOKEN") or None
+    from sdnsup.options import TOKEN_ENV  # imported by run and check already
+
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def cc_addresses(url: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
