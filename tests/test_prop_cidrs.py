@@ -17,25 +17,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import struct
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from unittest import mock
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sdnsup import nfnl
 from sdnsup.applier import render
 from sdnsup.cidrs import (
     MAX_REPORTED_PROBLEMS,
-    NO_KNOWN_NETWORKS,
-    KnownNetworks,
     parse_cidrs,
     shown_entry,
 )
@@ -53,77 +48,16 @@ from sdnsup.nft import (
 from sdnsup.routes import IPAddress, Link
 from sdnsup.state import NHID_V4, NHID_V6, DesiredState, Settings
 from tests.fakes import link
-
-IPv4Network = ipaddress.IPv4Network
-IPv6Network = ipaddress.IPv6Network
-Net = IPv4Network | IPv6Network
-
-
-def prop_settings(max_examples: int) -> settings:
-    """The shared profile (see the root conftest.py) with this file's example count."""
-    return settings(max_examples=max_examples)
-
-
-# --- networks, biased towards the interesting ones ---------------------------------------------
-
-# Near the bottom and the top of each space (a set element reaching the top has no end key),
-# and in two busy private ranges; small offsets from a shared base make nested, duplicate and
-# adjacent networks frequent, which is what the overlap checks and the interval encoding are
-# about.
-V4_BASES = (0x00000000, 0x0A000000, 0xC0A80000, 0xFFFF0000)
-V6_BASES = (
-    0,
-    int(IPv6Network("fd00::/8").network_address),
-    int(IPv6Network("2001:db8::/32").network_address),
-    int(IPv6Network("::ffff:0:0/96").network_address),  # IPv4-mapped
-    int(IPv6Network("64:ff9b::/96").network_address),  # NAT64
-    (1 << 128) - (1 << 64),
+from tests.strategies import (
+    IPv4Network,
+    IPv6Network,
+    Net,
+    disjoint,
+    net_lists,
+    nets,
+    prop_settings,
+    v6_nets,
 )
-_OFFSET = (1 << 16) - 1
-
-
-def _near(bases: Sequence[int], bits: int) -> st.SearchStrategy[int]:
-    top = (1 << bits) - 1
-    return st.one_of(
-        st.integers(0, top),
-        st.sampled_from(bases).flatmap(lambda b: st.integers(b, min(b + _OFFSET, top))),
-    )
-
-
-v4_nets: st.SearchStrategy[IPv4Network] = st.builds(
-    lambda a, p: IPv4Network((a, p), strict=False), _near(V4_BASES, 32), st.integers(0, 32)
-)
-v6_nets: st.SearchStrategy[IPv6Network] = st.builds(
-    lambda a, p: IPv6Network((a, p), strict=False), _near(V6_BASES, 128), st.integers(0, 128)
-).filter(
-    # IPv4-mapped CIDRs are refused on purpose (no packet carries such a destination):
-    # tests/test_cidrs.py covers them
-    lambda n: n.prefixlen < 96 or n.network_address.ipv4_mapped is None
-)
-nets: st.SearchStrategy[Net] = st.one_of(v4_nets, v6_nets)
-
-
-def _halves(net: Net) -> list[Net]:
-    """The two halves of ``net``: adjacent networks sharing a boundary (an interval set stores
-    the first one's end and the second one's start under the same key)."""
-    return [net] if net.prefixlen == net.max_prefixlen else list(net.subnets())
-
-
-# Lists where adjacent and nested networks are common.
-net_lists = st.lists(st.one_of(nets.map(lambda n: [n]), nets.map(_halves)), max_size=10).map(
-    lambda groups: [n for g in groups for n in g]
-)
-
-
-def disjoint(candidates: Iterable[Net]) -> list[Net]:
-    """The candidates, in order, minus any that overlaps one kept before (what the CLI lets
-    through: no duplicates, no CIDR inside another)."""
-    kept: list[Net] = []
-    for n in candidates:
-        if not any(n.version == k.version and n.overlaps(k) for k in kept):  # type: ignore[arg-type]
-            kept.append(n)
-    return kept
-
 
 # --- spellings ---------------------------------------------------------------------------------
 
@@ -568,67 +502,6 @@ def test_sharded_sets_hold_each_cidr_once_and_merge_back(cidrs: list[Net], shard
     )
     assert table.set("dst4") == v4
     assert table.ruleset == canonical(objects)  # no shard holds a CIDR it should not
-
-
-# --- the interval-set elements on the wire -----------------------------------------------------
-
-
-def _nla(atype: int, payload: bytes) -> bytes:
-    size = 4 + len(payload)
-    return struct.pack("=HH", size, atype) + payload + b"\0" * (-size & 3)
-
-
-def kernel_dump(version: int, cidrs: Iterable[Net]) -> bytes:
-    """The elements as the kernel dumps them (nf_tables_fill_setelem, descending keys): per
-    CIDR a start element (key = first address) and an end element flagged INTERVAL_END (key =
-    last address + 1), or, reaching the top of the space, a start with nft's userdata."""
-    klen = 4 if version == 4 else 16
-    elems: list[tuple[int, int, bytes]] = []
-    for n in cidrs:
-        first, after = int(n.network_address), int(n.broadcast_address) + 1
-        key = _nla(1, _nla(1, first.to_bytes(klen, "big")))
-        if after >> (8 * klen):
-            udata = _nla(6, struct.pack("=BBI", 1, 4, 1))
-            elems.append((first, 1, _nla(1, key + udata)))
-        else:
-            elems.append((first, 1, _nla(1, key)))
-            end = _nla(1, _nla(1, after.to_bytes(klen, "big"))) + _nla(3, struct.pack(">I", 1))
-            elems.append((after, 0, _nla(1, end)))
-    return b"".join(e for *_, e in sorted(elems, reverse=True))
-
-
-def _keys(version: int, buf: bytes) -> list[int]:
-    keys: list[int] = []
-    nfnl._CODECS[version].parse_elements(buf, 0, len(buf), keys)
-    return keys
-
-
-def read_back(version: int, buf: bytes, known: KnownNetworks = NO_KNOWN_NETWORKS) -> set[Net]:
-    """The CIDRs that elements encoded in ``buf`` stand for, as SetElements.list reads them."""
-    return nfnl._to_cidrs(version, nfnl._pair(_keys(version, buf), version), known)
-
-
-@prop_settings(100)
-@given(net_lists.map(disjoint), st.integers(2, 6))
-def test_interval_elements_read_back_as_the_same_cidrs(cidrs: list[Net], per_message: int) -> None:
-    """Adjacent CIDRs share a boundary key, a CIDR at the top of the space has no end key:
-    whatever the mix, what nfnl sends, and what the kernel dumps, decode to the same CIDRs."""
-    for version in (4, 6):
-        want = {n for n in cidrs if n.version == version}
-        assert read_back(version, kernel_dump(version, want)) == want
-        # read with the desired state's objects at hand, the very same objects come back
-        again = read_back(version, kernel_dump(version, want), KnownNetworks(want))
-        by_value = {n: n for n in want}
-        assert again == want and all(n is by_value[n] for n in again)
-        with mock.patch.object(nfnl, "MAX_ELEMENTS_PER_MESSAGE", per_message):
-            messages = list(nfnl._encode(version, [*want, *want]))  # duplicates are sent once
-        sent: list[Net] = []
-        for chunk, data in messages:
-            assert read_back(version, data) == set(chunk)  # a CIDR never straddles messages
-            assert len(_keys(version, data)) <= per_message
-            sent += chunk
-        assert sorted(sent) == sorted(want)  # once each, in ascending order
-        assert sent == sorted(sent)
 
 
 # Entries that look like IPv4 CIDRs, most of them nearly right: octets with leading zeros,
