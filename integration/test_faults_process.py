@@ -29,8 +29,8 @@ from integration import faultlib
 from integration.helpers import owned, start_sdnsup, stop_sdnsup, wait_for
 from integration.test_supervisord import supervisord_conf
 from sdnsup.lab import Lab
+from sdnsup.lab.processes import LAB_HOST_ID
 from sdnsup.lab.services import python_module
-from sdnsup.lab.topology import LAB_HOST_ID
 from sdnsup.lab.traffic import ConnectionStream, StreamReport
 
 pytestmark = pytest.mark.netns

@@ -20,8 +20,8 @@ from integration import faultlib
 from integration.helpers import start_sdnsup, stop_sdnsup, wait_for
 from integration.test_supervisord import supervisord_conf
 from sdnsup.lab import Lab
+from sdnsup.lab.processes import LAB_HOST_ID
 from sdnsup.lab.services import Ticker
-from sdnsup.lab.topology import LAB_HOST_ID
 from sdnsup.lab.traffic import B_TO_A, ConnectionStream
 
 pytestmark = pytest.mark.netns

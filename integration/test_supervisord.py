@@ -10,7 +10,7 @@ import pytest
 
 from integration.helpers import owned, wait_for
 from sdnsup.lab import Lab
-from sdnsup.lab.topology import LAB_HOST_ID
+from sdnsup.lab.processes import LAB_HOST_ID
 
 pytestmark = pytest.mark.netns
 

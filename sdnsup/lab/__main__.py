@@ -16,8 +16,9 @@ import sys
 import threading
 
 from sdnsup.lab.commands import LabError
+from sdnsup.lab.processes import Lab
 from sdnsup.lab.teardown import cleanup, cleanup_stale
-from sdnsup.lab.topology import Lab, unavailable_reason
+from sdnsup.lab.topology import unavailable_reason
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sdnsup.lab.topology import Lab
+    from sdnsup.lab.processes import Lab
 
 
 def dark_window(

@@ -1,4 +1,6 @@
-"""Processes the lab runs inside its namespaces: environment, tracking, stopping, sessions.
+"""What every lab process is built on: environment, argv, tracking, stopping, sessions.
+
+:class:`~sdnsup.lab.processes.Lab` starts its processes with these helpers.
 
 Everything is started as ``ip netns exec NS argv...`` (``ip`` execs, so the Popen's pid is the
 program itself) in a new session, so a Ctrl-C on the terminal does not reach it before the lab

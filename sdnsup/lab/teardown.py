@@ -6,8 +6,9 @@ here touches the root network namespace.
 
 Three safety nets keep namespaces from leaking:
 
-* :class:`~sdnsup.lab.topology.Lab` is a context manager, and registers itself here so that an
-  ``atexit`` hook tears down any lab still up when the interpreter exits;
+* :class:`~sdnsup.lab.topology.Topology` (so every :class:`~sdnsup.lab.processes.Lab`) is a
+  context manager, and registers itself here so that an ``atexit`` hook tears down any lab
+  still up when the interpreter exits;
 * SIGTERM and SIGHUP, when nobody else handles them, raise :class:`KeyboardInterrupt` so that
   ``finally`` blocks and fixtures run (the default action would kill the process outright);
 * a marker file per live prefix (``/run/sdnsup-lab/<prefix>``: the owner's pid and start

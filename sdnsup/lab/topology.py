@@ -1,5 +1,9 @@
 """The lab topology: client A, underlay router R, remote host B, access points, container C.
 
+What exists in the kernel: namespaces, links, addresses, sysctls and nftables rulesets, and
+the faults injected into them. The processes run in a topology (sdnsup, probe agents, the CC,
+whoami servers and their clients) are added by :class:`~sdnsup.lab.processes.Lab`.
+
 ::
 
     ns    iface   IPv4               IPv6                 attached to
@@ -34,33 +38,20 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import os
 import secrets
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, Self
 
-from sdnsup.lab import apagent as _apagent
-from sdnsup.lab import cc as _cc
 from sdnsup.lab import teardown as _teardown
-from sdnsup.lab.commands import DEFAULT_TIMEOUT, Job, LabError, run, run_parallel
-from sdnsup.lab.services import (
-    DEFAULT_GRACE,
-    Session,
-    Ticker,
-    TrackedProcess,
-    in_namespace,
-    lab_script,
-    python_env,
-    python_module,
-    stop_processes,
-)
+from sdnsup.lab.commands import Job, LabError, run, run_parallel
+from sdnsup.lab.services import in_namespace
 
 IPv4Address = ipaddress.IPv4Address
 IPv6Address = ipaddress.IPv6Address
@@ -68,12 +59,6 @@ APLink = Literal["shared", "private"]
 
 MAX_APS = 50
 MAX_CLIENTS = 150
-DEFAULT_PORT = 8080
-# sdnsup's host id in the lab: among near-equal APs of equal weight it prefers ap1, then
-# ap2, ... ap6 (its rendezvous keys happen to fall in that order), like a CC's order of
-# preference, and the same on every machine (a machine-id would differ). Tests of the
-# weighted choice itself give their own ids.
-LAB_HOST_ID = "sdnsup-lab-68"
 
 # --- the addressing plan -------------------------------------------------------------------
 
@@ -160,13 +145,14 @@ def _new_prefix() -> str:
     raise LabError("could not find an unused namespace prefix")
 
 
-class Lab:
-    """A network-namespace topology for integration tests and the demo.
+class Topology:
+    """The namespaces of a lab, wired up: for integration tests and the demo.
 
     Build it with :meth:`create` (a context manager) or :meth:`up` (then call :meth:`down`, or
-    use the lab itself as a context manager). Teardown kills every process started in the
-    lab, removes all of its namespaces and is idempotent; an ``atexit`` hook and SIGTERM
-    handling make sure it also happens when a test run is interrupted.
+    use the topology itself as a context manager). Teardown kills every process in the lab's
+    namespaces, removes all of them and is idempotent; an ``atexit`` hook and SIGTERM
+    handling make sure it also happens when a test run is interrupted. Tests use its
+    subclass :class:`~sdnsup.lab.processes.Lab`, which also runs processes in it.
     """
 
     def __init__(
@@ -225,11 +211,11 @@ class Lab:
         self.c_addr6 = C_ADDR6 if container else None
         self.overlay_net, self.overlay_net6 = OVERLAY_NET, OVERLAY_NET6
 
+        # The lab's temp dir, made by the build: what runs in the lab keeps its logs and files
+        # there. It is named after the prefix and recorded in the prefix's marker, so that the
+        # cleanup after a crash removes it with the namespaces.
         self.tmpdir: Path | None = None
         self.build_seconds: float | None = None
-        self._procs: list[TrackedProcess] = []
-        self._sessions: list[Session] = []
-        self._tickers: list[Ticker] = []
         self._state: Literal["planned", "up", "down"] = "planned"
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -244,7 +230,7 @@ class Lab:
         rp_filter_strict: bool = False,
         keep_logs: bool = False,
         clients: int = 0,
-    ) -> Lab:
+    ) -> Self:
         """Build a lab and return it; the caller must :meth:`down` it (or use ``with``)."""
         lab = cls(n_aps, ap_link, container, prefix, rp_filter_strict, keep_logs, clients)
         lab._build()
@@ -261,7 +247,7 @@ class Lab:
         rp_filter_strict: bool = False,
         keep_logs: bool = False,
         clients: int = 0,
-    ) -> Iterator[Lab]:
+    ) -> Iterator[Self]:
         """``with Lab.create(...) as lab:`` builds a lab and always tears it down."""
         lab = cls.up(n_aps, ap_link, container, prefix, rp_filter_strict, keep_logs, clients)
         try:
@@ -269,7 +255,7 @@ class Lab:
         finally:
             lab.down()
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Self:
         if self._state == "planned":
             self._build()
         return self
@@ -312,10 +298,7 @@ class Lab:
             self._state = "down"
             return
         try:
-            for session in self._sessions:
-                with contextlib.suppress(Exception):
-                    session.close(timeout=0.5)
-            stop_processes([t.proc for t in self._procs], grace=DEFAULT_GRACE)
+            self._stop_processes()
             _teardown.cleanup(self.prefix)
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM) or failed half-way: the namespaces must still go.
@@ -323,15 +306,14 @@ class Lab:
             raise
         finally:
             _teardown.unregister(self)
-        for tracked in self._procs:
-            if tracked.proc.stdout is not None:
-                tracked.proc.stdout.close()
-            if tracked.proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    tracked.proc.stdin.close()
         if self.tmpdir is not None and not self.keep_logs:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
         self._state = "down"
+
+    def _stop_processes(self) -> None:
+        """Stop what the lab started, before its namespaces go: nothing here (the
+        :class:`~sdnsup.lab.processes.Lab` subclass stops its processes gracefully; the
+        namespaces' cleanup SIGKILLs whatever still runs in them)."""
 
     # --- building -------------------------------------------------------------------------
 
@@ -500,7 +482,7 @@ class Lab:
     def _batch(ns: str, lines: list[str]) -> Job:
         return Job.of("ip", "-n", ns, "-batch", "-", stdin="".join(f"{ln}\n" for ln in lines))
 
-    # --- running things -------------------------------------------------------------------
+    # --- naming ---------------------------------------------------------------------------
 
     def _resolve(self, ns: str) -> str:
         """A namespace of this lab, given by full name or by role (``"a"``, ``"ap1"``...)."""
@@ -513,212 +495,17 @@ class Lab:
             return f"{self.prefix}{ns}"
         raise ValueError(f"{ns!r} is not a namespace of lab {self.prefix} ({', '.join(names)})")
 
-    def exec(
-        self,
-        ns: str,
-        *argv: str,
-        check: bool = True,
-        timeout: float = DEFAULT_TIMEOUT,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` inside namespace ``ns`` (name or role) to completion, output captured.
-
-        Raises :class:`~sdnsup.lab.commands.CommandError` (with stderr) on a non-zero exit
-        when ``check``, and :class:`subprocess.TimeoutExpired` after ``timeout`` seconds.
-        """
-        argv_ns = in_namespace(self._resolve(ns), [str(a) for a in argv])
-        return run(argv_ns, stdin=input, check=check, timeout=timeout, env=python_env())
-
-    def popen(
-        self,
-        ns: str,
-        *argv: str,
-        env: Mapping[str, str] | None = None,
-        label: str | None = None,
-        **kwargs: object,
-    ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in namespace ``ns``, tracked: it is stopped at teardown.
-
-        stdout and stderr go to a log file in the lab's temp dir unless given in ``kwargs``
-        (read it with :meth:`logs`); stdin is /dev/null unless given. ``env`` holds variables
-        added to this process's environment. Other ``kwargs`` go to :class:`subprocess.Popen`.
-        """
-        ns = self._resolve(ns)
-        assert self.tmpdir is not None
-        label = label or f"{ns.removeprefix(self.prefix)}-{Path(str(argv[0])).name}"
-        log_path: Path | None = None
-        log_file = None
-        if "stdout" not in kwargs or "stderr" not in kwargs:
-            log_path = self.tmpdir / f"{len(self._procs):02d}-{label}.log"
-            log_file = open(log_path, "wb")  # the child gets its own copy; ours is closed below
-            kwargs.setdefault("stdout", log_file)
-            kwargs.setdefault(
-                "stderr", log_file if kwargs["stdout"] is not log_file else subprocess.STDOUT
-            )
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        kwargs.setdefault("start_new_session", True)
-        try:
-            proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-                in_namespace(ns, [str(a) for a in argv]), env=python_env(env), **kwargs
-            )
-        finally:
-            if log_file is not None:
-                log_file.close()
-        self._procs.append(TrackedProcess(proc, label, log_path))
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], grace: float = DEFAULT_GRACE) -> int:
-        """SIGTERM ``proc`` (its process group), SIGKILL after ``grace`` s; its exit status."""
-        stop_processes([proc], grace=grace)
-        return proc.returncode
-
-    def logs(self, proc: subprocess.Popen[bytes]) -> str:
-        """Everything a process started by :meth:`popen` wrote to its log file so far."""
-        for tracked in self._procs:
-            if tracked.proc is proc:
-                if tracked.log_path is None:
-                    return ""
-                try:
-                    return tracked.log_path.read_text(errors="replace")
-                except FileNotFoundError:
-                    return ""
-        raise ValueError("not a process of this lab")
-
-    def all_logs(self) -> str:
-        """The logs of every process of this lab, each under a header (for failure reports)."""
-        parts = []
-        for tracked in self._procs:
-            status = tracked.proc.poll()
-            state = "running" if status is None else f"exit {status}"
-            args = " ".join(str(a) for a in tracked.proc.args[4:])  # type: ignore[index]
-            parts.append(f"===== {tracked.label} ({state}): {args}\n{self.logs(tracked.proc)}")
-        return "\n".join(parts)
-
-    @property
-    def state_dir(self) -> Path:
-        """Where the sdnsup processes of this lab keep their saved AP lists (delete it to
-        make the next start a first boot)."""
-        assert self.tmpdir is not None
-        return self.tmpdir / "sdnsup-state"
-
-    def run_sdnsup(
-        self,
-        ns: str,
-        *args: str,
-        env: Mapping[str, str] | None = None,
-        wrapper: Sequence[str] = (),
-    ) -> subprocess.Popen[bytes]:
-        """Start ``python -m sdnsup.cli ARGS`` in ``ns``, output to a log file (:meth:`logs`).
-
-        ``wrapper`` runs it under another command (``setpriv`` with fewer capabilities).
-
-        sdnsup's own file log and its saved AP list go to the lab's temp dir (not the host's
-        /tmp/sdnsup and /var/lib/sdnsup, which several labs would share), no host config
-        file is read, and the host id is :data:`LAB_HOST_ID` (not this machine's), unless
-        ``env`` says otherwise.
-        """
-        argv = [*wrapper, *python_module("sdnsup.cli", *(str(a) for a in args))]
-        assert self.tmpdir is not None
-        base = {
-            "SDNSUP_LOG_DIR": str(self.tmpdir / "sdnsup-logs"),
-            "SDNSUP_STATE_DIR": str(self.state_dir),
-            "SDNSUP_HOST_ID": LAB_HOST_ID,
-            "SDNSUP_CONFIG": "none",
-        }
-        label = f"{ns.removeprefix(self.prefix)}-sdnsup"
-        return self.popen(ns, *argv, env={**base, **(env or {})}, label=label)
-
-    def serve_whoami(
-        self, ns: str, port: int = DEFAULT_PORT, timeout: float = 5.0
-    ) -> subprocess.Popen[bytes]:
-        """Start a :mod:`~sdnsup.lab.whoami` server in ``ns`` and wait until it listens."""
-        assert self.tmpdir is not None
-        ready = self.tmpdir / f"whoami-{len(self._procs)}.ready"
-        argv = lab_script("whoami", "--port", str(port), "--ready-file", str(ready))
-        label = f"{self._resolve(ns).removeprefix(self.prefix)}-whoami-{port}"
-        proc = self.popen(ns, *argv, label=label)
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                self.stop(proc, grace=0.5)
-                raise LabError(f"whoami in {ns} port {port} did not start:\n{self.logs(proc)}")
-            time.sleep(0.01)
-        return proc
-
-    def whoami(
-        self,
-        ns: str,
-        addr: object,
-        port: int = DEFAULT_PORT,
-        timeout: float = 3.0,
-        source: object | None = None,
-    ) -> str | None:
-        """Connect from ``ns`` to a whoami server; the address it saw, None on failure.
-
-        ``source`` binds the client to a local address first.
-        """
-        args = [str(addr), str(port), "--timeout", str(timeout)]
-        if source is not None:
-            args += ["--source", str(source)]
-        argv = lab_script("probe", *args)
-        try:
-            proc = self.exec(ns, *argv, check=False, timeout=timeout + 10)
-        except subprocess.TimeoutExpired:
-            return None
-        out = proc.stdout.strip()
-        return out if proc.returncode == 0 and out else None
-
-    def open_session(
-        self, ns: str, addr: object, port: int = DEFAULT_PORT, timeout: float = 3.0
-    ) -> Session:
-        """Open one persistent TCP connection from ``ns`` to a whoami server.
-
-        Raises :class:`~sdnsup.lab.commands.LabError` when it cannot be established within
-        ``timeout``. The session is closed at teardown if not before.
-        """
-        argv = lab_script("probe", str(addr), str(port), "--session", "--timeout", str(timeout))
-        label = f"{self._resolve(ns).removeprefix(self.prefix)}-session"
-        proc = self.popen(
-            ns, *argv, label=label, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
-        )
-        session = Session(proc, f"{ns}->[{addr}]:{port}")
-        self._sessions.append(session)
-        if session.wait_greeting(timeout + 5) is None:
-            session.close(timeout=0.5)
-            raise LabError(f"session {session.description} failed:\n{self.logs(proc)}")
-        return session
-
-    def open_ticker(
-        self,
-        ns: str,
-        addr: object,
-        port: int = DEFAULT_PORT,
-        *,
-        idle: bool = False,
-        interval: float = 0.1,
-        timeout: float = 3.0,
-        wait: bool = True,
-    ) -> Ticker:
-        """Open a long-lived connection from ``ns`` to a whoami server that exchanges a line
-        every ``interval`` (or, ``idle``, blocks in ``recv()`` and reconnects once it fails).
-
-        Raises :class:`~sdnsup.lab.commands.LabError` when it does not open within
-        ``timeout`` (with ``wait`` False it returns at once: the caller checks
-        :meth:`Ticker.wait_open`, e.g. to open several at a time). It is stopped at teardown
-        if not before.
-        """
-        argv = lab_script(
-            "ticker", str(addr), str(port), "--interval", str(interval),
-            "--timeout", str(timeout), *(["--idle"] if idle else []),
-        )  # fmt: skip
-        label = f"{self._resolve(ns).removeprefix(self.prefix)}-ticker"
-        proc = self.popen(ns, *argv, label=label, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        ticker = Ticker(proc, f"{ns}->[{addr}]:{port}")
-        self._tickers.append(ticker)
-        if wait and ticker.wait_open(timeout + 5) is None:
-            ticker.stop(timeout=0.5)
-            raise LabError(f"ticker {ticker.description} failed:\n{self.logs(proc)}")
-        return ticker
+    def _address_in(self, ns: str) -> str:
+        """The address of namespace ``ns`` that A reaches it at."""
+        if ns == self.ns_r:
+            return str(self.router_addr)
+        if ns == self.ns_a:
+            return "127.0.0.1"
+        if ns == self.ns_b:
+            return str(self.b_addr)
+        if ns == self.ns_c:
+            return str(self.c_addr)
+        return str(next(ap.addr for ap in self.aps if ap.ns == ns))
 
     # --- faults ---------------------------------------------------------------------------
 
@@ -744,228 +531,23 @@ class Lab:
         ap = self.ap(index)
         run(["ip", "-n", self._resolve(ap.ns), "link", "set", ap.overlay_ifname, "up"])
 
-    # --- probe agents and the control center (sdnsup.lab.apagent, sdnsup.lab.cc) -----------
-
-    # Set by start_cc (class defaults, so that labs built before it runs need no new state).
-    _cc_proc: subprocess.Popen[bytes] | None = None
-    _cc_url: str | None = None
-
-    def _lab_file(self, name: str) -> Path:
-        if self._state != "up" or self.tmpdir is None:
-            raise LabError(f"lab {self.prefix} is not up")
-        return self.tmpdir / name
-
-    def _agent_control(self, index: int) -> Path:
-        return self._lab_file(f"apagent-ap{self.ap(index).index}.json")
-
-    def _wait_ready(
-        self, proc: subprocess.Popen[bytes], ready: Path, deadline: float, what: str
-    ) -> None:
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                self.stop(proc, grace=0.5)
-                raise LabError(f"{what} did not start:\n{self.logs(proc)}")
-            time.sleep(0.01)
-
-    def start_ap_agents(
-        self, delays: Mapping[int, float] | None = None, timeout: float = 5.0
-    ) -> list[subprocess.Popen[bytes]]:
-        """Start a probe agent (:mod:`~sdnsup.lab.apagent`) in every AP namespace.
-
-        Each answers udp echo on 7300 and tcp/``GET /health`` on 7301 after its delay
-        (``delays``: AP index -> seconds, default 0). Returns once every agent answered a
-        udp echo and an http probe from A, on IPv4 and IPv6. Call it once per lab.
-
-        Raises:
-            LabError: an agent did not start or did not answer within ``timeout`` seconds.
-            IndexError: ``delays`` names an AP this lab does not have.
-        """
-        delays = dict(delays or {})
-        for index in delays:
-            self.ap(index)
-        deadline = time.monotonic() + timeout
-        started = []
-        for ap in self.aps:
-            control = self._agent_control(ap.index)
-            _apagent.write_control(control, delays.get(ap.index, 0.0))
-            ready = self._lab_file(f"apagent-ap{ap.index}.ready")
-            ready.unlink(missing_ok=True)
-            argv = lab_script(
-                "apagent", "serve", "--control", str(control), "--ready-file", str(ready)
+    def drop_ap_probes(self, index: int, drop: bool, tcp_port: int) -> None:
+        """Make AP ``index``'s firewall drop (or stop dropping) probes: an nftables table
+        ``inet labdrop`` in its namespace drops tcp connects to ``tcp_port`` and ICMP echo
+        requests to the AP. Forwarded traffic through the AP is not affected."""
+        ruleset = "table inet labdrop {}\ndelete table inet labdrop\n"
+        if drop:
+            ruleset += (
+                "table inet labdrop {\n"
+                "  chain input {\n"
+                "    type filter hook input priority filter; policy accept;\n"
+                f"    tcp dport {tcp_port} drop\n"
+                "    icmp type echo-request drop\n"
+                "    icmpv6 type echo-request drop\n"
+                "  }\n"
+                "}\n"
             )
-            proc = self.popen(ap.ns, *argv, label=f"ap{ap.index}-apagent")
-            started.append((proc, ready))
-        for index, (proc, ready) in enumerate(started, 1):
-            self._wait_ready(proc, ready, deadline, f"the agent in AP {index}")
-        addrs = [str(a) for ap in self.aps for a in (ap.addr, ap.addr6)]
-        remaining = max(0.5, deadline - time.monotonic())
-        argv = lab_script("apagent", "check", *addrs, "--timeout", str(remaining))
-        result = self.exec(self.ns_a, *argv, check=False, timeout=remaining + 10)
-        if result.returncode != 0:
-            raise LabError(f"AP agents do not answer from A: {result.stderr.strip()}")
-        return [proc for proc, _ in started]
-
-    def _agent_settings(self, index: int) -> dict[str, Any]:
-        control = self._agent_control(index)
-        try:
-            settings: dict[str, Any] = json.loads(control.read_text())
-        except FileNotFoundError:
-            raise LabError(f"no agent runs in AP {index}: call start_ap_agents()") from None
-        return settings
-
-    def set_ap_delay(self, index: int, seconds: float) -> None:
-        """Make AP ``index``'s agent answer probes after ``seconds`` (from its next probe)."""
-        settings = self._agent_settings(index)
-        _apagent.write_control(self._agent_control(index), seconds, bool(settings.get("drop")))
-
-    def set_ap_drop(self, index: int, drop: bool, firewall: bool = True) -> None:
-        """Make AP ``index`` stop (or resume) answering probes, its sockets left open.
-
-        Its agent reads and ignores udp and http probes. With ``firewall`` (the default), an
-        nftables table ``inet labdrop`` in the AP's namespace also drops tcp connects to the
-        agent's port and ICMP echo requests to the AP, so every probe kind sees it dead;
-        forwarded traffic through the AP is not affected.
-        """
-        settings = self._agent_settings(index)
-        delay = float(settings.get("delay", 0.0))
-        _apagent.write_control(self._agent_control(index), delay, drop)
-        if firewall:
-            ruleset = "table inet labdrop {}\ndelete table inet labdrop\n"
-            if drop:
-                ruleset += (
-                    "table inet labdrop {\n"
-                    "  chain input {\n"
-                    "    type filter hook input priority filter; policy accept;\n"
-                    f"    tcp dport {_apagent.TCP_PORT} drop\n"
-                    "    icmp type echo-request drop\n"
-                    "    icmpv6 type echo-request drop\n"
-                    "  }\n"
-                    "}\n"
-                )
-            run(in_namespace(self._resolve(self.ap(index).ns), ["nft", "-f", "-"]), stdin=ruleset)
-
-    def cc_answer(
-        self,
-        aps: Sequence[int] | None = None,
-        ttl: float = 60,
-        probe: Mapping[str, Any] | None = None,
-        weights: Mapping[int, int] | None = None,
-    ) -> dict[str, Any]:
-        """A CC answer listing this lab's APs ``aps`` (indexes, default all) as ``ap1``...
-
-        Each entry has ``addr``/``addr6`` (the AP's uplink addresses), ``probe`` (default
-        udp to the lab agent's port 7300) and its weight from ``weights`` (default 1).
-        """
-        spec = dict(probe) if probe is not None else {"kind": "udp", "port": _apagent.UDP_PORT}
-        indexes = list(aps) if aps is not None else [ap.index for ap in self.aps]
-        entries = []
-        for index in indexes:
-            ap = self.ap(index)
-            entries.append(
-                {
-                    "id": f"ap{ap.index}",
-                    "addr": str(ap.addr),
-                    "addr6": str(ap.addr6),
-                    "probe": dict(spec),
-                    "weight": (weights or {}).get(index, 1),
-                }
-            )
-        return {"aps": entries, "ttl": ttl}
-
-    def set_cc(
-        self,
-        mode: str = "ok",
-        answer: Mapping[str, Any] | None = None,
-        aps: Sequence[int] | None = None,
-        ttl: float = 60,
-        slow_seconds: float = _cc.DEFAULT_SLOW_SECONDS,
-        probe: Mapping[str, Any] | None = None,
-        weights: Mapping[int, int] | None = None,
-    ) -> None:
-        """Set what the lab CC answers from its next request (see :mod:`sdnsup.lab.cc`).
-
-        ``mode``: ``ok``, ``500``, ``garbage``, ``slow`` (after ``slow_seconds``) or
-        ``oversize``. ``answer`` defaults to :meth:`cc_answer` ``(aps, ttl, probe, weights)``. The
-        control file is replaced atomically; this may be called before :meth:`start_cc`.
-        """
-        if answer is None:
-            answer = self.cc_answer(aps, ttl, probe, weights)
-        _cc.write_control(self._lab_file("cc.json"), mode, answer, slow_seconds)
-
-    def _address_in(self, ns: str) -> str:
-        """The address of namespace ``ns`` that A reaches it at."""
-        if ns == self.ns_r:
-            return str(self.router_addr)
-        if ns == self.ns_a:
-            return "127.0.0.1"
-        if ns == self.ns_b:
-            return str(self.b_addr)
-        if ns == self.ns_c:
-            return str(self.c_addr)
-        return str(next(ap.addr for ap in self.aps if ap.ns == ns))
-
-    def start_cc(
-        self,
-        ns: str | None = None,
-        port: int = 8000,
-        token: str | None = None,
-        host: str | None = None,
-        timeout: float = 5.0,
-    ) -> str:
-        """Start the lab CC (:mod:`~sdnsup.lab.cc`) and return its URL as seen from A.
-
-        By default it runs in R on its br-lan address (``http://172.31.1.1:8000``): A
-        reaches it on its LAN, never through an AP. ``host`` overrides the address it
-        binds and the URL names. With ``token``, requests need ``Authorization: Bearer``
-        that token. It serves what :meth:`set_cc` wrote (``ok`` with every AP if nothing).
-
-        Raises:
-            LabError: a CC already runs, or it did not start within ``timeout``.
-        """
-        if self._cc_proc is not None and self._cc_proc.poll() is None:
-            raise LabError("the lab CC already runs: stop_cc() first")
-        ns = self._resolve(ns or self.ns_r)
-        host = host or self._address_in(ns)
-        control = self._lab_file("cc.json")
-        if not control.exists():
-            self.set_cc()
-        argv = ["--host", host, "--port", str(port), "--control", str(control)]
-        if token is not None:
-            token_file = self._lab_file("cc-token")
-            token_file.touch(mode=0o600)
-            token_file.write_text(token)
-            argv += ["--token-file", str(token_file)]
-        ready = self._lab_file("cc.ready")
-        ready.unlink(missing_ok=True)
-        label = f"{ns.removeprefix(self.prefix)}-cc-{port}"
-        proc = self.popen(ns, *lab_script("cc", *argv, "--ready-file", str(ready)), label=label)
-        self._wait_ready(proc, ready, time.monotonic() + timeout, f"the CC in {ns}")
-        self._cc_proc = proc
-        self._cc_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        return self._cc_url
-
-    @property
-    def cc_process(self) -> subprocess.Popen[bytes] | None:
-        """The running lab CC's process (for :meth:`logs`), None when it is not running."""
-        return self._cc_proc
-
-    def cc_requests(self) -> list[tuple[float, str, int]]:
-        """The running lab CC's ``GET /v1/aps`` requests so far: (wall-clock time, client
-        address, status), oldest first (from its log)."""
-        if self._cc_proc is None:
-            return []
-        out = []
-        for line in self.logs(self._cc_proc).splitlines():
-            parts = line.split()
-            if len(parts) == 7 and parts[0] == "cc:" and parts[3] == "/v1/aps":
-                out.append((float(parts[6]), parts[1], int(parts[4])))
-        return out
-
-    def stop_cc(self) -> None:
-        """Stop the lab CC: connections to its URL are refused from now on. Idempotent."""
-        if self._cc_proc is not None:
-            self.stop(self._cc_proc, grace=2.0)
-            self._cc_proc = None
+        run(in_namespace(self._resolve(self.ap(index).ns), ["nft", "-f", "-"]), stdin=ruleset)
 
     # --- presentation ---------------------------------------------------------------------
 
@@ -994,7 +576,8 @@ class Lab:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"<Lab {self.prefix} {self._state} aps={len(self.aps)} {self.ap_link}>"
+        kind = type(self).__name__
+        return f"<{kind} {self.prefix} {self._state} aps={len(self.aps)} {self.ap_link}>"
 
 
 def running_as_root() -> bool:
@@ -1020,4 +603,4 @@ def unavailable_reason() -> str | None:
     return None
 
 
-__all__ = ["AccessPoint", "Lab", "running_as_root", "unavailable_reason"]
+__all__ = ["APLink", "AccessPoint", "Topology", "running_as_root", "unavailable_reason"]

@@ -41,7 +41,7 @@ from sdnsup.lab.commands import LabError
 from sdnsup.lab.services import stop_processes
 
 if TYPE_CHECKING:
-    from sdnsup.lab.topology import Lab
+    from sdnsup.lab.processes import Lab
 
 A_TO_B = "a->b"
 B_TO_A = "b->a"
