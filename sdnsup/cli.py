@@ -406,9 +406,9 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
             saved=saved,
             save=save if cc is not None and saved_path is not None else None,
             host_id=opts.host_id or default_host_id(),
+            cc_url=cc.url if cc is not None else None,
+            saved_error=saved_error,
         )
-        supervisor.status.cc_url = cc.url if cc is not None else None
-        supervisor.status.saved_error = saved_error
         monitor = Monitor(Watch.for_settings(settings))
         notifier = Notifier.from_env()
         log.info(

@@ -429,14 +429,7 @@ async def serve(
     """
     started = time.monotonic()
     mailbox = mailbox or Mailbox()
-    on_healed = None
-    if supervisor is not None:
-
-        def on_healed(cause: str) -> None:
-            st = supervisor.status
-            st.heals += 1
-            st.last_heal, st.last_heal_at = cause, time.time()
-
+    on_healed = supervisor.healed if supervisor is not None else None
     on_failed = supervisor.apply_failed if supervisor is not None else None
     ready = False
 
@@ -474,21 +467,17 @@ async def serve(
         nonlocal config
         assert reload is not None
         async with reload_lock:
-            st = supervisor.status if supervisor is not None else None
             try:
                 new = await trio.to_thread.run_sync(reload)
             except ConfigError as exc:
                 log.error("reload failed, the running configuration is kept: %s", exc)
-                if st is not None:
-                    st.reload_failures += 1
-                    st.reload_error, st.reloaded_at = str(exc), time.time()
+                if supervisor is not None:
+                    supervisor.reloaded(str(exc))
                 return
             old, config = config, new
             log.info("reloaded: %s; CIDRs: %s", cidr_change(old.cidrs, new.cidrs), new.cidrs.report)
-            if st is not None:
-                st.reloads += 1
-                st.reload_error, st.reloaded_at = None, time.time()
             if supervisor is not None:
+                supervisor.reloaded(None)
                 supervisor.set_desired_for(functools.partial(desired_for, new))
             else:
                 mailbox.post(desired_for(new, new.aps[0] if new.aps else None))

@@ -236,8 +236,17 @@ class Supervisor:
         saved: SavedList | None = None,
         save: Callable[[Any, float], Awaitable[None]] | None = None,
         host_id: str = "",
+        cc_url: str | None = None,
+        saved_error: str | None = None,
     ) -> None:
-        self.status = Status(slots=SlotTable(slot_capacity), host_id=host_id)
+        # Status is written here only: the daemon reports applies, heals and reloads
+        # through the methods below.
+        self.status = Status(
+            slots=SlotTable(slot_capacity),
+            host_id=host_id,
+            cc_url=cc_url,
+            saved_error=saved_error,
+        )
         self._host = host_id
         self._saved = saved
         self._save = save
@@ -745,6 +754,22 @@ class Supervisor:
         st = self.status
         st.apply_error = error
         st.apply_failures += 1
+
+    def healed(self, cause: str) -> None:
+        """The applier put back what someone removed or changed (``cause``: what it found)."""
+        st = self.status
+        st.heals += 1
+        st.last_heal, st.last_heal_at = cause, time.time()
+
+    def reloaded(self, error: str | None) -> None:
+        """A SIGHUP reload was applied (None) or refused, the running configuration kept
+        (``error``: why)."""
+        st = self.status
+        if error is None:
+            st.reloads += 1
+        else:
+            st.reload_failures += 1
+        st.reload_error, st.reloaded_at = error, time.time()
 
     def _track_list(self) -> tuple[Target, ...]:
         """Tracked targets now: ``--track``, the CC's, and the active AP's own."""

@@ -922,3 +922,25 @@ def test_a_crashed_watch_is_restarted_by_the_daemon_and_carries_on_with_the_same
     with caplog.at_level("ERROR", logger="sdnsup"):
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert "task supervisor crashed, restarting in 1 s" in caplog.text
+
+
+def test_heals_reloads_and_the_cc_url_reach_status_through_the_supervisor_alone():
+    from sdnsup import control
+
+    world = World({ap(1): 0.01})
+    sup = world.make([ap(1)], cc_url="https://cc.example", saved_error="saved.json: corrupt")
+    sup.healed("nftables table inet sdnsup deleted")
+    sup.reloaded(None)
+    sup.reloaded("cidrs.txt:3: 'x' is not a CIDR")
+    snap = control.snapshot(sup.status, cidrs4=1, cidrs6=0, pid=1, no_ap="fallback")
+    assert snap["heals"]["count"] == 1
+    assert snap["heals"]["last_cause"] == "nftables table inet sdnsup deleted"
+    assert (snap["reload"]["count"], snap["reload"]["failures"]) == (1, 1)
+    assert snap["reload"]["error"] == "cidrs.txt:3: 'x' is not a CIDR"
+    sup.reloaded(None)  # a good reload clears the last refusal
+    assert (
+        control.snapshot(sup.status, cidrs4=1, cidrs6=0, pid=1, no_ap="fallback")["reload"]["error"]
+        is None
+    )
+    assert snap["cc"]["url"] == "https://cc.example"
+    assert snap["ap_list"]["saved_error"] == "saved.json: corrupt"
