@@ -256,13 +256,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
     import trio
 
-    from sdnsup.daemon import RUN_DIR, Mailbox, first_sdnsup_error, serve
-    from sdnsup.desired import RunConfig, desired_for
+    from sdnsup.daemon import RUN_DIR, first_sdnsup_error
+    from sdnsup.desired import RunConfig
     from sdnsup.preflight import (
         InstanceLock,
         check_privileges,
         live_netns,
-        netns_id,
         netns_suffix,
         sweep_run_dir,
     )
@@ -313,16 +312,7 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
         verify_interval=opts.verify_interval,
     )
     # Kernel backends load libnftables and open netlink sockets: only now.
-    from sdnsup import control, probe, savedlist
-    from sdnsup.applier import Applier, foreign_error
-    from sdnsup.choice import default_host_id
-    from sdnsup.conntrack import Conntrack
-    from sdnsup.echo import Prober
-    from sdnsup.netmon import Monitor, Watch
-    from sdnsup.notify import Notifier
-    from sdnsup.paths import PassiveDetector
-    from sdnsup.pins import PinKeeper
-    from sdnsup.supervisor import Supervisor
+    from sdnsup import assembly
 
     with InstanceLock():
         stale = sweep_run_dir(RUN_DIR, live_netns())
@@ -333,124 +323,20 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
                 RUN_DIR,
                 ", ".join(stale),
             )
-        applier = Applier.from_system(
-            sysctl_record=RUN_DIR / f"sysctl-{netns_id()}.json",
-            nexthop_compat=opts.nexthop_compat,
+        daemon = assembly.build(opts, config, cc)
+        reload = functools.partial(
+            reload_config, args, opts, daemon.config, daemon.applier.foreign_objects
         )
-        mailbox = Mailbox()
-        # Nexthop ids another tool holds are left to it: this run takes a free block (or the
-        # one its predecessor used); routes and rules of others where sdnsup writes refuse.
-        settings = applier.with_free_nexthop_ids(settings)
-        config = dataclasses.replace(config, settings=settings)
-        conflicts = applier.foreign_objects(settings, cidrs.v4 | cidrs.v6)
-        if conflicts:
-            raise foreign_error(settings, conflicts)
-        # The previous run's AP slots (after kill -9 or a restart): their connections keep
-        # their AP. Read before anything is decided, so the first state applied keeps them.
-        recovered = applier.recover_slots(settings)
-        keeper = PinKeeper(
-            Conntrack(),
-            settings,
-            abort_sockets=opts.abort_sockets,
-            report=lambda report: supervisor.on_pins(report),
-            passive=opts.passive_check,
-        )
-        saved, saved_error, saved_path = None, None, None
-        if cc is not None and opts.state_dir is not None:
-            saved_path = savedlist.path_for(opts.state_dir)
-            try:
-                saved = savedlist.SavedList.load(saved_path, cc.url)
-            except savedlist.SavedListError as exc:
-                saved_error = str(exc)
-                log.warning("%s; asking the CC first", exc)
-
-        async def save(directory: discovery.Directory, fetched_at: float) -> None:
-            assert cc is not None and saved_path is not None
-            entry = savedlist.SavedList(directory, cc.url, fetched_at)
-            await trio.to_thread.run_sync(entry.save, saved_path)
-
-        # one long-lived socket per probed AP (sdnsup.echo), open while the daemon runs
-        prober = Prober()
-        detector = (
-            PassiveDetector(destinations=opts.suspect_destinations, window=opts.suspect_window)
-            if opts.passive_check
-            else None
-        )
-        supervisor = Supervisor(
-            aps=aps if opts.ap is not None else None,
-            desired_for=lambda ap, known, slots, probes: desired_for(
-                config, ap, known, slots, probes
-            ),
-            post=mailbox.post,
-            probe_all=functools.partial(probe.probe_all, probe=prober.probe),
-            probe_once=prober.probe,
-            should_switch=probe.should_switch,
-            cc=cc,
-            discover=lambda client, on_retry: discovery.discover(
-                client, retries=opts.retries, on_retry=on_retry
-            ),
-            keepalive_interval=opts.keepalive_interval,
-            keepalive_timeout=opts.keepalive_timeout,
-            keepalive_misses=opts.keepalive_misses,
-            reprobe_interval=opts.reprobe_interval,
-            slot_capacity=settings.slots,
-            recovered=recovered,
-            default_probe=opts.probe,
-            retire=keeper.retire,
-            drain_interval=opts.drain_interval,
-            passive=detector,
-            track=opts.track,
-            probe_mark=settings.probe_mark,
-            bypass_mark=settings.bypass_mark,
-            track_interval=opts.track_interval,
-            saved=saved,
-            save=save if cc is not None and saved_path is not None else None,
-            host_id=opts.host_id or default_host_id(),
-            cc_url=cc.url if cc is not None else None,
-            saved_error=saved_error,
-        )
-        monitor = Monitor(Watch.for_settings(settings))
-        notifier = Notifier.from_env()
-        log.info(
-            "starting: %d IPv4 + %d IPv6 CIDRs, %s, mark %#x/%#x table %d priority %d, host id %s",
-            len(cidrs.v4),
-            len(cidrs.v6),
-            f"CC {opts.cc}" if opts.cc else "APs " + ", ".join(str(ap) for ap in aps),
-            settings.mark,
-            settings.mask,
-            settings.table,
-            settings.priority,
-            supervisor.status.host_id,
-        )
-
-        async def main() -> None:
-            try:
-                async with prober.open():
-                    await serve(
-                        config,
-                        applier,
-                        mailbox=mailbox,
-                        supervisor=supervisor,
-                        monitor=monitor,
-                        control_path=control.default_socket_path(),
-                        notifier=notifier,
-                        metrics_listen=opts.metrics,
-                        pins=keeper,
-                        stop_pending=lambda: early.signum is not None,
-                        reload=functools.partial(
-                            reload_config, args, opts, config, applier.foreign_objects
-                        ),
-                    )
-            finally:
-                if cc is not None:
-                    with trio.CancelScope(shield=True):
-                        await cc.aclose()
 
         # From here the daemon's signal task handles stops; one arriving before it starts
         # is recorded and acted on when it does.
         early.raising = False
         try:
-            trio.run(main)
+            trio.run(
+                functools.partial(
+                    daemon.run, stop_pending=lambda: early.signum is not None, reload=reload
+                )
+            )
         except BaseException as exc:
             found = first_sdnsup_error(exc)
             if found is None:
