@@ -499,7 +499,6 @@ class Applier:
         # its summary is kept: the state itself may hold 100k CIDRs.
         self.found_at_start = ""
         # whether the last apply read a large state back from the kernel (heap.release)
-        self._read_many = False
         self._first_read = True
         # Set from another thread to stop an apply between its batches (a stop must not wait
         # for 100k routes to be written only to remove them again); cleared by teardown.
@@ -679,9 +678,12 @@ class Applier:
             KernelError: one or more writes failed (the others were done; the applied state
                 records exactly what succeeded, so the next apply retries the rest).
         """
+        # A large read-back (a start, a heal) frees as much as a large write.
+        reread = self._applied is None
         with _gc_paused():
             result = self._apply(desired)
-        if result.total_writes >= ROUTE_BATCH or self._read_many:
+        many = len(desired.cidrs4) + len(desired.cidrs6) >= ROUTE_BATCH
+        if result.total_writes >= ROUTE_BATCH or (reread and many):
             heap.release()
         return result
 
@@ -689,12 +691,10 @@ class Applier:
         start = time.perf_counter()
         self._settings = desired.settings
         healing = False
-        self._read_many = False
         if self._applied is None:
             known = KnownNetworks(desired.cidrs4, desired.cidrs6)
             self._applied = self.read_kernel(known=known)
             del known
-            self._read_many = self._applied.route_count() >= ROUTE_BATCH
             healing = not self._first_read
             if self._first_read:
                 self._first_read = False
