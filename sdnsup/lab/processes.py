@@ -38,7 +38,7 @@ from sdnsup.lab.services import (
     python_module,
     stop_processes,
 )
-from sdnsup.lab.topology import APLink, Topology
+from sdnsup.lab.topology import Topology
 
 DEFAULT_PORT = 8080
 # sdnsup's host id in the lab: among near-equal APs of equal weight it prefers ap1, then
@@ -57,18 +57,7 @@ class Lab(Topology):
     handling make sure it also happens when a test run is interrupted.
     """
 
-    def __init__(
-        self,
-        n_aps: int = 2,
-        ap_link: APLink = "shared",
-        container: bool = False,
-        prefix: str | None = None,
-        rp_filter_strict: bool = False,
-        keep_logs: bool = False,
-        clients: int = 0,
-    ) -> None:
-        """Plan a lab; nothing is created before :meth:`up` (use :meth:`up`/:meth:`create`)."""
-        super().__init__(n_aps, ap_link, container, prefix, rp_filter_strict, keep_logs, clients)
+    def _plan_processes(self) -> None:
         self._procs: list[TrackedProcess] = []
         self._sessions: list[Session] = []
         self._tickers: list[Ticker] = []

@@ -217,6 +217,10 @@ class Topology:
         self.tmpdir: Path | None = None
         self.build_seconds: float | None = None
         self._state: Literal["planned", "up", "down"] = "planned"
+        self._plan_processes()
+
+    def _plan_processes(self) -> None:
+        """What the subclass that runs processes keeps track of (nothing here)."""
 
     # --- lifecycle ------------------------------------------------------------------------
 
