@@ -21,13 +21,13 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from sdnsup.applier import Applier, ApplyResult
+from sdnsup.backoff import Backoff
 from sdnsup.cidrs import CidrSet
 from sdnsup.desired import RunConfig, desired_for
 from sdnsup.errors import ConfigError, KernelError, SdnsupError
@@ -102,34 +102,6 @@ class Mailbox:
         desired, heals = self._desired, self._heals
         self._desired, self._heals = None, []
         return desired, heals
-
-
-@dataclass(slots=True)
-class Backoff:
-    """The delay before the next restart or retry of a local task: ``first``, then doubling
-    up to ``cap``, back to ``first`` after :meth:`reset` (a success). No jitter: no fleet
-    meets on these; the CC's retries, which one does, spread with jitter
-    (:mod:`sdnsup.discovery`)."""
-
-    first: float
-    cap: float
-    _next: float = field(init=False, default=0.0)
-
-    def __post_init__(self) -> None:
-        self._next = self.first
-
-    @property
-    def current(self) -> float:
-        """The delay :meth:`take` would give now."""
-        return self._next
-
-    def take(self) -> float:
-        """The delay to wait now; the next one is twice as long (at most ``cap``)."""
-        delay, self._next = self._next, min(self._next * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.first
 
 
 async def applier_task(

@@ -87,6 +87,7 @@ import tenacity
 import trio
 from tenacity.asyncio import AsyncRetrying
 
+from sdnsup import backoff
 from sdnsup.aps import (
     DEFAULT_PROBE_PORT,
     PROBE_KINDS,
@@ -782,8 +783,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 def backoff_ceiling(failures: int) -> float:
     """The upper bound of the full-jitter delay after ``failures`` failed attempts (>= 1)."""
-    exponent = min(max(failures - 1, 0), 32)  # 2**32 s is past any cap: no float overflow
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2.0**exponent)
+    return backoff.ceiling(BACKOFF_BASE, BACKOFF_CAP, failures)
 
 
 def _log_retry(attempt: int, error: DiscoveryError, delay: float) -> None:

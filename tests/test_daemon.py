@@ -331,13 +331,3 @@ def test_new_cidrs_are_written_unwatched_and_a_change_by_another_process_meanwhi
     trio.run(main)
     assert unwatched_applies == ["10.77.0.11", "10.77.0.12"]
     assert heals == ["nftables changed by another process while sdnsup wrote its CIDRs"]
-
-
-def test_restart_and_retry_delays_double_up_to_their_cap_and_start_over_after_a_success():
-    from sdnsup.daemon import Backoff
-
-    backoff = Backoff(0.5, 3.0)
-    assert [backoff.take() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-    assert backoff.current == 3.0
-    backoff.reset()
-    assert backoff.take() == 0.5
