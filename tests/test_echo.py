@@ -15,6 +15,9 @@ from sdnsup.echo import IDLE, Prober
 from sdnsup.probe import ProbeFailed, open_icmp_socket, probe_all
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+# Virtual time over real loopback sockets: the clock jumps only after every task waited this
+# long (real seconds), which a loopback answer never takes, so it never jumps past one.
+REAL_IO = 0.01
 
 
 def on_loopback(kind: str, port: int, ap_id: str = "lo") -> AccessPoint:
@@ -41,7 +44,7 @@ class Echo:
                     await sock.sendto(data, peer)
 
 
-def run(fn) -> object:
+def run(fn, clock: trio.testing.MockClock | None = None) -> object:
     async def main():
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
@@ -49,7 +52,7 @@ def run(fn) -> object:
                 nursery.cancel_scope.cancel()
                 return result
 
-    return trio.run(main)
+    return trio.run(main, clock=clock)
 
 
 def test_every_probe_of_an_ap_uses_one_socket():
@@ -79,8 +82,10 @@ def test_a_missed_answer_gives_the_next_probe_a_new_socket():
         async with Prober().open() as prober:
             await prober.probe(ap, timeout=1.0)
             echo.silent = True
+            t0 = trio.current_time()
             with pytest.raises(ProbeFailed, match="no answer within 100 ms") as info:
                 await prober.probe(ap, timeout=0.1)
+            assert trio.current_time() - t0 == pytest.approx(0.1)
             assert info.value.reason == "timeout"
             assert "udp probe of AP lo at [127.0.0.1]" in str(info.value)
             echo.silent = False
@@ -88,7 +93,7 @@ def test_a_missed_answer_gives_the_next_probe_a_new_socket():
             await prober.probe(ap, timeout=1.0)
             return prober.opened, prober.open_sockets
 
-    assert run(go) == (2, 1)  # the old socket was closed
+    assert run(go, trio.testing.MockClock(autojump_threshold=REAL_IO)) == (2, 1)  # old one closed
     assert len(set(echo.ports)) == 2 and echo.ports[-1] == echo.ports[-2]
 
 
@@ -131,6 +136,7 @@ def test_concurrent_probes_each_get_their_own_answer():
 
 def test_sockets_of_aps_no_longer_probed_are_closed():
     first, second = Echo(), Echo()
+    clock = trio.testing.MockClock(autojump_threshold=REAL_IO)
 
     async def go(nursery):
         await nursery.start(first.serve)
@@ -140,11 +146,11 @@ def test_sockets_of_aps_no_longer_probed_are_closed():
             await prober.probe(old, timeout=1.0)
             await prober.probe(new, timeout=1.0)
             assert prober.open_sockets == 2
-            # probes of the listed AP only, for longer than IDLE (virtual time)
+            # probes of the listed AP only, every 30 s for longer than IDLE (virtual time)
             end = trio.current_time() + 2 * IDLE
             while trio.current_time() < end:
                 await prober.probe(new, timeout=1.0)
-                await trio.sleep(30)
+                clock.jump(30)
             return prober.open_sockets
 
     async def main():
@@ -154,7 +160,6 @@ def test_sockets_of_aps_no_longer_probed_are_closed():
                 nursery.cancel_scope.cancel()
                 return result
 
-    clock = trio.testing.MockClock(autojump_threshold=0.01)
     assert trio.run(main, clock=clock) == 1
 
 

@@ -443,7 +443,8 @@ def test_cancellation_stops_the_server_with_a_client_connected():
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(serve_metrics, "127.0.0.1", 0, lambda: "")
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
-                await trio.sleep(0.05)  # the handler now waits for the request
+                # the connection is accepted, and its handler waits for the request
+                await trio.testing.wait_all_tasks_blocked()
                 nursery.cancel_scope.cancel()
             # the listener is closed: a new connection is refused
             with pytest.raises(OSError):
