@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import ipaddress
 import math
 import urllib.parse
 from collections.abc import Callable
@@ -313,10 +314,46 @@ def parse_probe(spec: str) -> ProbeSpec:
         raise ConfigError(f"--probe {exc}") from None
 
 
-def _listen(value: str) -> tuple[str, int] | None:
-    """:func:`sdnsup.metrics.parse_listen`, plus ``off`` -> None."""
-    from sdnsup.metrics import parse_listen
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse ``--metrics``: ``127.0.0.1:9730``, ``[::1]:9730``, or ``:9730`` for all addresses.
 
+    Args:
+        text: the option's value.
+
+    Returns:
+        ``(host, port)``; ``host`` is an IP address, or ``""`` for all addresses (IPv6 and
+        IPv4 where the host has IPv6, else IPv4).
+
+    Raises:
+        ConfigError: no port, a port outside 1-65535, a host that is not an IP address, or
+            an IPv6 address without brackets.
+    """
+    usage = "use ADDR:PORT, [IPV6]:PORT or :PORT, e.g. 127.0.0.1:9730"
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        raise ConfigError(f"{text!r} has no port; {usage}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{text!r}: {host!r} is not an IPv6 address; {usage}") from None
+    elif host:
+        if ":" in host:
+            raise ConfigError(f"{text!r}: put an IPv6 address in brackets; {usage}")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            # A name would be resolved once at start and could name several addresses:
+            # an explicit address says exactly where an unauthenticated endpoint listens.
+            raise ConfigError(f"{text!r}: {host!r} is not an IP address; {usage}") from None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{text!r}: the port must be 1-65535; {usage}")
+    return host, int(port_text)
+
+
+def _listen(value: str) -> tuple[str, int] | None:
+    """:func:`parse_listen`, plus ``off`` -> None."""
     if value.strip().lower() in _OFF_WORDS:
         return None
     try:

@@ -14,7 +14,8 @@ import trio.testing
 from sdnsup import metrics
 from sdnsup.aps import AccessPoint
 from sdnsup.errors import ConfigError
-from sdnsup.metrics import parse_listen, render, serve_metrics
+from sdnsup.metrics import render, serve_metrics
+from sdnsup.options import parse_listen
 from sdnsup.slots import SlotEntry, SlotTable
 from sdnsup.supervisor import PathHealth, Phase, Status
 
