@@ -36,7 +36,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from sdnsup.aps import AccessPoint
 from sdnsup.probe import MIN_GAIN_ABS, MIN_GAIN_REL
@@ -72,6 +72,9 @@ class ResultLike(Protocol):
     def received(self) -> int: ...
 
 
+# The callers' own result type comes back out: the daemon's ProbeResult, the fleet
+# benchmark's simulated one.
+R = TypeVar("R", bound=ResultLike)
 ShouldSwitch = Callable[[Any, Any], bool]
 
 
@@ -112,7 +115,7 @@ def _comfortably_near(r: ResultLike, best: ResultLike) -> bool:
     return gap <= ENTRY_SCALE * MIN_GAIN_ABS or gap <= ENTRY_SCALE * MIN_GAIN_REL * r.rtt
 
 
-def band(eligible: Sequence[ResultLike], should_switch: ShouldSwitch) -> list[ResultLike]:
+def band(eligible: Sequence[R], should_switch: ShouldSwitch) -> list[R]:
     """The results of ``eligible`` (live and usable, best first) that the anti-flap rule
     would not leave for the first one; the first one is always in."""
     if not eligible:
@@ -122,8 +125,8 @@ def band(eligible: Sequence[ResultLike], should_switch: ShouldSwitch) -> list[Re
 
 
 def eligible(
-    ranking: Sequence[ResultLike], listed: Sequence[AccessPoint], usable: Callable[[str], bool]
-) -> list[ResultLike]:
+    ranking: Sequence[R], listed: Sequence[AccessPoint], usable: Callable[[str], bool]
+) -> list[R]:
     """The results of ``ranking`` (best first) a host may choose: live, listed by the
     directory, and ``usable`` (not held down after a death: :class:`sdnsup.probe.
     Hysteresis`)."""
@@ -138,23 +141,23 @@ def window(first_rtt: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(Generic[R]):
     """The AP to take and why: ``"chosen"`` (none was active), ``"unlisted"`` (the active
     one left the CC's list), ``"faster"`` (the active one fell out of the band),
     ``"preferred"`` (a higher-keyed AP is comfortably in the band: a return to the top)."""
 
-    result: ResultLike
+    result: R
     reason: str
 
 
 def choose(
-    eligible: Sequence[ResultLike],
+    eligible: Sequence[R],
     *,
     host: str,
     active: AccessPoint | None,
     listed: bool,
     should_switch: ShouldSwitch,
-) -> Choice | None:
+) -> Choice[R] | None:
     """The AP this host should use now, or None to stay where it is.
 
     Args:

@@ -37,7 +37,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -48,11 +48,15 @@ from sdnsup.choice import eligible as choice_eligible
 from sdnsup.errors import DiscoveryError, SdnsupError
 from sdnsup.paths import Failure, PassiveDetector, ProbeTarget, describe_failures
 from sdnsup.pins import PinReport
-from sdnsup.probe import HOLD_DOWN, Hysteresis
+from sdnsup.probe import HOLD_DOWN, Hysteresis, ProbeResult
 from sdnsup.refresh import Outcome, RefreshSchedule
 from sdnsup.savedlist import SavedList
 from sdnsup.slots import SlotEntry, SlotTable
 from sdnsup.state import DesiredState, Slot
+
+if TYPE_CHECKING:  # the CC client and the applier load httpx and libnftables
+    from sdnsup.applier import ApplyResult
+    from sdnsup.discovery import Directory, Fetcher, OnRetry
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # What desired_for needs to route path probes: the AP to compare with, and the targets.
@@ -89,7 +93,7 @@ class Phase(enum.Enum):
     NO_AP = "no AP"
 
 
-ProbeAll = Callable[..., Awaitable[Sequence[Any]]]
+ProbeAll = Callable[..., Awaitable[Sequence[ProbeResult]]]
 ProbeOnce = Callable[..., Awaitable[float]]
 
 
@@ -101,7 +105,7 @@ class Status:
     active: AccessPoint | None = None
     active_since: float | None = None
     aps: tuple[AccessPoint, ...] = ()
-    ranking: tuple[Any, ...] = ()
+    ranking: tuple[ProbeResult, ...] = ()
     last_rtt: dict[str, float] = field(default_factory=dict)
     failovers: int = 0
     last_failover: str | None = None
@@ -132,7 +136,7 @@ class Status:
     # The kernel's truth, from the applier: IP version -> the AP address the last apply routes
     # that family's CIDRs through (None: not through an AP; no dict before any apply), the
     # problems it met, and the last failed apply's error (None once one succeeds)
-    kernel_via: dict[int, Any] | None = None
+    kernel_via: dict[int, IPAddress | None] | None = None
     kernel_problems: tuple[str, ...] = ()
     apply_error: str | None = None
     apply_failures: int = 0
@@ -215,9 +219,8 @@ class Supervisor:
         probe_all: ProbeAll,
         probe_once: ProbeOnce,
         should_switch: ShouldSwitch,
-        cc: Any = None,
-        discover: Callable[[Any, Callable[[int, DiscoveryError, float], None]], Awaitable[Any]]
-        | None = None,
+        cc: Fetcher | None = None,
+        discover: Callable[[Fetcher, OnRetry], Awaitable[Directory]] | None = None,
         keepalive_interval: float = defaults.KEEPALIVE_INTERVAL,
         keepalive_timeout: float = defaults.KEEPALIVE_TIMEOUT,
         keepalive_misses: int = defaults.KEEPALIVE_MISSES,
@@ -234,7 +237,7 @@ class Supervisor:
         probe_target: ProbeTarget = paths.probe_target,
         track_interval: float = defaults.TRACK_INTERVAL,
         saved: SavedList | None = None,
-        save: Callable[[Any, float], Awaitable[None]] | None = None,
+        save: Callable[[Directory, float], Awaitable[None]] | None = None,
         host_id: str = "",
         cc_url: str | None = None,
         saved_error: str | None = None,
@@ -254,7 +257,7 @@ class Supervisor:
         self._refresh_changed = trio.Event()
         self._reprobe_at = math.inf
         # the first answers of a round while no AP is active (see _answer)
-        self._early: list[Any] = []
+        self._early: list[ProbeResult] = []
         self._early_deadline: float | None = None
         self._early_wake = trio.Event()
         self.slots = self.status.slots
@@ -375,14 +378,14 @@ class Supervisor:
         self._post(self._desired())
         self._slots_changed.set()
 
-    def _result_for(self, ap: AccessPoint | None) -> Any:
+    def _result_for(self, ap: AccessPoint | None) -> ProbeResult | None:
         return next((r for r in self.status.ranking if r.ap == ap), None)
 
-    def _eligible(self, ranking: Sequence[Any], now: float) -> list[Any]:
+    def _eligible(self, ranking: Sequence[ProbeResult], now: float) -> list[ProbeResult]:
         """The APs of ``ranking`` this host may choose now (:func:`sdnsup.choice.eligible`)."""
         return choice_eligible(ranking, self.status.aps, lambda k: self._hysteresis.usable(k, now))
 
-    def _answer(self, result: Any) -> None:
+    def _answer(self, result: ProbeResult) -> None:
         """One answer of a probe round (a provisional single-probe result). With no AP
         active, the first answer opens a short window in which every AP of its band answers
         too (:func:`sdnsup.choice.window`: 10 ms for nearby APs); the choice among them is
@@ -407,7 +410,7 @@ class Supervisor:
             answers, self._early, self._early_deadline = self._early, [], None
             if self.active is not None or not answers:
                 continue  # the round's ranking decided first
-            answers.sort(key=lambda r: r.rtt)
+            answers.sort(key=lambda r: r.rtt if r.rtt is not None else math.inf)  # all answered
             choice = choose(
                 answers,
                 host=self._host,
@@ -421,14 +424,14 @@ class Supervisor:
                 line = f"AP chosen: {r.ap} ({_ms(r.rtt)}, from the first answers{why})"
                 self._set_active(r.ap, Phase.CONNECTED, line)
 
-    def _why(self, band: Sequence[Any]) -> str:
+    def _why(self, band: Sequence[ProbeResult]) -> str:
         """How the weighted choice went, for a log line; empty when there was no choice."""
         members = [r for r in band if r is band[0] or not self._should_switch(r, band[0])]
         if len(members) < 2:
             return ""
         return f"; first by this host's weighted choice among {len(members)} near-equal APs"
 
-    def consider(self, ranking: Sequence[Any]) -> None:
+    def consider(self, ranking: Sequence[ProbeResult]) -> None:
         """Take a completed probe ranking into account (best first)."""
         now = trio.current_time()
         st = self.status
@@ -575,7 +578,7 @@ class Supervisor:
         self._reprobe_at = min(self._reprobe_at, trio.current_time() + delay)
         self._reprobe.set()
 
-    def _next_live(self, other_than: AccessPoint | None, now: float) -> Any:
+    def _next_live(self, other_than: AccessPoint | None, now: float) -> ProbeResult | None:
         """The live, usable AP of the last ranking this host would choose if ``other_than``
         were gone: its next one by weighted choice among the near-equal APs left."""
         st = self.status
@@ -692,7 +695,7 @@ class Supervisor:
             self._suspicion = failures
             self._suspect.set()
 
-    def applied(self, desired: DesiredState, result: Any = None) -> None:
+    def applied(self, desired: DesiredState, result: ApplyResult | None = None) -> None:
         """The applier applied ``desired`` (the daemon calls this after every apply, with
         its :class:`~sdnsup.applier.ApplyResult`; None: as intended, as in tests)."""
         self._applied = desired
@@ -971,7 +974,7 @@ class Supervisor:
             )
             self.set_directory(saved.aps, saved.ttl, saved.track)
         else:
-            assert self._discover is not None
+            assert self._discover is not None and self._cc is not None  # neither static nor saved
             directory = await self._discover(self._cc, self._discovery_failed)
             self._schedule.ttl = directory.ttl
             self._schedule.start(trio.current_time(), saved=False)
@@ -1002,7 +1005,7 @@ class Supervisor:
         self.status.cc_next_refresh = time.time() + delay
         log.warning("CC attempt %d failed: %s; next attempt in %.1f s", attempt, error, delay)
 
-    async def _took_answer(self, directory: Any) -> None:
+    async def _took_answer(self, directory: Directory) -> None:
         """A good CC answer: use it, and keep it on disk for the next start."""
         st = self.status
         now = time.time()
@@ -1103,7 +1106,8 @@ class Supervisor:
     async def _refresh_loop(self) -> None:
         """Ask the CC when the schedule says (:mod:`sdnsup.refresh`); a failure keeps the
         current list and AP."""
-        st, schedule = self.status, self._schedule
+        st, schedule, cc = self.status, self._schedule, self._cc
+        assert cc is not None  # started only with a CC
         while True:
             self._refresh_changed = trio.Event()
             due = schedule.due - trio.current_time()
@@ -1113,7 +1117,7 @@ class Supervisor:
                 continue  # the schedule changed (an AP died, no AP left): look again
             schedule.fire(trio.current_time())
             try:
-                directory = await self._cc.fetch()
+                directory = await cc.fetch()
             except DiscoveryError as exc:
                 outcome = Outcome(False, exc.overloaded, exc.retry_after)
                 schedule.done(trio.current_time(), outcome, has_ap=self.active is not None)
