@@ -21,6 +21,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -211,33 +212,51 @@ async def verify_loop(mailbox: Mailbox, interval: float) -> None:
         mailbox.heal("periodic verification")
 
 
+@dataclass(slots=True)
+class Restarts:
+    """When a task that ended starts again: after ``backoff``'s delay, which starts over
+    once a run lasted longer than :data:`CRASH_WINDOW` (a crash a day is not a crash loop);
+    never (None) once it ended ``limit`` times within :data:`CRASH_WINDOW`."""
+
+    limit: int | None = CRASH_LIMIT
+    backoff: Backoff = field(default_factory=lambda: Backoff(RESTART_FIRST, RESTART_MAX))
+    _ends: list[float] = field(default_factory=list)
+
+    def after(self, began: float, now: float) -> float | None:
+        """The delay before the next run of one that ran from ``began`` to ``now``."""
+        if now - began > CRASH_WINDOW:
+            self.backoff.reset()
+        self._ends = [t for t in self._ends if now - t < CRASH_WINDOW] + [now]
+        if self.limit is not None and len(self._ends) >= self.limit:
+            return None
+        return self.backoff.take()
+
+
 async def supervised(name: str, fn: Callable[[], Awaitable[object]]) -> None:
     """Run ``fn`` forever: restart it with backoff when it crashes, give up when it keeps
-    crashing. SdnsupError that means "stop" (discovery exhausted) is not caught here: the
-    caller passes only tasks for which any exception is a crash."""
-    crashes: list[float] = []
-    backoff = Backoff(RESTART_FIRST, RESTART_MAX)
+    crashing (:class:`Restarts`). SdnsupError that means "stop" (discovery exhausted) is
+    not caught here: the caller passes only tasks for which any exception is a crash."""
+    restarts = Restarts()
     while True:
+        began = trio.current_time()
         try:
             await fn()
         except Exception as exc:  # a crash: log, then restart or give up
-            now = trio.current_time()
-            crashes = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
-            if len(crashes) >= CRASH_LIMIT:
+            delay = restarts.after(began, trio.current_time())
+            if delay is None:
                 log.critical(
                     "task %s crashed %d times in %.0f s, exiting: %r",
                     name,
-                    len(crashes),
+                    CRASH_LIMIT,
                     CRASH_WINDOW,
                     exc,
                 )
                 raise
-            delay = backoff.take()
             log.error("task %s crashed, restarting in %.0f s: %r", name, delay, exc, exc_info=exc)
             await trio.sleep(delay)
         else:
             log.error("task %s returned unexpectedly; restarting", name)
-            await trio.sleep(backoff.current)
+            await trio.sleep(restarts.backoff.current)
 
 
 class ChangeMonitor(Protocol):
@@ -267,7 +286,9 @@ async def monitor_task(
     unwatched. A monitor that fails (a netlink socket error) is restarted with backoff; the
     events it missed meanwhile are covered by the heal asked for when it is back.
     """
-    backoff = Backoff(RESTART_FIRST, RESTART_MAX)
+    # Never given up: a netlink socket failure is the kernel's, not a bug, and periodic
+    # verification covers the gap however long it lasts.
+    restarts = Restarts(limit=None)
     ready = False
     while True:
         failure: list[BaseException] = []
@@ -283,9 +304,8 @@ async def monitor_task(
                     mailbox.heal("netlink monitor restarted, events may have been missed")
         except* KernelError as group:  # the nursery wraps the monitor's error in a group
             failure = list(group.exceptions)
-        if trio.current_time() - began > CRASH_WINDOW:
-            backoff.reset()  # it had been fine for a long time: start backing off anew
-        delay = backoff.take()
+        delay = restarts.after(began, trio.current_time())
+        assert delay is not None  # no limit
         if failure:
             log.error("netlink monitor failed, restarting in %.0f s: %s", delay, failure[0])
         else:
