@@ -1,11 +1,15 @@
 """sdnsup.backoff: the one doubling-with-a-cap policy, local (exact) and for the CC (its
-ceiling, under full jitter)."""
+ceiling, under full jitter); the daemon's restart policy built on it (on MockClock)."""
 
 from __future__ import annotations
 
+import pytest
+import trio
+import trio.testing
+
 from sdnsup import discovery
 from sdnsup.backoff import Backoff, ceiling
-from sdnsup.daemon import CRASH_WINDOW, RESTART_FIRST, RESTART_MAX, Restarts
+from sdnsup.daemon import CRASH_WINDOW, RESTART_FIRST, RESTART_MAX, Restarts, supervised
 
 
 def test_restart_and_retry_delays_double_up_to_their_cap_and_start_over_after_a_success():
@@ -55,12 +59,6 @@ def test_without_a_limit_restarts_go_on_forever_at_the_cap():
 
 
 def test_supervised_restarts_a_crashing_task_then_ends_the_daemon_with_its_error(caplog):
-    import pytest
-    import trio
-    import trio.testing
-
-    from sdnsup.daemon import supervised
-
     starts: list[float] = []
 
     async def crashing() -> None:
