@@ -218,6 +218,20 @@ def cc_addresses(url: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addres
     return tuple(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
 
 
+def run_config(opts: RunOptions) -> RunConfig:
+    """What run does with these options (plan shows the same)."""
+    from sdnsup.desired import RunConfig
+
+    return RunConfig(
+        cidrs=opts.cidrs,
+        aps=opts.aps,
+        settings=opts.settings,
+        no_ap=opts.no_ap,
+        exempt=cc_addresses(opts.cc) if opts.cc else (),
+        verify_interval=opts.verify_interval,
+    )
+
+
 class _StopRequested(BaseException):
     """SIGTERM or SIGINT before the daemon serves: nothing of sdnsup's is in the kernel."""
 
@@ -257,7 +271,6 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
     import trio
 
     from sdnsup.daemon import RUN_DIR, first_sdnsup_error
-    from sdnsup.desired import RunConfig
     from sdnsup.preflight import (
         InstanceLock,
         check_privileges,
@@ -273,7 +286,6 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
     from sdnsup.config import resolve
 
     opts = resolve(args)
-    cidrs, aps, settings = opts.cidrs, opts.aps, opts.settings
     from sdnsup import discovery
 
     check_privileges()
@@ -301,16 +313,8 @@ def _run(args: argparse.Namespace, early: _EarlyStop) -> int:
     for warning in opts.warnings:
         log.warning("%s", warning)
     log.info("configuration: %s", opts.describe())
-    log.info("CIDRs: %s", cidrs.report)
-    exempt = cc_addresses(opts.cc) if opts.cc else ()
-    config = RunConfig(
-        cidrs=cidrs,
-        aps=aps,
-        settings=settings,
-        no_ap=opts.no_ap,
-        exempt=exempt,
-        verify_interval=opts.verify_interval,
-    )
+    log.info("CIDRs: %s", opts.cidrs.report)
+    config = run_config(opts)
     # Kernel backends load libnftables and open netlink sockets: only now.
     from sdnsup import assembly
 
@@ -394,7 +398,7 @@ def reload_config(
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sdnsup.config import resolve
-    from sdnsup.desired import RunConfig, desired_for
+    from sdnsup.desired import desired_for
     from sdnsup.plan import plan
     from sdnsup.rtnl import RtnlRoutes
     from sdnsup.state import Slot
@@ -403,14 +407,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # The same sources and rules as run (flags, SDNSUP_*, the config file); with no AP source
     # it shows the state without an AP. APs from a CC are not asked for: none is shown active.
     opts = resolve(args, need_ap_source=False)
-    cidrs, aps, settings = opts.cidrs, opts.aps, opts.settings
-    config = RunConfig(
-        cidrs=cidrs,
-        aps=aps,
-        settings=settings,
-        no_ap=opts.no_ap,
-        exempt=cc_addresses(opts.cc) if opts.cc else (),
-    )
+    cidrs, aps = opts.cidrs, opts.aps
+    config = run_config(opts)
     # What a fresh start installs: the first AP active, in the first AP slot.
     first = aps[0] if aps else None
     slots = (Slot(1, first.addr4, first.addr6),) if first else ()
