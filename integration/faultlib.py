@@ -103,7 +103,8 @@ def _json(lab: Lab, *argv: str) -> Any:
     return json.loads(out) if out else []
 
 
-def _ours(obj: Mapping[str, Any]) -> bool:
+def owns(obj: Mapping[str, Any]) -> bool:
+    """Whether an object of ``ip -j`` output carries sdnsup's route protocol."""
     return str(obj.get("protocol")) in (str(RTPROT_SDNSUP), hex(RTPROT_SDNSUP))
 
 
@@ -161,7 +162,7 @@ def assert_consistent(
         pins = [
             (ipaddress.ip_address(nh["gateway"]), key[1])
             for nh in _json(lab, "ip", "-j", "nexthop", "show")
-            if _ours(nh) and (key := slot_of_nhid(nh["id"])) and key[1]
+            if owns(nh) and (key := slot_of_nhid(nh["id"])) and key[1]
         ]
         want = render_table(settings, elements, pins)
         if have.ruleset != want.ruleset:
@@ -178,7 +179,7 @@ def assert_consistent(
         rules = [
             r
             for r in _json(lab, "ip", "-j", fam, "rule", "show")
-            if _ours(r)
+            if owns(r)
             or r.get("priority") == settings.priority
             or str(r.get("table")) == str(settings.table)
         ]
@@ -191,7 +192,7 @@ def assert_consistent(
         if len(rules) != 1 or any(rules[0].get(k) != v for k, v in want_rule.items()):
             problems.append(f"IPv{version} policy rules: {rules}, want one like {want_rule}")
 
-        nexthops = [n for n in _json(lab, "ip", "-j", fam, "nexthop", "show") if _ours(n)]
+        nexthops = [n for n in _json(lab, "ip", "-j", fam, "nexthop", "show") if owns(n)]
         want_nh = {"gateway": str(gateway), "dev": target.ifname_in_a}
         ids = sorted(slot_of_nhid(n["id"]) or (0, -1) for n in nexthops)
         if [i[1] > 0 for i in ids] != [False, True] or any(
@@ -214,7 +215,7 @@ def assert_consistent(
         stray = [
             r
             for r in _json(lab, "ip", "-j", fam, "route", "show", "table", "all")
-            if _ours(r) and str(r.get("table")) != str(settings.table)
+            if owns(r) and str(r.get("table")) != str(settings.table)
         ]
         slot_route = [r for r in stray if r.get("dst") == "default" and r.get("nhid") == slot_nh]
         if len(stray) != 1 or len(slot_route) != 1:
@@ -333,7 +334,7 @@ class FaultLab:
     def active_ap(self) -> int | None:
         """The AP sdnsup's IPv4 nexthop points at in A's kernel, None if none."""
         for nh in _json(self.lab, "ip", "-j", "-4", "nexthop", "show"):
-            if _ours(nh):
+            if owns(nh):
                 return next(
                     (ap.index for ap in self.lab.aps if str(ap.addr) == nh.get("gateway")), None
                 )

@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
+from integration.faultlib import owns
 from integration.helpers import wait_for
 from sdnsup.applier import Applier
 from sdnsup.lab import Lab
@@ -218,10 +219,6 @@ def _elements(elems: list[Any]) -> frozenset[str]:
     return frozenset(out)
 
 
-def _ours(obj: dict[str, Any]) -> bool:
-    return str(obj.get("protocol")) in (str(RTPROT_SDNSUP), hex(RTPROT_SDNSUP))
-
-
 @dataclass
 class Observed:
     kernel: Kernel
@@ -242,15 +239,15 @@ def read_kernel(lab: Lab) -> Observed:
         )
         for fam, listing in (("4", rules4), ("6", rules6))
         for r in listing
-        if _ours(r)
+        if owns(r)
     )
     routes = frozenset(
         (_net(r["dst"], fam), int(r["table"]), r["nhid"])
         for fam, listing in (("4", routes4), ("6", routes6))
         for r in listing
-        if _ours(r)
+        if owns(r)
     )
-    nhs = frozenset((n["id"], n.get("gateway"), n.get("dev")) for n in nexthops if _ours(n))
+    nhs = frozenset((n["id"], n.get("gateway"), n.get("dev")) for n in nexthops if owns(n))
     objects = ruleset.get("nftables", []) if isinstance(ruleset, dict) else []
     ours = [o for o in objects if next(iter(o.values())).get("table") == "sdnsup"]
     has_table = any(o.get("table", {}).get("name") == "sdnsup" for o in objects)
@@ -262,13 +259,13 @@ def read_kernel(lab: Lab) -> Observed:
         text = table_from_listing("sdnsup", ours).ruleset
     values = [int(v) for v in tail.split()]
     foreign = {
-        "rules": sorted(json.dumps(r, sort_keys=True) for r in rules4 + rules6 if not _ours(r)),
+        "rules": sorted(json.dumps(r, sort_keys=True) for r in rules4 + rules6 if not owns(r)),
         # Only what other software put there: the kernel itself changes the connected routes
         # of a flapped link (e.g. eth0's fe80::/64 does not come back with keep_addr_on_down).
         "routes": sorted(
             json.dumps(r, sort_keys=True)
             for r in routes4 + routes6
-            if not _ours(r) and (r.get("table") == FOREIGN_TABLE or r.get("type") == "unreachable")
+            if not owns(r) and (r.get("table") == FOREIGN_TABLE or r.get("type") == "unreachable")
         ),
         "tables": sorted(
             o["table"]["name"] for o in objects if "table" in o and o["table"]["name"] != "sdnsup"

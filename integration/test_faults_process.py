@@ -345,8 +345,17 @@ def test_sigterm_during_a_large_apply_exits_0_and_leaves_nothing(make_lab, tmp_p
     ap = lab.ap(1)
     with ConnectionStream(lab) as stream:
         proc = lab.run_sdnsup(lab.ns_a, "-r", f"@{cidrs}", "--ap", f"{ap.addr}+{ap.addr6}")
-        # Once the AP is chosen the applier starts writing every route and set element.
+        # Once the AP is chosen the applier reads the kernel, then writes its nexthops first,
+        # then 50k routes (~0.4 s) and the set elements. A SIGTERM right after "AP chosen"
+        # can come before the first write (the fault would then not be injected): wait for
+        # the nexthops.
         wait_logged(lab, proc, r"AP chosen: ", CONVERGE_TIMEOUT)
+
+        def writing() -> bool:
+            found = lab.exec(lab.ns_a, "ip", "-j", "nexthop", "show", check=False).stdout
+            return any(faultlib.owns(nh) for nh in json.loads(found or "[]"))
+
+        wait_for(writing, CONVERGE_TIMEOUT, "sdnsup's first nexthop written", step=0.002)
         stream.mark("SIGTERM during apply")
         t0 = time.monotonic()
         code = stop_sdnsup(lab, proc)  # SIGTERM, then at most supervisord's 10 s
