@@ -238,11 +238,16 @@ class Conntrack:
     Calls are serialised by a lock (worker threads may share the object).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ct: Netlink | None = None, diag: Netlink | None = None) -> None:
+        """Open the NETLINK_NETFILTER and NETLINK_SOCK_DIAG sockets (or use ``ct``, ``diag``).
+
+        Raises:
+            ConntrackError: a socket cannot be opened.
+        """
         self._lock = threading.Lock()
         try:
-            self._ct = Netlink(NETLINK_NETFILTER)
-            self._diag = Netlink(NETLINK_SOCK_DIAG)
+            self._ct = Netlink(NETLINK_NETFILTER) if ct is None else ct
+            self._diag = Netlink(NETLINK_SOCK_DIAG) if diag is None else diag
         except OSError as exc:
             raise ConntrackError(f"cannot open a netlink socket for conntrack: {exc}") from exc
 

@@ -229,16 +229,18 @@ class RtnlRoutes:
     the kernel spare another owner's identical object.
     """
 
-    def __init__(self) -> None:
-        """Open the rtnetlink socket.
+    def __init__(self, nl: Netlink | None = None) -> None:
+        """Open the rtnetlink socket (or use ``nl``).
 
         Raises:
             RoutesError: the socket cannot be opened.
         """
-        try:
-            self._nl = Netlink()
-        except OSError as exc:
-            raise RoutesError(f"cannot open an rtnetlink socket: {exc}") from exc
+        if nl is None:
+            try:
+                nl = Netlink()
+            except OSError as exc:
+                raise RoutesError(f"cannot open an rtnetlink socket: {exc}") from exc
+        self._nl = nl
         self._lock = threading.Lock()
 
     @classmethod
