@@ -47,6 +47,7 @@ from sdnsup.netlink import (
     Netlink,
     attr,
     attrs,
+    message,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -164,10 +165,6 @@ def _tuple(entry: Entry) -> bytes:
     proto += attr(CTA_PROTO_SRC_PORT, _BE16.pack(entry.sport))
     proto += attr(CTA_PROTO_DST_PORT, _BE16.pack(entry.dport))
     return _nested(CTA_TUPLE_ORIG, _nested(CTA_TUPLE_IP, ip) + _nested(CTA_TUPLE_PROTO, proto))
-
-
-def _message(kind: int, flags: int, seq: int, body: bytes) -> bytes:
-    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 
 def parse_entry(data: bytes, start: int, end: int) -> Entry | None:
@@ -289,21 +286,21 @@ class Conntrack:
             body = _NFGENMSG.pack(entry.family, 0, 0) + _tuple(entry) + mark
             if entry.zone:
                 body += attr(CTA_ZONE, _BE16.pack(entry.zone))
-            return _message(kind, NLM_F_REQUEST, seq, body)
+            return message(kind, NLM_F_REQUEST, seq, body)
 
         with self._lock:
             try:
-                failed = self._ct.batch(todo, encode, frozenset({errno.ENOENT}))
+                failed = self._ct.batch(todo, encode)
             except OSError as exc:
                 raise ConntrackError(f"cannot change conntrack marks: {exc}") from exc
-        # ENOENT (the connection ended meanwhile) counts as done, and is not counted.
+        # ENOENT (the connection ended meanwhile) is not an error, but nothing was changed.
         return len(todo) - len(failed)
 
     def abort_sockets(self, entries: Iterable[Entry]) -> int:
         todo = [e for e in entries if e.proto == socket.IPPROTO_TCP and e.live]
 
         def encode(entry: Entry, seq: int) -> bytes:
-            return _message(SOCK_DESTROY, NLM_F_REQUEST, seq, destroy_request(entry))
+            return message(SOCK_DESTROY, NLM_F_REQUEST, seq, destroy_request(entry))
 
         with self._lock:
             try:

@@ -291,6 +291,9 @@ def test_repin_sends_one_update_per_entry_naming_it_by_tuple_and_zone():
     # the first refused (EPERM: not ENOENT, which would mean the entry ended meanwhile)
     nl = ReplayNetlink(refuse={1: errno.EPERM})
     assert conntrack(nl).repin([ZONED, UNREPLIED], 0x2002, 0x3082) == 1
+    # an entry that ended meanwhile (ENOENT) is no error, and not counted as changed
+    nl = ReplayNetlink(refuse={2: errno.ENOENT})
+    assert conntrack(nl).repin([ZONED, UNREPLIED], 0x2002, 0x3082) == 1
 
 
 # Sent as they are (plus NLM_F_ACK) to a 6.18 kernel while those connections were open: it
