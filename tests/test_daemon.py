@@ -39,6 +39,43 @@ class Signals:
         await self._send.send(signum)
 
 
+class RecordingNotifier:
+    """Records what a systemd Type=notify unit would receive; tests wait on it."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.watchdog_interval = None
+        self._changed = trio.Event()
+
+    def _send(self, message: str) -> None:
+        self.sent.append(message)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, predicate) -> None:
+        """Until ``predicate(sent)`` holds (bounded: the daemon's applies run in a thread)."""
+        with trio.fail_after(10):
+            while not predicate(self.sent):
+                await self._changed.wait()
+
+    def ready(self, status: str) -> None:
+        self._send(f"READY=1 STATUS={status}")
+
+    def status(self, text: str) -> None:
+        self._send(f"STATUS={text}")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1")
+
+    def watchdog(self) -> None:
+        pass
+
+
+def applied(sent: list[str]) -> bool:
+    """Whether a state was applied (READY comes with the first without a status socket)."""
+    return any(m.startswith("READY=1") for m in sent)
+
+
 def test_desired_state_exempts_every_ap():
     d = desired_for(CONFIG, CONFIG.aps[0])
     assert d.ap4 == ipaddress.ip_address("10.77.0.11")
@@ -51,14 +88,16 @@ def test_desired_state_exempts_every_ap():
 def test_sigterm_tears_down_and_returns():
     applier, routes = make()
 
+    notifier = RecordingNotifier()
+
     async def main():
         signals = Signals()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(serve, CONFIG, applier, signals=signals))
-            # wait until applied, then stop it
-            with trio.fail_after(5):
-                while not routes.rules(RTPROT_SDNSUP):  # noqa: ASYNC110 - state in a thread
-                    await trio.sleep(0.01)
+            nursery.start_soon(
+                functools.partial(serve, CONFIG, applier, notifier=notifier, signals=signals)
+            )
+            await notifier.wait_for(applied)
+            assert routes.rules(RTPROT_SDNSUP)
             await signals.send(signal.SIGTERM)
 
     trio.run(main)
@@ -81,28 +120,31 @@ def test_sighup_reloads_the_cidrs_without_a_gap_and_keeps_the_old_on_a_bad_confi
     def dsts():
         return {str(r.dst) for r in routes.routes(RTPROT_SDNSUP)}
 
-    async def wait(predicate):
-        with trio.fail_after(5):
-            while not predicate():  # noqa: ASYNC110 - state in a thread
-                await trio.sleep(0.01)
+    notifier = RecordingNotifier()
 
     async def main():
         signals = Signals()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                functools.partial(serve, CONFIG, applier, reload=reload, signals=signals)
+                functools.partial(
+                    serve, CONFIG, applier, reload=reload, notifier=notifier, signals=signals
+                )
             )
-            await wait(lambda: routes.rules(RTPROT_SDNSUP))
+            await notifier.wait_for(applied)
             rules = routes.rules(RTPROT_SDNSUP)
             routes.calls.clear()
             await signals.send(signal.SIGHUP)
-            await wait(lambda: "10.10.20.0/24" in dsts())
+            await notifier.wait_for(lambda sent: len(sent) == 2)  # the reload's apply
+            assert "10.10.20.0/24" in dsts()
             # a diff: one route added, nothing removed, the policy rules never touched
             assert routes.calls == ["add_routes 1"] and routes.rules(RTPROT_SDNSUP) == rules
             await signals.send(signal.SIGHUP)  # now the file is broken: kept as it was
-            await wait(lambda: "reload failed" in caplog.text)
-            await trio.sleep(0.2)
+            with trio.fail_after(5):  # the reload reads the files in a worker thread
+                while "reload failed" not in caplog.text:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # whatever it caused has run
             assert "10.10.20.0/24" in dsts() and routes.calls == ["add_routes 1"]
+            assert len(notifier.sent) == 2
             await signals.send(signal.SIGTERM)
 
     with caplog.at_level("INFO", logger="sdnsup"):
@@ -183,12 +225,19 @@ def test_a_restarted_applier_task_reapplies_the_newest_state():
     desired, _ = trio.run(mailbox.take)  # consumed by a task that then crashed
 
     async def main():
+        done = trio.Event()
         async with trio.open_nursery() as nursery:
-            await nursery.start(applier_task, applier, mailbox)
-            while not routes.nexthops(RTPROT_SDNSUP):  # noqa: ASYNC110 - state in a thread
-                await trio.sleep(0.01)
+            await nursery.start(
+                functools.partial(
+                    applier_task, applier, mailbox, on_applied=lambda d, r: done.set()
+                )
+            )
+            with trio.fail_after(5):
+                await done.wait()
             nursery.cancel_scope.cancel()
 
+    # The real clock: the apply runs in a worker thread, which MockClock's autojump does not
+    # wait for (it would fire the deadline while the thread works).
     trio.run(main)
     assert desired is not None
     assert routes.rules(RTPROT_SDNSUP) == set()  # the no-AP state, not the older one
@@ -215,26 +264,6 @@ def test_verification_is_stretched_so_that_large_rereads_stay_cheap():
     assert asked == [120.0, 120.0 + 3.0 / VERIFY_CPU_SHARE]
 
 
-class RecordingNotifier:
-    """Records what a systemd Type=notify unit would receive."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-        self.watchdog_interval = None
-
-    def ready(self, status: str) -> None:
-        self.sent.append(f"READY=1 STATUS={status}")
-
-    def status(self, text: str) -> None:
-        self.sent.append(f"STATUS={text}")
-
-    def stopping(self) -> None:
-        self.sent.append("STOPPING=1")
-
-    def watchdog(self) -> None:
-        pass
-
-
 def test_a_restart_that_adopts_everything_still_tells_systemd_what_is_steered(tmp_path):
     """After kill -9 and a restart the first apply writes nothing (the kernel already holds
     it all): systemctl's status line must still move on from "waiting for ...", as it did not."""
@@ -258,9 +287,7 @@ def test_a_restart_that_adopts_everything_still_tells_systemd_what_is_steered(tm
                     signals=signals,
                 )
             )
-            with trio.fail_after(5):
-                while not any(m.startswith("STATUS=") for m in notifier.sent):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
+            await notifier.wait_for(lambda sent: any(m.startswith("STATUS=") for m in sent))
             await signals.send(signal.SIGTERM)
 
     trio.run(main)
@@ -307,27 +334,34 @@ def test_new_cidrs_are_written_unwatched_and_a_change_by_another_process_meanwhi
         mailbox = Mailbox()
         real_heal = mailbox.heal
         mailbox.heal = lambda cause: (heals.append(cause), real_heal(cause))  # type: ignore[method-assign]
+        applied_states: list[object] = []
+        changed = trio.Event()
+
+        def on_applied(desired, result):
+            nonlocal changed
+            applied_states.append(desired)
+            changed.set()
+            changed = trio.Event()
+
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                functools.partial(applier_task, applier, mailbox, unwatched=unwatched)
+                functools.partial(
+                    applier_task, applier, mailbox, unwatched=unwatched, on_applied=on_applied
+                )
             )
 
             async def post(state):
                 mailbox.post(state)
-                for _ in range(200):
-                    await trio.sleep(0.01)
-                    if mailbox.latest is state and routes.nexthops(RTPROT_SDNSUP):
-                        break
+                with trio.fail_after(5):
+                    while state not in applied_states:
+                        await changed.wait()
 
             await post(desired_for(CONFIG, CONFIG.aps[0]))  # first apply: new CIDRs
-            await trio.sleep(0.2)
             await post(desired_for(CONFIG, CONFIG.aps[1]))  # an AP switch: watched
-            await trio.sleep(0.2)
             assert heals == []
             await post(desired_for(wider, CONFIG.aps[1]))  # a reload, and a foreign commit
-            await trio.sleep(0.3)
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    trio.run(main)  # the real clock: the applies run in a worker thread
     assert unwatched_applies == ["10.77.0.11", "10.77.0.12"]
     assert heals == ["nftables changed by another process while sdnsup wrote its CIDRs"]
