@@ -156,10 +156,12 @@ def oserror(code: int, extack: str | None = None) -> OSError:
 
 
 class Netlink:
-    """One netlink socket: sequence numbers, dumps, requests, windowed batches.
+    """One netlink socket: sequence numbers, dumps, requests, windowed batches and nfnetlink
+    transactions.
 
-    ``protocol``: NETLINK_ROUTE (:class:`RtnlRoutes`), NETLINK_NETFILTER for conntrack or
-    NETLINK_SOCK_DIAG (:mod:`sdnsup.conntrack`): the request/ack/dump protocol is the same.
+    ``protocol``: NETLINK_ROUTE (:mod:`sdnsup.rtnl`), NETLINK_NETFILTER (:mod:`sdnsup.nfnl`,
+    conntrack) or NETLINK_SOCK_DIAG (:mod:`sdnsup.conntrack`): the request/ack/dump protocol
+    is the same.
     The socket belongs to the network namespace of the thread that created it, for its
     whole life. Not thread-safe; its owner serialises callers.
     """
@@ -218,8 +220,9 @@ class Netlink:
         """Read and drop whatever is queued, e.g. the rest of an aborted dump.
 
         A dump left half-read would make the next dump fail with EBUSY (reading it, even
-        non-blocking, makes the kernel produce the rest until NLMSG_DONE). Stale acks would
-        be harmless (their sequence numbers are never expected again) but take buffer.
+        non-blocking, makes the kernel produce the rest until NLMSG_DONE). Stale acks take
+        buffer; requests, dumps and batches skip them by sequence number, and
+        :meth:`transaction` leaves that to its caller, which knows its batch's numbers.
         """
         try:
             self.sock.setblocking(False)
@@ -384,7 +387,8 @@ class Netlink:
         are dropped (ENOBUFS), so the buffers are sized for the batch first.
 
         Returns:
-            ``(sequence number, ack)`` of each answer, in order.
+            ``(sequence number, ack)`` of each answer queued, in order; the caller keeps
+            those of its batch (an aborted earlier exchange may have left others).
 
         Raises:
             OSError: the batch could not be sent; the kernel processed none of it.

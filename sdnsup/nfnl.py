@@ -505,7 +505,8 @@ class SetElements:
         gen = _nfgenmsg(NFPROTO_INET)
         batch_gen = _nfgenmsg(socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES)
         nl = self._nl
-        parts = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, nl.next_seq(), batch_gen)]
+        begin_seq = nl.next_seq()
+        parts = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin_seq, batch_gen)]
         by_seq: dict[int, _Message] = {}
         for msg, body in zip(messages, bodies, strict=True):
             seq = nl.next_seq()
@@ -517,7 +518,8 @@ class SetElements:
                 flags |= NLM_F_CREATE
             msg_type = (NFNL_SUBSYS_NFTABLES << 8) | msg.msg_type
             parts.append(message(msg_type, flags, seq, gen + body))
-        parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, nl.next_seq(), batch_gen))
+        end_seq = nl.next_seq()
+        parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, end_seq, batch_gen))
         batch = b"".join(parts)
         summary = _summary(table, messages)
 
@@ -534,6 +536,9 @@ class SetElements:
                 "nothing was changed"
             ) from exc
 
+        # This batch's answers only (BATCH_BEGIN's too: a batch refused as a whole, EPERM).
+        mine = {begin_seq, end_seq, *by_seq}
+        answers = [(seq, ack) for seq, ack in answers if seq in mine]
         errors = [(seq, ack) for seq, ack in answers if ack.code]
         if errors:
             seq, ack = errors[0]

@@ -9,15 +9,20 @@ import ipaddress
 import socket
 import struct
 
+import pytest
+
 from sdnsup import rtnl
 from sdnsup.netlink import (
     HDR_LEN,
+    NETLINK_NETFILTER,
     NLA_F_NESTED,
     NLM_F_ACK_TLVS,
     NLM_F_CAPPED,
     NLM_F_CREATE,
     NLM_F_REPLACE,
     NLM_F_REQUEST,
+    AnswerLost,
+    Netlink,
     attr,
     attr_u32,
     attrs,
@@ -137,3 +142,83 @@ def test_a_policy_rule_encodes_and_reads_back_the_same() -> None:
     msg = rtnl._rule_message(rtnl.RTM_DELRULE, NLM_F_REQUEST, 5, low, None)
     assert msg[HDR_LEN + 4] == 200
     assert rtnl._parse_rule(msg, HDR_LEN, len(msg)) == (0, low)
+
+
+# --- the nfnetlink transaction on a scripted socket -----------------------------------------
+
+
+class ScriptedSocket:
+    """Stands in for the netlink socket: ``send`` may fail; each ``recv_into`` gives the next
+    datagram or raises the next error; a drained queue is EAGAIN."""
+
+    def __init__(self, datagrams=(), send_error=None):
+        self.queue = list(datagrams)
+        self.send_error = send_error
+        self.sent: list[bytes] = []
+        self.blocking: list[object] = []  # setblocking/settimeout calls, in order
+
+    def send(self, data):
+        if self.send_error is not None:
+            raise self.send_error
+        self.sent.append(data)
+        return len(data)
+
+    def recv_into(self, buf, size=0, flags=0):
+        if not self.queue:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        item = self.queue.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        buf[: len(item)] = item
+        return len(item)
+
+    def setblocking(self, flag):
+        self.blocking.append(flag)
+
+    def settimeout(self, value):
+        self.blocking.append(value)
+
+    def setsockopt(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
+def scripted(sock: ScriptedSocket) -> Netlink:
+    nl = Netlink(NETLINK_NETFILTER)  # a real socket (no privilege needed), replaced
+    nl.sock.close()
+    nl.sock = sock  # type: ignore[assignment]
+    return nl
+
+
+def ack(seq: int, code: int) -> bytes:
+    """An NLMSG_ERROR answer, capped: errno (negative), then the request's header."""
+    body = struct.pack("=i", -code) + struct.pack("=IHHII", 20, 0x0A0C, 0x5, seq, 0)
+    return struct.pack("=IHHII", 16 + len(body), 2, 0x100, seq, 0) + body
+
+
+def test_a_transaction_reads_every_queued_answer_without_blocking_then_restores_the_timeout():
+    sock = ScriptedSocket([ack(2, 0) + ack(3, errno.EEXIST), ack(4, 0)])
+    nl = scripted(sock)
+    answers = nl.transaction(b"batch", 3)
+    assert sock.sent == [b"batch"]
+    assert [(seq, a.code) for seq, a in answers] == [(2, 0), (3, errno.EEXIST), (4, 0)]
+    assert sock.blocking == [False, 30.0]  # non-blocking while reading, the timeout back
+    assert not nl.dirty  # complete: the next exchange need not drain
+
+
+def test_an_unsent_batch_is_a_plain_oserror_and_a_lost_answer_is_answerlost():
+    sock = ScriptedSocket(send_error=OSError(errno.EMSGSIZE, "Message too long"))
+    nl = scripted(sock)
+    with pytest.raises(OSError) as info:
+        nl.transaction(b"batch", 1)
+    assert not isinstance(info.value, AnswerLost) and info.value.errno == errno.EMSGSIZE
+    assert nl.dirty  # whatever may be queued is drained before the next exchange
+
+    sock = ScriptedSocket([ack(2, 0), OSError(errno.ENOBUFS, "No buffer space available")])
+    nl = scripted(sock)
+    with pytest.raises(AnswerLost) as lost:
+        nl.transaction(b"batch", 2)
+    assert lost.value.errno == errno.ENOBUFS
+    assert nl.dirty and sock.blocking[-1] == 30.0

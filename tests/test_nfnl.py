@@ -305,3 +305,21 @@ def test_interval_elements_read_back_as_the_same_cidrs(cidrs: list[Net], per_mes
             sent += chunk
         assert sorted(sent) == sorted(want)  # once each, in ascending order
         assert sent == sorted(sent)
+
+
+def test_a_stale_answer_of_an_aborted_exchange_is_not_taken_for_this_batchs():
+    fake = FakeNetlink()
+    ok = fake.acks
+    fake.acks = lambda seqs: [(999, Ack(errno.EEXIST, None, None)), *ok(seqs)]
+    elements(fake).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])  # no error
+
+
+def test_a_batch_refused_as_a_whole_says_what_it_needs():
+    fake = FakeNetlink()
+    fake.acks = lambda seqs: [(seqs[0] - 1, Ack(errno.EPERM, None, None))]  # BATCH_BEGIN's
+    with pytest.raises(NftError) as info:
+        elements(fake).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
+    assert str(info.value) == (
+        "nftables refused adding 1 CIDR to inet sdnsup dst4: Operation not permitted "
+        "(needs CAP_NET_ADMIN); nothing was changed"
+    )
