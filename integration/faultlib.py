@@ -37,10 +37,10 @@ import pytest
 
 from integration.helpers import START_TIMEOUT, owned, start_sdnsup, stop_sdnsup, wait_for
 from sdnsup.lab import Lab, LabError, unavailable_reason
+from sdnsup.lab.measure import owns
 from sdnsup.lab.topology import APLink
 from sdnsup.lab.traffic import ConnectionStream, StreamReport
 from sdnsup.nft import Network, render_table, table_from_listing
-from sdnsup.routes import RTPROT_SDNSUP
 from sdnsup.state import NHID_V4, NHID_V6, Settings, slot_of_nhid
 
 FAULT_REPORT_ENV = "SDNSUP_FAULT_REPORT"
@@ -101,11 +101,6 @@ def _json(lab: Lab, *argv: str) -> Any:
         raise AssertionError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
     out = proc.stdout.strip()
     return json.loads(out) if out else []
-
-
-def owns(obj: Mapping[str, Any]) -> bool:
-    """Whether an object of ``ip -j`` output carries sdnsup's route protocol."""
-    return str(obj.get("protocol")) in (str(RTPROT_SDNSUP), hex(RTPROT_SDNSUP))
 
 
 def default_exempt(lab: Lab) -> set[str]:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from sdnsup.lab import Lab
 from sdnsup.lab import wait_for as lab_wait_for
+from sdnsup.lab.measure import owns
 from sdnsup.routes import RTPROT_SDNSUP
 
 T = TypeVar("T")
@@ -61,18 +62,14 @@ def owned(lab: Lab, ns: str | None = None) -> dict[str, Any]:
         r
         for fam in ("-4", "-6")
         for r in _json(lab, ns, "ip", "-j", fam, "rule", "show")
-        if str(r.get("protocol")) in (proto, hex(RTPROT_SDNSUP))
+        if owns(r)
     ]
     routes = [
         r
         for fam in ("-4", "-6")
         for r in _json(lab, ns, "ip", "-j", fam, "route", "show", "table", "all", "proto", proto)
     ]
-    nexthops = [
-        n
-        for n in _json(lab, ns, "ip", "-j", "nexthop", "show")
-        if str(n.get("protocol")) in (proto, hex(RTPROT_SDNSUP))
-    ]
+    nexthops = [n for n in _json(lab, ns, "ip", "-j", "nexthop", "show") if owns(n)]
     tables = [
         o["table"]["name"]
         for o in _json(lab, ns, "nft", "-j", "list", "tables")["nftables"]

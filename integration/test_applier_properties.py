@@ -31,10 +31,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from integration.faultlib import owns
 from integration.helpers import wait_for
 from sdnsup.applier import Applier
 from sdnsup.lab import Lab
+from sdnsup.lab.measure import owns
 from sdnsup.nft import LibNftables, render_table, table_from_listing
 from sdnsup.routes import RTPROT_SDNSUP
 from sdnsup.rtnl import RtnlRoutes

@@ -29,6 +29,7 @@ from integration import faultlib
 from integration.helpers import owned, start_sdnsup, stop_sdnsup, wait_for
 from integration.test_supervisord import supervisord_conf
 from sdnsup.lab import Lab
+from sdnsup.lab.measure import owns
 from sdnsup.lab.processes import LAB_HOST_ID
 from sdnsup.lab.services import python_module
 from sdnsup.lab.traffic import ConnectionStream, StreamReport
@@ -353,7 +354,7 @@ def test_sigterm_during_a_large_apply_exits_0_and_leaves_nothing(make_lab, tmp_p
 
         def writing() -> bool:
             found = lab.exec(lab.ns_a, "ip", "-j", "nexthop", "show", check=False).stdout
-            return any(faultlib.owns(nh) for nh in json.loads(found or "[]"))
+            return any(owns(nh) for nh in json.loads(found or "[]"))
 
         wait_for(writing, CONVERGE_TIMEOUT, "sdnsup's first nexthop written", step=0.002)
         stream.mark("SIGTERM during apply")

@@ -208,6 +208,8 @@ def test_other_tools_objects_where_sdnsup_writes_stop_it_and_are_left_alone(make
     assert "another tool's route" in json.loads(shown.stdout)["kernel"]["apply_error"]
     lab.exec(lab.ns_a, "ip", "route", "del", "10.10.10.0/24", "table", "7300")
     wait_for(lambda: cli(lab, "status", check=False).returncode == 0, 15, "connected again")
+    heals = json.loads(cli(lab, "status", "--json").stdout)["heals"]
+    assert heals["count"] >= 1 and heals["last_cause"], heals  # the route taken back
     assert stop_sdnsup(lab, proc) == 0
     assert f"id {0x5D5D0004} via {gw}" in lab.exec(lab.ns_a, "ip", "nexthop", "show").stdout
 

@@ -73,6 +73,7 @@ from sdnsup import defaults
 from sdnsup.lab import Lab, WaitTimeout
 from sdnsup.lab import wait_for as lab_wait_for
 from sdnsup.lab.commands import LabError
+from sdnsup.lab.measure import owns
 from sdnsup.lab.services import Ticker, lab_script
 from sdnsup.routes import RTPROT_SDNSUP
 
@@ -295,7 +296,6 @@ Obj = tuple[str, str, str]  # ("nexthop", id, via), ("route", dst, via), ("rule"
 
 def sdnsup_objects(lab: Lab) -> set[Obj]:
     """sdnsup's nexthops, routes and policy rules in A, as comparable tuples."""
-    ours = (str(RTPROT_SDNSUP), hex(RTPROT_SDNSUP))
 
     def js(*argv: str) -> list[dict[str, Any]]:
         out = lab.exec(lab.ns_a, "ip", "-j", *argv).stdout.strip()
@@ -304,13 +304,13 @@ def sdnsup_objects(lab: Lab) -> set[Obj]:
     objs = {
         ("nexthop", str(n["id"]), n.get("gateway", "none"))
         for n in js("nexthop", "show")
-        if str(n.get("protocol")) in ours
+        if owns(n)
     }
     for fam in ("-4", "-6"):
         routes = js(fam, "route", "show", "table", "all", "proto", str(RTPROT_SDNSUP))
         objs |= {("route", r["dst"], r.get("gateway", "none")) for r in routes}
         rules = js(fam, "rule", "show")
-        objs |= {("rule", fam, str(r["priority"])) for r in rules if str(r.get("protocol")) in ours}
+        objs |= {("rule", fam, str(r["priority"])) for r in rules if owns(r)}
     return objs
 
 

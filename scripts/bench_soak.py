@@ -71,6 +71,7 @@ from benchlib import no_lab_exit, print_table, stat, write_json
 
 from sdnsup.lab import Lab, LabError, WaitTimeout, wait_for
 from sdnsup.lab.commands import run
+from sdnsup.lab.measure import owns
 from sdnsup.lab.traffic import A_TO_B, B_TO_A, Attempt, ConnectionStream
 from sdnsup.routes import RTPROT_SDNSUP
 
@@ -125,18 +126,11 @@ def _ip_json(lab: Lab, *argv: str) -> list[dict[str, Any]]:
     return json.loads(out) if out else []
 
 
-OUR_PROTO = (str(RTPROT_SDNSUP), hex(RTPROT_SDNSUP))  # how ip -j prints sdnsup's proto
-
-
-def _ours(obj: dict[str, Any]) -> bool:
-    return str(obj.get("protocol")) in OUR_PROTO
-
-
 def active_ap(lab: Lab) -> int | None:
     """The AP index sdnsup's IPv4 nexthop names, None when it has none (no AP usable)."""
     by_addr = {str(ap.addr): ap.index for ap in lab.aps}
     for nh in _ip_json(lab, "nexthop", "show"):
-        if _ours(nh) and nh.get("gateway") in by_addr:
+        if owns(nh) and nh.get("gateway") in by_addr:
             return by_addr[nh["gateway"]]
     return None
 
@@ -144,11 +138,11 @@ def active_ap(lab: Lab) -> int | None:
 def state_complete(lab: Lab) -> bool:
     """Whether sdnsup's nexthops, rules and routes are all in A (both families): per family
     the CIDR routes' nexthop and the active AP slot's (a draining slot may add one)."""
-    nhs = [n for n in _ip_json(lab, "nexthop", "show") if _ours(n) and "gateway" in n]
+    nhs = [n for n in _ip_json(lab, "nexthop", "show") if owns(n) and "gateway" in n]
     if len(nhs) < 4:
         return False
     for fam in ("-4", "-6"):
-        if not any(_ours(r) for r in _ip_json(lab, fam, "rule", "show")):
+        if not any(owns(r) for r in _ip_json(lab, fam, "rule", "show")):
             return False
         if not _ip_json(lab, fam, "route", "show", "table", "7300"):
             return False
@@ -211,7 +205,7 @@ def intended(objs: dict[str, Any]) -> list[str]:
     problems = []
     if objs["nft tables"] != [("inet", "sdnsup")]:
         problems.append(f"nft tables in A: {objs['nft tables']} (want only inet sdnsup)")
-    ours = [n for n in objs["nexthops (id, proto, dev)"] if n[1] in OUR_PROTO]
+    ours = [n for n in objs["nexthops (id, proto, dev)"] if owns({"protocol": n[1]})]
     if len(ours) != 4 or len(objs["nexthops (id, proto, dev)"]) != 4:
         problems.append(
             f"nexthops: {objs['nexthops (id, proto, dev)']} (want two per family: the CIDR "
@@ -219,7 +213,7 @@ def intended(objs: dict[str, Any]) -> list[str]:
         )
     nhids = {NHID_V4, NHID_V6}
     for fam, cidr in (("-4", CIDRS[0]), ("-6", CIDRS[1])):
-        rules = [r for r in objs[f"rules {fam}"] if _ours(r)]
+        rules = [r for r in objs[f"rules {fam}"] if owns(r)]
         if len(rules) != 1:
             problems.append(f"sdnsup rules {fam}: {rules} (want exactly one)")
         routes = objs[f"sdnsup routes {fam}"]
@@ -237,9 +231,9 @@ def leftovers(objs: dict[str, Any]) -> list[str]:
     out = []
     if ("inet", "sdnsup") in objs["nft tables"]:
         out.append("nft table inet sdnsup")
-    out += [f"nexthop {n}" for n in objs["nexthops (id, proto, dev)"] if n[1] in OUR_PROTO]
+    out += [f"nexthop {n}" for n in objs["nexthops (id, proto, dev)"] if owns({"protocol": n[1]})]
     for fam in ("-4", "-6"):
-        out += [f"rule {r}" for r in objs[f"rules {fam}"] if _ours(r)]
+        out += [f"rule {r}" for r in objs[f"rules {fam}"] if owns(r)]
         out += [f"route {r}" for r in objs[f"sdnsup routes {fam}"]]
         out += [f"{n} slot default routes {fam}" for n in [objs[f"slot routes {fam}"]] if n]
     return out
@@ -668,11 +662,11 @@ def changes(args: argparse.Namespace, res: Changes) -> None:
             held = _status(lab).get("slots")
             res.leaks.append(f"slots still held {DRAIN_TIMEOUT:.0f} s after the sessions: {held}")
         settings = Settings()
-        nexthops = [n for n in _ip_json(lab, "nexthop", "show") if _ours(n)]
+        nexthops = [n for n in _ip_json(lab, "nexthop", "show") if owns(n)]
         if len(nexthops) != 4:  # per family: the CIDR routes' and the active slot's
             res.leaks.append(f"nexthops: {nexthops}")
         for fam in ("-4", "-6"):
-            rules = [r for r in _ip_json(lab, fam, "rule", "show") if _ours(r)]
+            rules = [r for r in _ip_json(lab, fam, "rule", "show") if owns(r)]
             if len(rules) != 1:
                 res.leaks.append(f"rules {fam}: {rules}")
             routes = _ip_json(

@@ -498,7 +498,6 @@ class Applier:
         # crash), adopted by the first apply, which keeps what fits and removes the rest. Only
         # its summary is kept: the state itself may hold 100k CIDRs.
         self.found_at_start = ""
-        # whether the last apply read a large state back from the kernel (heap.release)
         self._first_read = True
         # Set from another thread to stop an apply between its batches (a stop must not wait
         # for 100k routes to be written only to remove them again); cleared by teardown.

@@ -162,6 +162,8 @@ def build(opts: RunOptions, config: RunConfig, cc: discovery.CCClient | None) ->
         cc_url=cc.url if cc is not None else None,
         saved_error=saved_error,
     )
+    monitor = Monitor(Watch.for_settings(settings))
+    notifier = Notifier.from_env()  # may warn about NOTIFY_SOCKET: before "starting"
     log.info(
         "starting: %d IPv4 + %d IPv6 CIDRs, %s, mark %#x/%#x table %d priority %d, host id %s",
         len(cidrs.v4),
@@ -179,8 +181,8 @@ def build(opts: RunOptions, config: RunConfig, cc: discovery.CCClient | None) ->
         mailbox=mailbox,
         supervisor=supervisor,
         keeper=keeper,
-        monitor=Monitor(Watch.for_settings(settings)),
-        notifier=Notifier.from_env(),
+        monitor=monitor,
+        notifier=notifier,
         prober=prober,
         cc=cc,
         metrics=opts.metrics,

@@ -247,7 +247,7 @@ async def supervised(name: str, fn: Callable[[], Awaitable[object]]) -> None:
                 log.critical(
                     "task %s crashed %d times in %.0f s, exiting: %r",
                     name,
-                    CRASH_LIMIT,
+                    restarts.limit,
                     CRASH_WINDOW,
                     exc,
                 )

@@ -45,6 +45,7 @@ from sdnsup import defaults, keepalive, paths
 from sdnsup.aps import AccessPoint, ProbeSpec, Target
 from sdnsup.choice import ShouldSwitch, choose, window
 from sdnsup.choice import eligible as choice_eligible
+from sdnsup.discovery import Directory, Fetcher, OnRetry
 from sdnsup.errors import DiscoveryError, SdnsupError
 from sdnsup.paths import Failure, PassiveDetector, ProbeTarget, describe_failures
 from sdnsup.pins import PinReport
@@ -54,9 +55,8 @@ from sdnsup.savedlist import SavedList
 from sdnsup.slots import SlotEntry, SlotTable
 from sdnsup.state import DesiredState, Slot
 
-if TYPE_CHECKING:  # the CC client and the applier load httpx and libnftables
+if TYPE_CHECKING:  # the applier loads libnftables; only its result type is needed here
     from sdnsup.applier import ApplyResult
-    from sdnsup.discovery import Directory, Fetcher, OnRetry
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # What desired_for needs to route path probes: the AP to compare with, and the targets.

@@ -5,8 +5,8 @@
   included) and no CIDR inside another; it then returns the networks ``ipaddress`` reads,
   split by family. Otherwise it reports every problem once, at its ``-r`` or ``FILE:LINE``.
 * What the applier renders from those CIDRs (the ``dst4``/``dst6`` sets, the JSON libnftables
-  loads, the routes) holds exactly the same networks, and the raw nfnetlink encoding of the
-  interval-set elements reads back as the same networks.
+  loads, the routes) holds exactly the same networks (the raw nfnetlink encoding of the
+  interval-set elements is checked in ``tests/test_nfnl.py``).
 
 The generators know which network each spelling means (``10.0.0.0/255.255.255.0``,
 ``FD00:0::/064``, ``::ffff:1.2.3.0/120``...), so ``ipaddress`` itself is checked against them

@@ -1,4 +1,5 @@
-"""Measurements with real packets in a lab (used by the integration tests and the demo)."""
+"""Measurements in a lab, with real packets and iproute2's JSON (used by the integration
+tests, the benchmarks and the demo)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import itertools
 import re
 import subprocess
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sdnsup.routes import RTPROT_SDNSUP
 
 if TYPE_CHECKING:
     from sdnsup.lab.processes import Lab
@@ -33,3 +36,12 @@ def dark_window(
     stamps = [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\].*bytes from", out, re.M)]
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return max(gaps, default=float("inf")), len(stamps)
+
+
+# How ``ip -j`` prints sdnsup's route protocol: a number, or hex where iproute2 has no name.
+_PROTOCOL = (str(RTPROT_SDNSUP), hex(RTPROT_SDNSUP))
+
+
+def owns(obj: Mapping[str, Any]) -> bool:
+    """Whether a route, rule or nexthop of ``ip -j`` output carries sdnsup's protocol."""
+    return str(obj.get("protocol")) in _PROTOCOL
