@@ -15,6 +15,7 @@ from sdnsup.netlink import (
     NLM_F_DUMP_INTR,
     NLMSG_DONE,
     NLMSG_ERROR,
+    Ack,
     messages,
     oserror,
     parse_ack,
@@ -26,19 +27,23 @@ B = TypeVar("B")
 
 class ReplayNetlink:
     """Records every request; answers each dump and request with the next bytes (or error)
-    given to it; refuses the batched requests whose sequence number ``refuse`` names."""
+    given to it; refuses the batched requests whose sequence number ``refuse`` names; answers
+    an nfnetlink transaction with ``acks(sequence numbers of its requests)``, or raises it."""
 
     def __init__(
         self,
         dumps: Iterable[bytes | OSError] = (),
         answers: Iterable[bytes | OSError] = (),
         refuse: dict[int, int] | None = None,
+        acks: Callable[[list[int]], list[tuple[int, Ack]]] | OSError | None = None,
     ) -> None:
         self.dumps = list(dumps)
         self.answers = list(answers)
         self.refuse = dict(refuse or {})  # sequence number -> errno of its error ack
+        self.acks = acks or (lambda seqs: [(seq, Ack(0, None, None)) for seq in seqs])
         self.sent: list[tuple[int, bytes]] = []  # (message type, body) of dumps and requests
         self.batches: list[list[bytes]] = []  # the complete messages of each batch
+        self.transactions: list[bytes] = []  # each nfnetlink batch as sent
         self.seqs = itertools.count(1)
         self.closed = False
 
@@ -93,3 +98,11 @@ class ReplayNetlink:
                 failures.append((item, oserror(code)))
         self.batches.append(sent)
         return failures
+
+    def transaction(self, batch: bytes, requests: int) -> list[tuple[int, Ack]]:
+        self.transactions.append(batch)
+        seqs = [seq for _kind, _flags, seq, *_rest in messages(batch, len(batch))]
+        assert len(seqs) == requests + 2  # BATCH_BEGIN, the requests, BATCH_END
+        if isinstance(self.acks, OSError):
+            raise self.acks
+        return self.acks(seqs[1:-1])

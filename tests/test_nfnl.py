@@ -1,5 +1,5 @@
 """nfnl without root: the bytes of the transactions, dumps and requests SetElements sends
-(over a fake :class:`sdnsup.netlink.Netlink`), how it explains the kernel's answers, and the
+(over :class:`tests.replay.ReplayNetlink`), how it explains the kernel's answers, and the
 interval-element codec against what the kernel dumps. integration/test_nfnl.py runs the same
 against the real kernel."""
 
@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from ipaddress import IPv4Network
-from typing import Any
 from unittest import mock
 
 import pytest
@@ -19,128 +18,61 @@ from hypothesis import strategies as st
 from sdnsup import nfnl
 from sdnsup.cidrs import NO_KNOWN_NETWORKS, KnownNetworks
 from sdnsup.errors import NftError
-from sdnsup.netlink import Ack, AnswerLost
+from sdnsup.netlink import (
+    HDR_LEN,
+    NLM_F_DUMP_INTR,
+    NLMSG_DONE,
+    Ack,
+    AnswerLost,
+    message,
+    messages,
+)
+from sdnsup.nfnl import NFNL_SUBSYS_NFTABLES
+from tests.replay import ReplayNetlink
 from tests.strategies import Net, disjoint, net_lists, prop_settings
 
-
-class FakeNetlink:
-    """Records what SetElements sends; answers as told."""
-
-    def __init__(self) -> None:
-        self.seq = 0
-        self.sent: list[bytes] = []
-        self.acks: Callable[[list[int]], list[tuple[int, Ack]]] = lambda seqs: [
-            (seq, Ack(0, None, None)) for seq in seqs
-        ]
-        self.failure: OSError | None = None
-        self.dumps: list[tuple[list[bytes], bool]] = []  # (replies, interrupted) per dump
-        self.answer = b""
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-    def transaction(self, batch: bytes, requests: int) -> list[tuple[int, Ack]]:
-        self.sent.append(batch)
-        if self.failure is not None:
-            raise self.failure
-        seqs = [struct.unpack_from("=I", batch, off + 8)[0] for off in _offsets(batch)]
-        assert len(seqs) == requests + 2  # BATCH_BEGIN, the requests, BATCH_END
-        return self.acks(seqs[1:-1])
-
-    def request(self, kind: int, body: bytes) -> tuple[int, bytes, int, int]:
-        self.sent.append(struct.pack("=H", kind) + body)
-        if self.failure is not None:
-            raise self.failure
-        return kind, self.answer, 0, len(self.answer)
-
-    def dump(self, kind: int, body: bytes, parse: Callable[..., Any]) -> tuple[list[Any], bool]:
-        self.sent.append(struct.pack("=H", kind) + body)
-        if self.failure is not None:
-            raise self.failure
-        replies, interrupted = self.dumps.pop(0)
-        for reply in replies:
-            parse(kind, reply, 0, len(reply))
-        return [], interrupted
-
-    def close(self) -> None:
-        pass
+NLM_F_MULTI = 0x2
 
 
-def _offsets(batch: bytes) -> list[int]:
-    out, off = [], 0
-    while off < len(batch):
-        out.append(off)
-        off += struct.unpack_from("=I", batch, off)[0]
-    return out
+def elements(nl: ReplayNetlink | None = None) -> nfnl.SetElements:
+    return nfnl.SetElements(nl or ReplayNetlink())  # type: ignore[arg-type]
 
 
-def elements(fake: FakeNetlink | None = None) -> nfnl.SetElements:
-    return nfnl.SetElements(fake or FakeNetlink())  # type: ignore[arg-type]
+def _parts(batch: bytes) -> list[bytes]:
+    """The messages of a batch, headers included."""
+    return [batch[start - HDR_LEN : end] for *_h, start, end in messages(batch, len(batch))]
 
 
 # What nft 1.0.6 sends for `nft add element inet sdnsup dst4 { 10.0.0.0/24 }`, written out by
 # hand from the uapi headers (little-endian host), with our NLM_F_ACK on the request.
 ADD_ONE_CIDR = bytes.fromhex(
     # NFNL_MSG_BATCH_BEGIN, seq 1; nfgenmsg AF_UNSPEC, res_id NFNL_SUBSYS_NFTABLES (be16)
-    "14000000"
-    "1000"
-    "0100"
-    "01000000"
-    "00000000"
-    "00"
-    "00"
-    "000a"
+    "14000000 1000 0100 01000000 00000000" "00 00 000a"
     # NFT_MSG_NEWSETELEM (subsys 10 << 8 | 12), REQUEST|ACK|CREATE, seq 2; nfgenmsg inet
-    "58000000"
-    "0c0a"
-    "0504"
-    "02000000"
-    "00000000"
-    "01"
-    "00"
-    "0000"
-    "0b000100"
-    "73646e73757000"
-    "00"  # NFTA_SET_ELEM_LIST_TABLE "sdnsup"
-    "09000200"
-    "6473743400"
-    "000000"  # NFTA_SET_ELEM_LIST_SET "dst4"
+    "58000000 0c0a 0504 02000000 00000000" "01 00 0000"
+    "0b000100 73646e73757000 00"  # NFTA_SET_ELEM_LIST_TABLE "sdnsup"
+    "09000200 6473743400 000000"  # NFTA_SET_ELEM_LIST_SET "dst4"
     "2c000380"  # NFTA_SET_ELEM_LIST_ELEMENTS, nested
-    "10000180"
-    "0c000180"
-    "08000100"
-    "0a000000"  # start: LIST_ELEM { KEY { VALUE 10.0.0.0 } }
-    "18000180"
-    "0c000180"
-    "08000100"
-    "0a000100"  # end: LIST_ELEM { KEY { VALUE 10.0.1.0 } ...
-    "08000300"
-    "00000001"  # ... FLAGS NFT_SET_ELEM_INTERVAL_END (be32) }
+    "10000180 0c000180 08000100 0a000000"  # start: LIST_ELEM { KEY { VALUE 10.0.0.0 } }
+    "18000180 0c000180 08000100 0a000100"  # end: LIST_ELEM { KEY { VALUE 10.0.1.0 } ...
+    "08000300 00000001"  # ... FLAGS NFT_SET_ELEM_INTERVAL_END (be32) }
     # NFNL_MSG_BATCH_END, seq 3
-    "14000000"
-    "1100"
-    "0100"
-    "03000000"
-    "00000000"
-    "00"
-    "00"
-    "000a"
-)
+    "14000000 1100 0100 03000000 00000000" "00 00 000a"
+)  # fmt: skip
 
 
 def test_adding_a_cidr_sends_nfts_own_batch():
-    fake = FakeNetlink()
-    elements(fake).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
-    assert fake.sent == [ADD_ONE_CIDR]
+    nl = ReplayNetlink()
+    elements(nl).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
+    assert nl.transactions == [ADD_ONE_CIDR]
 
 
 def test_deleting_goes_first_and_sends_the_same_elements_without_create():
-    fake = FakeNetlink()
+    nl = ReplayNetlink()
     change = nfnl.Change(4, add=[IPv4Network("10.0.2.0/24")], delete=[IPv4Network("10.0.0.0/24")])
-    elements(fake).update("sdnsup", {"dst4": change})
-    (batch,) = fake.sent
-    _begin, delete, add, _end = (batch[o : o + 88] for o in _offsets(batch))
+    elements(nl).update("sdnsup", {"dst4": change})
+    (batch,) = nl.transactions
+    _begin, delete, add, _end = _parts(batch)
     body = ADD_ONE_CIDR[40:108]  # table, set and the elements of 10.0.0.0/24
     assert delete[4:8] == bytes.fromhex("0e0a0500")  # NFT_MSG_DELSETELEM, REQUEST|ACK
     assert delete[20:] == body  # the very elements the add sent
@@ -151,18 +83,17 @@ def test_deleting_goes_first_and_sends_the_same_elements_without_create():
 
 
 def test_nothing_is_sent_for_no_change():
-    fake = FakeNetlink()
-    elements(fake).update("sdnsup", {"dst4": nfnl.Change(4)})
-    assert fake.sent == []
+    nl = ReplayNetlink()
+    elements(nl).update("sdnsup", {"dst4": nfnl.Change(4)})
+    assert nl.transactions == []
 
 
 def test_a_refused_element_is_named_from_the_extended_ack_offset():
-    fake = FakeNetlink()
     # The second CIDR's start element: after nlmsghdr + nfgenmsg (20), TABLE and SET (24),
     # the ELEMENTS header (4) and the first CIDR's two elements (16 + 24).
-    fake.acks = lambda seqs: [(seqs[0], Ack(errno.EEXIST, None, 20 + 24 + 4 + 40))]
+    nl = ReplayNetlink(acks=lambda seqs: [(seqs[0], Ack(errno.EEXIST, None, 20 + 24 + 4 + 40))])
     with pytest.raises(NftError) as info:
-        elements(fake).add(
+        elements(nl).add(
             "sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24"), IPv4Network("10.0.2.0/24")]
         )
     assert str(info.value) == (
@@ -172,78 +103,100 @@ def test_a_refused_element_is_named_from_the_extended_ack_offset():
 
 
 def test_a_missing_table_is_named_when_the_ack_points_before_the_elements():
-    fake = FakeNetlink()
-    fake.acks = lambda seqs: [(seqs[0], Ack(errno.ENOENT, None, 20))]  # at TABLE
+    nl = ReplayNetlink(acks=lambda seqs: [(seqs[0], Ack(errno.ENOENT, None, 20))])  # at TABLE
     with pytest.raises(NftError, match=r"\(no table inet sdnsup or no set dst4 in it\)"):
-        elements(fake).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
+        elements(nl).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
 
 
 @pytest.mark.parametrize(
-    ("failure", "acks", "message"),
+    ("acks", "expected"),
     [
-        (OSError(errno.EMSGSIZE, "Message too long"), None,
+        (OSError(errno.EMSGSIZE, "Message too long"),
          "cannot send the nftables transaction adding 1 CIDR to inet sdnsup dst4: "
          "Message too long; nothing was changed"),
-        (AnswerLost(errno.ENOBUFS, "No buffer space available"), None,
+        (AnswerLost(errno.ENOBUFS, "No buffer space available"),
          "lost the kernel's answer to adding 1 CIDR to inet sdnsup dst4: No buffer space "
          "available; the sets may or may not have changed, read them back"),
-        (None, lambda seqs: [],
+        (lambda seqs: [],
          "the kernel answered 0 of 1 messages adding 1 CIDR to inet sdnsup dst4; the sets "
          "may or may not have changed, read them back"),
     ],
 )  # fmt: skip
-def test_an_unsent_batch_and_a_lost_answer_are_told_apart(failure, acks, message):
-    fake = FakeNetlink()
-    fake.failure = failure
-    if acks is not None:
-        fake.acks = acks
+def test_an_unsent_batch_and_a_lost_answer_are_told_apart(acks, expected):
     with pytest.raises(NftError) as info:
-        elements(fake).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
-    assert str(info.value) == message
+        elements(ReplayNetlink(acks=acks)).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
+    assert str(info.value) == expected
+
+
+GETGEN = (NFNL_SUBSYS_NFTABLES << 8) | nfnl.NFT_MSG_GETGEN
+NEWGEN = (NFNL_SUBSYS_NFTABLES << 8) | nfnl.NFT_MSG_NEWGEN
 
 
 def test_generation_is_read_from_the_newgen_answer():
-    fake = FakeNetlink()
     # nfgenmsg, NFTA_GEN_ID (be32) 7, NFTA_GEN_PROC_PID 1234
-    fake.answer = bytes.fromhex("00000000080001000000000708000200d2040000")
-    assert elements(fake).generation() == 7
-    assert fake.sent == [bytes.fromhex("100a00000000")]  # NFT_MSG_GETGEN, AF_UNSPEC
-    fake.answer = bytes.fromhex("00000000")
+    answer = bytes.fromhex("00000000" "08000100 00000007" "08000200 d2040000")  # fmt: skip
+    nl = ReplayNetlink(answers=[message(NEWGEN, 0, 1, answer), message(NEWGEN, 0, 2, bytes(4))])
+    assert elements(nl).generation() == 7
+    assert nl.sent == [(GETGEN, bytes(4))]  # nfgenmsg AF_UNSPEC
     with pytest.raises(NftError, match="its answer did not carry it"):
-        elements(fake).generation()
+        elements(nl).generation()
 
 
-def _list_reply(cidrs: Iterable[Net], version: int) -> bytes:
+GETSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | nfnl.NFT_MSG_GETSETELEM
+NEWSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | nfnl.NFT_MSG_NEWSETELEM
+
+
+def _list_reply(cidrs: Iterable[Net], version: int, interrupted: bool = False) -> bytes:
+    """A dump of set ``dst4``: one NEWSETELEM message, then NLMSG_DONE."""
+    flags = NLM_F_MULTI | (NLM_F_DUMP_INTR if interrupted else 0)
     names = _nla(1, b"sdnsup\0") + _nla(2, b"dst4\0")
-    return bytes(4) + names + _nla(0x8003, kernel_dump(version, cidrs))
+    body = bytes(4) + names + _nla(0x8003, kernel_dump(version, cidrs))
+    return message(NEWSETELEM, flags, 1, body) + message(NLMSG_DONE, flags, 1, bytes(4))
 
 
 def test_list_dumps_the_set_and_retries_a_dump_the_kernel_flagged_interrupted():
     want = {IPv4Network("10.0.0.0/24"), IPv4Network("10.0.1.0/24"), IPv4Network("0.0.0.0/32")}
-    fake = FakeNetlink()
-    fake.dumps = [([_list_reply(want, 4)[:-16]], True), ([_list_reply(want, 4)], False)]
-    assert elements(fake).list("sdnsup", "dst4", 4) == want
-    kind, body = fake.sent[0][:2], fake.sent[0][2:]
-    assert kind == bytes.fromhex("0d0a")  # NFT_MSG_GETSETELEM
-    assert body == bytes.fromhex("010000000b00010073646e7375700000090002006473743400000000")
-    assert len(fake.sent) == 2
+    torn = {IPv4Network("10.0.0.0/24")}
+    nl = ReplayNetlink(dumps=[_list_reply(torn, 4, interrupted=True), _list_reply(want, 4)])
+    assert elements(nl).list("sdnsup", "dst4", 4) == want
+    body = bytes.fromhex(
+        "01000000"  # nfgenmsg: inet
+        "0b000100 73646e73757000 00"  # NFTA_SET_ELEM_LIST_TABLE "sdnsup"
+        "09000200 6473743400 000000"  # NFTA_SET_ELEM_LIST_SET "dst4"
+    )  # fmt: skip
+    assert nl.sent == [(GETSETELEM, body)] * 2
 
-    fake.dumps = [([], True)] * 3
+    nl = ReplayNetlink(dumps=[_list_reply((), 4, interrupted=True)] * 3)
     with pytest.raises(NftError, match="kept changing while being dumped; retry"):
-        elements(fake).list("sdnsup", "dst4", 4)
+        elements(nl).list("sdnsup", "dst4", 4)
 
 
 def test_list_names_a_missing_set_and_a_set_of_the_other_family():
-    fake = FakeNetlink()
-    fake.failure = OSError(errno.ENOENT, "No such file or directory")
+    nl = ReplayNetlink(dumps=[OSError(errno.ENOENT, "No such file or directory")])
     with pytest.raises(
         NftError, match=r"cannot read inet sdnsup dst4: .* \(no such table or set\)"
     ):
-        elements(fake).list("sdnsup", "dst4", 4)
-    fake = FakeNetlink()
-    fake.dumps = [([_list_reply([IPv4Network("10.0.0.0/24")], 4)], False)]
+        elements(nl).list("sdnsup", "dst4", 4)
+    nl = ReplayNetlink(dumps=[_list_reply([IPv4Network("10.0.0.0/24")], 4)])
     with pytest.raises(NftError, match="as IPv6 networks: its keys are 4 bytes long"):
-        elements(fake).list("sdnsup", "dst4", 6)
+        elements(nl).list("sdnsup", "dst4", 6)
+
+
+def test_a_stale_answer_of_an_aborted_exchange_is_not_taken_for_this_batchs():
+    def acks(seqs):
+        return [(999, Ack(errno.EEXIST, None, None)), *((seq, Ack(0, None, None)) for seq in seqs)]
+
+    elements(ReplayNetlink(acks=acks)).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
+
+
+def test_a_batch_refused_as_a_whole_says_what_it_needs():
+    nl = ReplayNetlink(acks=lambda seqs: [(seqs[0] - 1, Ack(errno.EPERM, None, None))])  # BEGIN's
+    with pytest.raises(NftError) as info:
+        elements(nl).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
+    assert str(info.value) == (
+        "nftables refused adding 1 CIDR to inet sdnsup dst4: Operation not permitted "
+        "(needs CAP_NET_ADMIN); nothing was changed"
+    )
 
 
 # --- the interval-set elements, against what the kernel dumps ------------------------------
@@ -305,21 +258,3 @@ def test_interval_elements_read_back_as_the_same_cidrs(cidrs: list[Net], per_mes
             sent += chunk
         assert sorted(sent) == sorted(want)  # once each, in ascending order
         assert sent == sorted(sent)
-
-
-def test_a_stale_answer_of_an_aborted_exchange_is_not_taken_for_this_batchs():
-    fake = FakeNetlink()
-    ok = fake.acks
-    fake.acks = lambda seqs: [(999, Ack(errno.EEXIST, None, None)), *ok(seqs)]
-    elements(fake).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])  # no error
-
-
-def test_a_batch_refused_as_a_whole_says_what_it_needs():
-    fake = FakeNetlink()
-    fake.acks = lambda seqs: [(seqs[0] - 1, Ack(errno.EPERM, None, None))]  # BATCH_BEGIN's
-    with pytest.raises(NftError) as info:
-        elements(fake).add("sdnsup", "dst4", 4, [IPv4Network("10.0.0.0/24")])
-    assert str(info.value) == (
-        "nftables refused adding 1 CIDR to inet sdnsup dst4: Operation not permitted "
-        "(needs CAP_NET_ADMIN); nothing was changed"
-    )
